@@ -1,0 +1,54 @@
+// Argument checks shared by the CPU and CUDA kernels, so every backend rejects
+// bad input with the same message (ValueError / TypeError in Python).
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace robustdrop {
+
+inline void check_float_input(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()),
+                   name, " must be a floating-point tensor (float16, bfloat16, float32 or float64), got ",
+                   t.scalar_type());
+}
+
+inline void check_block_mask_forward_args(const at::Tensor& x, double gamma, int64_t block_size, double eps) {
+  check_float_input(x, "x");
+  TORCH_CHECK_VALUE(x.dim() == 4, "x must be 4-D (N, C, H, W), got ", x.dim(), " dimensions");
+  TORCH_CHECK_VALUE(block_size >= 1, "block_size must be >= 1, got ", block_size);
+  TORCH_CHECK_VALUE(x.numel() == 0 || block_size <= std::min(x.size(2), x.size(3)),
+                    "block_size must be <= min(H, W) = ", std::min(x.size(2), x.size(3)), ", got ", block_size,
+                    " (the Python API clamps it)");
+  TORCH_CHECK_VALUE(gamma >= 0.0, "gamma must be >= 0, got ", gamma);
+  TORCH_CHECK_VALUE(eps >= 0.0, "eps must be >= 0, got ", eps);
+}
+
+// The packed mask holds one bit per element, each row padded to a whole byte.
+inline int64_t mask_row_bytes(int64_t width) { return (width + 7) / 8; }
+
+inline void check_block_mask_backward_args(const at::Tensor& grad_y, const at::Tensor& mask, const at::Tensor& scale) {
+  check_float_input(grad_y, "grad_y");
+  TORCH_CHECK_VALUE(grad_y.dim() == 4, "grad_y must be 4-D (N, C, H, W), got ", grad_y.dim(), " dimensions");
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kByte, "mask must be uint8, got ", mask.scalar_type());
+  TORCH_CHECK_VALUE(mask.dim() == 4 && mask.size(0) == grad_y.size(0) &&
+                        (mask.size(1) == 1 || mask.size(1) == grad_y.size(1)) && mask.size(2) == grad_y.size(2) &&
+                        mask.size(3) == mask_row_bytes(grad_y.size(3)),
+                    "mask must have shape (N, 1 or C, H, ceil(W/8)) for grad_y of shape ", grad_y.sizes(),
+                    ", got ", mask.sizes());
+  TORCH_CHECK_TYPE(scale.scalar_type() == at::kFloat, "scale must be float32, got ", scale.scalar_type());
+  TORCH_CHECK_VALUE(scale.numel() == 1, "scale must hold one value, got ", scale.numel());
+  TORCH_CHECK_VALUE(mask.device() == grad_y.device() && scale.device() == grad_y.device(),
+                    "grad_y, mask and scale must be on one device");
+}
+
+inline void check_philox_args(const at::Tensor& index) {
+  TORCH_CHECK_TYPE(index.scalar_type() == at::kLong, "index must be int64, got ", index.scalar_type());
+}
+
+// The memory layouts the elementwise kernels walk directly; anything else is
+// made contiguous first.
+inline bool is_channels_last_4d(const at::Tensor& t) {
+  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+}  // namespace robustdrop

@@ -1,0 +1,32 @@
+"""robustdrop: fused kernels for structured and guided dropout.
+
+Every op runs on four backends (``robustdrop.backends()`` tells which are
+available here) that compute the same function, bit for bit, from the same
+seed. Importing works without the compiled extension or Triton: ops then run
+on the PyTorch reference, after one warning.
+"""
+import warnings
+
+from robustdrop import _backend
+from robustdrop._backend import BackendStatus, backends
+from robustdrop.ops import block_mask as _block_mask
+from robustdrop.ops.block_mask import drop_block2d
+
+__version__ = "0.1.0"
+__all__ = ["backends", "BackendStatus", "drop_block2d", "nn", "__version__"]
+
+
+def _register_ops() -> None:
+    """Autograd and fake implementations for the ops this install has."""
+    if _backend.extension_error() is None:
+        _block_mask.register("block_mask_forward", "block_mask_backward")
+    else:
+        warnings.warn(f"robustdrop runs on its slow PyTorch reference only: {_backend.extension_error()}",
+                      RuntimeWarning, stacklevel=3)
+    if _backend.triton_error() is None:
+        _block_mask.register("block_mask_forward_triton", "block_mask_backward_triton")
+
+
+_register_ops()
+
+from robustdrop import nn  # noqa: E402  (the modules use the ops registered above)

@@ -1,0 +1,127 @@
+"""Which backend runs an op (DESIGN.md section 2).
+
+``auto`` picks ``cuda``, else ``triton``, for CUDA tensors and ``cpu`` for CPU
+tensors, and falls back to ``reference`` when the compiled extension is
+missing. ``ROBUSTDROP_BACKEND`` overrides ``auto``; an explicit backend that
+cannot run here is an error that says why.
+"""
+import functools
+import importlib.util
+import os
+import warnings
+from typing import NamedTuple
+
+import torch
+
+BACKEND_NAMES = ("cuda", "triton", "cpu", "reference")
+ENV_VARIABLE = "ROBUSTDROP_BACKEND"
+
+
+class BackendStatus(NamedTuple):
+    """Whether a backend can run here and, when it cannot, why."""
+
+    available: bool
+    reason: str
+
+
+@functools.cache
+def extension_error() -> str | None:
+    """None when robustdrop._C imports, else the reason it does not."""
+    try:
+        from robustdrop import _C  # noqa: F401  (registers the C++ and CUDA kernels)
+    except ImportError as error:
+        return f"the compiled extension robustdrop._C is not built ({error}); run `pip install --no-build-isolation -e .`"
+    return None
+
+
+def _extension_has_cuda_kernels() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("robustdrop::block_mask_forward", "CUDA")
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def triton_error() -> str | None:
+    """None when the Triton kernels are importable, else why not."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install triton)"
+    try:
+        import robustdrop.triton.block_mask  # noqa: F401
+    except Exception as error:  # a broken Triton install should not break robustdrop
+        return f"the Triton kernels failed to import: {error!r}"
+    return None
+
+
+def backends() -> dict[str, BackendStatus]:
+    """Each backend name -> BackendStatus(available, reason) for this machine."""
+    gpu = torch.cuda.is_available()
+    status = {}
+    ext = extension_error()
+    if ext is not None:
+        status["cuda"] = BackendStatus(False, ext)
+    elif not _extension_has_cuda_kernels():
+        status["cuda"] = BackendStatus(False, "robustdrop._C was built without CUDA kernels (torch without CUDA or no nvcc; FORCE_CUDA=1 forces them)")
+    elif not gpu:
+        status["cuda"] = BackendStatus(False, "no CUDA GPU is visible to torch")
+    else:
+        status["cuda"] = BackendStatus(True, "")
+    tri = triton_error()
+    if tri is not None:
+        status["triton"] = BackendStatus(False, tri)
+    elif not gpu and not triton_interpreted():
+        status["triton"] = BackendStatus(False, "no CUDA GPU is visible to torch (set TRITON_INTERPRET=1 to run on CPU tensors)")
+    else:
+        status["triton"] = BackendStatus(True, "interpreted on CPU tensors" if not gpu else "")
+    status["cpu"] = BackendStatus(ext is None, ext or "")
+    status["reference"] = BackendStatus(True, "")
+    return status
+
+
+_warned_fallback = False
+
+
+def _warn_fallback(reason: str) -> None:
+    global _warned_fallback
+    if not _warned_fallback:
+        _warned_fallback = True
+        warnings.warn(f"robustdrop falls back to the slow reference backend: {reason}", RuntimeWarning, stacklevel=4)
+
+
+def _check_device(name: str, device_type: str) -> None:
+    if name == "cpu" and device_type != "cpu":
+        raise ValueError(f"backend='cpu' runs on CPU tensors, but x is on {device_type}")
+    if name == "cuda" and device_type != "cuda":
+        raise ValueError(f"backend='cuda' runs on CUDA tensors, but x is on {device_type}")
+    if name == "triton" and device_type != "cuda" and not (device_type == "cpu" and triton_interpreted()):
+        raise ValueError(f"backend='triton' runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), but x is on {device_type}")
+
+
+def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
+    """The backend that runs an op on ``tensor`` when the caller asked for ``backend``."""
+    return _resolve(backend, tensor.device.type)
+
+
+# Evaluated once per (backend, device type) while torch.compile traces, so the
+# environment and availability probes never enter a graph.
+@torch.compiler.assume_constant_result
+def _resolve(backend: str, device_type: str) -> str:
+    if not isinstance(backend, str) or backend not in BACKEND_NAMES + ("auto",):
+        raise ValueError(f"backend must be one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get(ENV_VARIABLE, "auto") or "auto"
+        if backend not in BACKEND_NAMES + ("auto",):
+            raise ValueError(f"{ENV_VARIABLE} must be one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
+    status = backends()
+    if backend == "auto":
+        candidates = ("cuda", "triton") if device_type == "cuda" else ("cpu",)
+        for name in candidates:
+            if status[name].available:
+                return name
+        _warn_fallback(status[candidates[0]].reason)
+        return "reference"
+    if not status[backend].available:
+        raise RuntimeError(f"backend {backend!r} is not available: {status[backend].reason}")
+    _check_device(backend, device_type)
+    return backend

@@ -1,0 +1,40 @@
+"""DropBlock as an nn.Module, a drop-in for torchvision.ops.DropBlock2d."""
+import torch
+from torch import nn
+
+from robustdrop.ops.block_mask import drop_block2d
+
+
+class DropBlock2d(nn.Module):
+    """DropBlock over (N, C, H, W) feature maps (see ``robustdrop.drop_block2d``).
+
+    The first four arguments are torchvision's ``DropBlock2d(p, block_size,
+    inplace, eps)``, so it replaces that module without other changes. It is
+    the identity in eval mode. ``inplace=True`` writes the result into the
+    input tensor, as torchvision does; the output is computed out of place
+    first, so it saves no memory.
+
+    Each training forward draws a new seed from torch's default CPU generator.
+    """
+
+    def __init__(self, p: float, block_size: int, inplace: bool = False, eps: float = 1e-6, *,
+                 couple_channels: bool = False, normalize: str = "batch", backend: str = "auto") -> None:
+        super().__init__()
+        self.p = p
+        self.block_size = block_size
+        self.inplace = inplace
+        self.eps = eps
+        self.couple_channels = couple_channels
+        self.normalize = normalize
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = drop_block2d(x, self.p, self.block_size, training=self.training, couple_channels=self.couple_channels,
+                         normalize=self.normalize, eps=self.eps, backend=self.backend)
+        if self.inplace and y is not x:
+            return x.copy_(y)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"p={self.p}, block_size={self.block_size}, inplace={self.inplace}, eps={self.eps}, "
+                f"couple_channels={self.couple_channels}, normalize={self.normalize!r}, backend={self.backend!r}")

@@ -1,0 +1,135 @@
+"""DropBlock (DESIGN.md 4.1): the functional API, its autograd and fake
+implementations, and the dispatch to the four backends.
+
+The compiled op ``robustdrop::block_mask_forward`` (CPU and CUDA kernels) and
+its Triton twin ``robustdrop::block_mask_forward_triton`` both return
+``(y, mask, scale)``: the bit-packed keep mask (N, Cm, H, ceil(W/8)) uint8 and
+the float32 scale are all that the backward keeps (one bit per element).
+"""
+import torch
+
+from robustdrop import _backend, _checks, _seed
+from robustdrop.reference import block_mask as reference
+
+__all__ = ["drop_block2d"]
+
+_NORMALIZE_MODES = ("batch", "none")
+
+
+def drop_block2d(x: torch.Tensor, p: float, block_size: int, *, training: bool = True, couple_channels: bool = False,
+                 normalize: str = "batch", eps: float = 1e-6, seed: int | None = None,
+                 backend: str = "auto") -> torch.Tensor:
+    """DropBlock: drop contiguous bs x bs squares of each feature map.
+
+    Seeds are drawn on the grid (N, Cm, H-bs+1, W-bs+1) with probability
+    ``gamma = p*H*W / (bs**2 (H-bs+1)(W-bs+1))``, ``bs = min(block_size, H, W)``;
+    each seed at (i, j) drops rows i..i+bs-1 and columns j..j+bs-1. With
+    ``normalize="batch"`` kept values are scaled by ``numel / (eps + kept)``
+    (torchvision's rule); with ``"none"`` they are left as they are.
+
+    Args:
+        x: (N, C, H, W) floating-point input, any memory format.
+        p: drop rate in [0, 1]; ``p == 0`` returns x unchanged.
+        block_size: side of the dropped squares, >= 1 (clamped to min(H, W)).
+        training: when False, returns x unchanged.
+        couple_channels: one mask (N, 1, H, W) shared by all channels.
+        normalize: "batch" or "none".
+        eps: added to the kept count in the scale.
+        seed: 64-bit seed of the shared RNG; None draws one from torch's
+            default CPU generator (``torch.manual_seed`` makes it repeatable).
+        backend: "auto", "cuda", "triton", "cpu" or "reference".
+
+    Returns:
+        y (N, C, H, W) with x's dtype and memory format. Every backend returns
+        the same bits for the same seed.
+    """
+    _checks.check_feature_map(x)
+    p = _checks.check_probability(p)
+    block_size = _checks.check_positive_int(block_size, "block_size")
+    _checks.check_choice(normalize, "normalize", _NORMALIZE_MODES)
+    eps = _checks.check_non_negative(eps, "eps")
+    _checks.check_seed(seed)
+    name = _backend.resolve_backend(backend, x)
+    if not training or p == 0.0:
+        return x
+    height, width = x.shape[-2:]
+    bs = reference.effective_block_size(block_size, height, width)
+    if bs == 0:  # an empty map has nothing to drop
+        return x.clone()
+    gamma = reference.drop_rate_to_gamma(p, height, width, bs)
+    args = (x, _seed.op_seed(seed), gamma, bs, couple_channels, normalize == "batch", eps)
+    return _FORWARD[name](*args)[0]
+
+
+def _forward_compiled(*args):
+    return torch.ops.robustdrop.block_mask_forward(*args)
+
+
+def _forward_triton(*args):
+    return torch.ops.robustdrop.block_mask_forward_triton(*args)
+
+
+_FORWARD = {
+    "cpu": _forward_compiled,
+    "cuda": _forward_compiled,
+    "triton": _forward_triton,
+    "reference": reference.block_mask_forward,
+}
+
+
+def _fake_forward(x, seed, gamma, block_size, couple_channels, normalize, eps):
+    n, c, h, w = x.shape
+    mask = x.new_empty((n, 1 if couple_channels else c, h, (w + 7) // 8), dtype=torch.uint8)
+    y = torch.empty_like(x, memory_format=_memory_format(x))
+    return y, mask, x.new_empty((), dtype=torch.float32)
+
+
+def _fake_backward(grad_y, mask, scale):
+    return torch.empty_like(grad_y, memory_format=_memory_format(grad_y))
+
+
+def _memory_format(t):
+    """The layout the kernels write: channels_last when t is, else contiguous."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _setup_context(ctx, inputs, output):
+    _, mask, scale = output
+    ctx.save_for_backward(mask, scale)
+    ctx.mark_non_differentiable(mask, scale)
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad_y, _grad_mask, _grad_scale):
+        mask, scale = ctx.saved_tensors
+        grad_x = backward_op(grad_y, mask, scale) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None, None, None, None
+
+    return backward
+
+
+def register(forward_name: str, backward_name: str) -> None:
+    """Fake implementations and autograd for one (forward, backward) op pair."""
+    torch.library.register_fake(f"robustdrop::{forward_name}", _fake_forward)
+    torch.library.register_fake(f"robustdrop::{backward_name}", _fake_backward)
+    backward_op = getattr(torch.ops.robustdrop, backward_name)
+    torch.library.register_autograd(f"robustdrop::{forward_name}", _make_backward(backward_op),
+                                    setup_context=_setup_context)
+    # A double backward goes through the same op: the backward is linear in grad_y.
+    torch.library.register_autograd(f"robustdrop::{backward_name}", _make_double_backward(backward_op),
+                                    setup_context=_setup_backward_context)
+
+
+def _setup_backward_context(ctx, inputs, output):
+    _, mask, scale = inputs
+    ctx.save_for_backward(mask, scale)
+
+
+def _make_double_backward(backward_op):
+    def double_backward(ctx, grad_grad_x):
+        mask, scale = ctx.saved_tensors
+        return backward_op(grad_grad_x, mask, scale), None, None
+
+    return double_backward

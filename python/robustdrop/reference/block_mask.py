@@ -1,0 +1,126 @@
+"""DropBlock (DESIGN.md 4.1), the naive way: the executable specification that
+every backend is tested against, and, with torch's own RNG, the benchmark's
+naive baseline.
+
+Shapes: x (N, C, H, W); bs = min(block_size, H, W); seed grid (N, Cm, Hs, Ws)
+with Cm = 1 when channels are coupled, else C, Hs = H - bs + 1, Ws = W - bs + 1.
+A seed at (i, j) drops rows i..i+bs-1 and columns j..j+bs-1.
+"""
+import torch
+import torch.nn.functional as F
+
+from robustdrop.reference.philox import philox_uniform
+
+__all__ = [
+    "effective_block_size", "drop_rate_to_gamma", "philox_seed_grid", "torch_seed_grid", "expand_seeds",
+    "block_keep_mask", "pack_keep_mask", "unpack_keep_mask", "normalize_scale", "apply_keep_mask",
+    "drop_with_keep_mask",
+    "block_mask_forward", "block_mask_backward", "naive_drop_block2d",
+]
+
+
+def effective_block_size(block_size: int, height: int, width: int) -> int:
+    """bs = min(block_size, H, W): a block never exceeds the map."""
+    return min(block_size, height, width)
+
+
+def drop_rate_to_gamma(p: float, height: int, width: int, block_size: int) -> float:
+    """Seed probability gamma = p*H*W / (bs**2 * (H-bs+1) * (W-bs+1)) (as torchvision), in float64."""
+    return p * height * width / (block_size**2 * (height - block_size + 1) * (width - block_size + 1))
+
+
+def philox_seed_grid(shape: tuple, seed: int, gamma: float, device) -> torch.Tensor:
+    """Bool seeds of ``shape`` (N, Cm, Hs, Ws): uniform(seed, flat index) < float32(gamma)."""
+    count = 1
+    for size in shape:
+        count *= size
+    index = torch.arange(count, dtype=torch.int64, device=device)
+    threshold = torch.tensor(gamma, dtype=torch.float32, device=device)
+    return (philox_uniform(index, seed) < threshold).view(shape)
+
+
+def torch_seed_grid(shape: tuple, gamma: float, device) -> torch.Tensor:
+    """Bool seeds of ``shape`` drawn with torch's own RNG: what a user writes without robustdrop."""
+    return torch.rand(shape, device=device) < gamma
+
+
+def expand_seeds(seeds: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Dropped positions (N, Cm, H, W) bool of seeds (N, Cm, Hs, Ws): a bs x bs max-pool over the padded grid."""
+    pad = block_size - 1
+    padded = F.pad(seeds.to(torch.float32), (pad, pad, pad, pad))
+    return F.max_pool2d(padded, kernel_size=block_size, stride=1) > 0
+
+
+def block_keep_mask(x_shape: tuple, seed: int, gamma: float, block_size: int, couple_channels: bool, device="cpu") -> torch.Tensor:
+    """The keep mask (N, Cm, H, W) bool for an input of shape x_shape = (N, C, H, W)."""
+    n, c, h, w = x_shape
+    grid = (n, 1 if couple_channels else c, h - block_size + 1, w - block_size + 1)
+    return ~expand_seeds(philox_seed_grid(grid, seed, gamma, device), block_size)
+
+
+def pack_keep_mask(keep: torch.Tensor) -> torch.Tensor:
+    """Bit-pack keep (N, Cm, H, W) bool into (N, Cm, H, ceil(W/8)) uint8: bit w % 8 of byte w // 8."""
+    width = keep.shape[-1]
+    padded = F.pad(keep.to(torch.uint8), (0, (-width) % 8))
+    bits = padded.view(*keep.shape[:-1], -1, 8).to(torch.int64)
+    weights = torch.tensor([1 << b for b in range(8)], dtype=torch.int64, device=keep.device)
+    return (bits * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_keep_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """Inverse of pack_keep_mask: (N, Cm, H, ceil(W/8)) uint8 -> (N, Cm, H, W) bool."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
+    bits = (mask.unsqueeze(-1) >> shifts) & 1
+    return bits.flatten(-2)[..., :width].bool()
+
+
+def normalize_scale(numel: int, kept: torch.Tensor, normalize: bool, eps: float) -> torch.Tensor:
+    """float32(numel / (eps + kept)) computed in float64 from the integer count kept (0-d int64), or 1."""
+    if not normalize:
+        return torch.ones((), dtype=torch.float32, device=kept.device)
+    return (numel / (eps + kept.to(torch.float64))).to(torch.float32)
+
+
+def apply_keep_mask(x: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """keep ? x * scale : 0, in float32 (float64 for float64 x), cast back to x's dtype.
+
+    keep (N, Cm, H, W) broadcasts over channels; torch.where keeps NaN and Inf
+    out of dropped positions, which a multiply by 0 would not.
+    """
+    compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    scaled = x.to(compute_dtype) * scale.to(device=x.device, dtype=compute_dtype)
+    return torch.where(keep.to(x.device), scaled, torch.zeros((), dtype=compute_dtype, device=x.device)).to(x.dtype)
+
+
+def drop_with_keep_mask(x, keep, couple_channels, normalize, eps):
+    """(y, scale) for x (N, C, H, W) and keep (N, Cm, H, W) bool: the count, the scale and the apply."""
+    kept = keep.sum() * (x.shape[1] if couple_channels else 1)
+    scale = normalize_scale(x.numel(), kept, normalize, eps)
+    return apply_keep_mask(x, keep, scale), scale
+
+
+def block_mask_forward(x, seed, gamma, block_size, couple_channels, normalize, eps):
+    """The reference of robustdrop::block_mask_forward: returns (y, packed mask, scale).
+
+    x (N, C, H, W); block_size already clamped to min(H, W); y (N, C, H, W);
+    mask (N, Cm, H, ceil(W/8)) uint8; scale float32 0-d on x's device.
+    y is differentiable with respect to x through plain torch ops.
+    """
+    keep = block_keep_mask(tuple(x.shape), seed, gamma, block_size, couple_channels, x.device)
+    y, scale = drop_with_keep_mask(x, keep, couple_channels, normalize, eps)
+    return y, pack_keep_mask(keep), scale
+
+
+def block_mask_backward(grad_y: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The reference of robustdrop::block_mask_backward: keep ? grad_y * scale : 0."""
+    return apply_keep_mask(grad_y, unpack_keep_mask(mask, grad_y.shape[-1]), scale)
+
+
+def naive_drop_block2d(x, p, block_size, *, couple_channels=False, normalize=True, eps=1e-6):
+    """The benchmark's naive baseline: this module's algorithm with torch's own RNG, as a user would write it."""
+    n, c, h, w = x.shape
+    bs = effective_block_size(block_size, h, w)
+    gamma = drop_rate_to_gamma(p, h, w, bs)
+    grid = (n, 1 if couple_channels else c, h - bs + 1, w - bs + 1)
+    keep = ~expand_seeds(torch_seed_grid(grid, gamma, x.device), bs)
+    return drop_with_keep_mask(x, keep, couple_channels, normalize, eps)[0]

@@ -1,0 +1,52 @@
+"""Builds robustdrop and its extension robustdrop._C.
+
+The C++ CPU kernels are always built. The CUDA kernels are added when torch
+was built with CUDA and nvcc is found, or when FORCE_CUDA=1. Install with
+``pip install --no-build-isolation -e .`` so the extension compiles against
+the torch already installed.
+"""
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def cuda_wanted():
+    if os.environ.get("FORCE_CUDA", "0") == "1":
+        return True
+    import torch
+
+    nvcc = shutil.which("nvcc") or (cpp_extension.CUDA_HOME and os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
+    return torch.version.cuda is not None and bool(nvcc) and os.path.exists(nvcc)
+
+
+def extension():
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx_flags = ["-O3", "-std=c++17"]
+    if cuda_wanted():
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        return cpp_extension.CUDAExtension(
+            "robustdrop._C", sources, extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            define_macros=[("ROBUSTDROP_WITH_CUDA", "1")],
+        )
+    return cpp_extension.CppExtension("robustdrop._C", sources, extra_compile_args={"cxx": cxx_flags})
+
+
+setup(
+    name="robustdrop",
+    version="0.1.0",
+    description="Fused kernels for structured and guided dropout (DropBlock, CamDrop, FDD, Random Mask, EWS)",
+    package_dir={"": "python"},
+    packages=find_packages("python"),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6"],
+    extras_require={"triton": ["triton>=3.0"], "test": ["pytest", "numpy"], "bench": ["matplotlib"]},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    zip_safe=False,
+)
