@@ -11,10 +11,12 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cstring>
 #include <vector>
 
 #include "../checks.h"
 #include "../philox.h"
+#include "philox_cpu.h"
 
 namespace robustdrop {
 namespace {
@@ -25,24 +27,35 @@ struct PlaneGeometry {
   int64_t row_bytes;              // ceil(W / 8)
 };
 
+// Packs 8 keep bytes (each 0 or 1, element 0 first) into one mask byte, bit b
+// for element b: the multiply gathers every byte's low bit into the top byte.
+inline uint8_t pack_eight(const uint8_t* keep) {
+  uint64_t lanes;
+  std::memcpy(&lanes, keep, 8);
+  return static_cast<uint8_t>((lanes * 0x0102040810204080ull) >> 56);
+}
+
+struct PlaneScratch {
+  std::vector<uint8_t> seeds;        // (Hs, Ws) seed bits
+  std::vector<int32_t> row_hits;     // (Hs, W) seeds in each row's window
+  std::vector<int32_t> column_hits;  // (W) seeds in the bs x bs window above the current output row
+  std::vector<uint8_t> keep;         // (8 * row_bytes) keep bytes of the current output row, zero-padded
+
+  explicit PlaneScratch(const PlaneGeometry& g)
+      : seeds(g.seed_height * g.seed_width), row_hits(g.seed_height * g.width), column_hits(g.width),
+        keep(8 * g.row_bytes, 0) {}
+};
+
 // Writes the keep bits of one plane and returns how many elements it keeps.
-// seeds (Hs*Ws), row_hits (Hs*W) and column_hits (W) are scratch space.
-int64_t build_plane_mask(uint64_t seed, float gamma, int64_t plane, const PlaneGeometry& g, uint8_t* mask_plane,
-                         std::vector<uint8_t>& seeds, std::vector<int32_t>& row_hits,
-                         std::vector<int32_t>& column_hits) {
+int64_t build_plane_mask(uint64_t seed, uint32_t folded_cut, int64_t plane, const PlaneGeometry& g,
+                         uint8_t* mask_plane, PlaneScratch& scratch) {
   const int64_t seeds_per_plane = g.seed_height * g.seed_width;
-  const uint64_t first = static_cast<uint64_t>(plane * seeds_per_plane);
-  // One Philox call yields the words of four consecutive indices.
-  PhiloxWords words = philox_group(seed, first >> 2);
-  for (int64_t k = 0; k < seeds_per_plane; ++k) {
-    const uint64_t index = first + static_cast<uint64_t>(k);
-    if (k > 0 && (index & 3) == 0) words = philox_group(seed, index >> 2);
-    seeds[k] = word_to_uniform(words.w[index & 3]) < gamma;
-  }
+  uint8_t* seeds = scratch.seeds.data();
+  bernoulli_bytes(seed, static_cast<uint64_t>(plane * seeds_per_plane), seeds_per_plane, folded_cut, seeds);
   // row_hits[i][w]: seeds in row i at columns w-bs+1 .. w (a running window sum).
   for (int64_t i = 0; i < g.seed_height; ++i) {
-    const uint8_t* seed_row = seeds.data() + i * g.seed_width;
-    int32_t* hit_row = row_hits.data() + i * g.width;
+    const uint8_t* seed_row = seeds + i * g.seed_width;
+    int32_t* hit_row = scratch.row_hits.data() + i * g.width;
     int32_t window = 0;
     for (int64_t w = 0; w < g.width; ++w) {
       if (w < g.seed_width) window += seed_row[w];
@@ -51,39 +64,40 @@ int64_t build_plane_mask(uint64_t seed, float gamma, int64_t plane, const PlaneG
     }
   }
   // column_hits[w] at output row h: row_hits summed over rows h-bs+1 .. h.
-  std::fill(column_hits.begin(), column_hits.end(), 0);
+  int32_t* column_hits = scratch.column_hits.data();
+  uint8_t* keep = scratch.keep.data();
+  std::fill(column_hits, column_hits + g.width, 0);
   int64_t kept = 0;
   for (int64_t h = 0; h < g.height; ++h) {
     if (h < g.seed_height) {
-      const int32_t* add = row_hits.data() + h * g.width;
+      const int32_t* add = scratch.row_hits.data() + h * g.width;
       for (int64_t w = 0; w < g.width; ++w) column_hits[w] += add[w];
     }
     if (h - g.block >= 0) {
-      const int32_t* sub = row_hits.data() + (h - g.block) * g.width;
+      const int32_t* sub = scratch.row_hits.data() + (h - g.block) * g.width;
       for (int64_t w = 0; w < g.width; ++w) column_hits[w] -= sub[w];
     }
-    uint8_t* mask_row = mask_plane + h * g.row_bytes;
-    for (int64_t byte = 0; byte < g.row_bytes; ++byte) {
-      uint8_t bits = 0;
-      const int64_t w_end = std::min<int64_t>(8, g.width - byte * 8);
-      for (int64_t b = 0; b < w_end; ++b) bits |= static_cast<uint8_t>(column_hits[byte * 8 + b] == 0) << b;
-      mask_row[byte] = bits;
-      kept += __builtin_popcount(bits);
+    int32_t row_kept = 0;
+    for (int64_t w = 0; w < g.width; ++w) {
+      keep[w] = column_hits[w] == 0;
+      row_kept += keep[w];
     }
+    kept += row_kept;
+    uint8_t* mask_row = mask_plane + h * g.row_bytes;
+    for (int64_t byte = 0; byte < g.row_bytes; ++byte) mask_row[byte] = pack_eight(keep + 8 * byte);
   }
   return kept;
 }
 
 // Fills mask (planes, H, row_bytes) and returns the kept count over those planes.
 int64_t build_mask(uint64_t seed, float gamma, const PlaneGeometry& g, int64_t planes, uint8_t* mask) {
+  const uint32_t folded_cut = folded_threshold(gamma);
   std::atomic<int64_t> kept{0};
   at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint8_t> seeds(g.seed_height * g.seed_width);
-    std::vector<int32_t> row_hits(g.seed_height * g.width);
-    std::vector<int32_t> column_hits(g.width);
+    PlaneScratch scratch(g);
     int64_t local = 0;
     for (int64_t p = begin; p < end; ++p) {
-      local += build_plane_mask(seed, gamma, p, g, mask + p * g.height * g.row_bytes, seeds, row_hits, column_hits);
+      local += build_plane_mask(seed, folded_cut, p, g, mask + p * g.height * g.row_bytes, scratch);
     }
     kept += local;
   });
@@ -91,6 +105,36 @@ int64_t build_mask(uint64_t seed, float gamma, const PlaneGeometry& g, int64_t p
 }
 
 inline bool mask_bit(const uint8_t* mask_row, int64_t w) { return (mask_row[w >> 3] >> (w & 7)) & 1; }
+
+// The 8 keep bytes (0 or 1, bit 0 first) of every mask byte value.
+struct UnpackTable {
+  uint64_t lanes[256];
+  UnpackTable() {
+    for (int value = 0; value < 256; ++value) {
+      uint64_t bytes = 0;
+      for (int b = 0; b < 8; ++b) bytes |= static_cast<uint64_t>((value >> b) & 1) << (8 * b);
+      lanes[value] = bytes;
+    }
+  }
+};
+
+// keep[w] = bit w of the packed row, for w < 8 * row_bytes.
+inline void unpack_row(const uint8_t* mask_row, int64_t row_bytes, uint8_t* keep) {
+  static const UnpackTable table;
+  for (int64_t byte = 0; byte < row_bytes; ++byte) std::memcpy(keep + 8 * byte, &table.lanes[mask_row[byte]], 8);
+}
+
+// dst[w] = keep[w] ? src[w] * scale : 0 for one row. A select, not a multiply
+// by 0 or 1, so NaN and Inf never reach dropped positions; __restrict lets the
+// compiler vectorise it.
+template <typename scalar_t, typename opmath_t>
+void scale_row(const scalar_t* __restrict src, scalar_t* __restrict dst, const uint8_t* __restrict keep,
+               int64_t length, opmath_t scale) {
+  for (int64_t w = 0; w < length; ++w) {
+    const opmath_t scaled = static_cast<opmath_t>(src[w]) * scale;
+    dst[w] = static_cast<scalar_t>(keep[w] ? scaled : opmath_t(0));
+  }
+}
 
 // out = keep ? in * scale : 0 over an (N, C, H, W) tensor that is contiguous
 // or channels_last (out has in's layout); mask is (N, Cm, H, row_bytes).
@@ -108,14 +152,11 @@ void apply_mask(const at::Tensor& in, const at::Tensor& mask, float scale, at::T
   };
   if (!is_channels_last_4d(in)) {
     at::parallel_for(0, N * C * H, std::max<int64_t>(1, 32768 / std::max<int64_t>(W, 1)), [&](int64_t begin, int64_t end) {
+      std::vector<uint8_t> keep(8 * row_bytes);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t h = row % H, c = (row / H) % C, n = row / (H * C);
-        const uint8_t* bits = mask_row(n, c, h);
-        const scalar_t* src = in_ptr + row * W;
-        scalar_t* dst = out_ptr + row * W;
-        for (int64_t w = 0; w < W; ++w) {
-          dst[w] = mask_bit(bits, w) ? static_cast<scalar_t>(static_cast<opmath_t>(src[w]) * s) : scalar_t(0);
-        }
+        unpack_row(mask_row(n, c, h), row_bytes, keep.data());
+        scale_row(in_ptr + row * W, out_ptr + row * W, keep.data(), W, s);
       }
     });
   } else {
