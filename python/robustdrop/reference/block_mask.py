@@ -47,6 +47,9 @@ def torch_seed_grid(shape: tuple, gamma: float, device) -> torch.Tensor:
 def expand_seeds(seeds: torch.Tensor, block_size: int) -> torch.Tensor:
     """Dropped positions (N, Cm, H, W) bool of seeds (N, Cm, Hs, Ws): a bs x bs max-pool over the padded grid."""
     pad = block_size - 1
+    if seeds.numel() == 0:  # max_pool2d rejects empty channel dimensions
+        n, c, hs, ws = seeds.shape
+        return torch.zeros((n, c, hs + pad, ws + pad), dtype=torch.bool, device=seeds.device)
     padded = F.pad(seeds.to(torch.float32), (pad, pad, pad, pad))
     return F.max_pool2d(padded, kernel_size=block_size, stride=1) > 0
 
@@ -62,7 +65,7 @@ def pack_keep_mask(keep: torch.Tensor) -> torch.Tensor:
     """Bit-pack keep (N, Cm, H, W) bool into (N, Cm, H, ceil(W/8)) uint8: bit w % 8 of byte w // 8."""
     width = keep.shape[-1]
     padded = F.pad(keep.to(torch.uint8), (0, (-width) % 8))
-    bits = padded.view(*keep.shape[:-1], -1, 8).to(torch.int64)
+    bits = padded.view(*keep.shape[:-1], (width + 7) // 8, 8).to(torch.int64)
     weights = torch.tensor([1 << b for b in range(8)], dtype=torch.int64, device=keep.device)
     return (bits * weights).sum(-1).to(torch.uint8)
 

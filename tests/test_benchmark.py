@@ -1,0 +1,101 @@
+"""Smoke test of ``python -m robustdrop bench --quick`` on CPU: it runs, and its CSV
+and PNG are what the harness promises. Timing is never asserted (DESIGN.md 7)."""
+import csv
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import robustdrop
+from robustdrop import benchmark
+from robustdrop.benchmark import BenchConfig, CSV_COLUMNS, NAIVE, SPEED_OF_LIGHT
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", ROBUSTDROP_BACKEND="")
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run([sys.executable, "-m", "robustdrop", "bench", "--quick", "--device", "cpu", "--out", str(out)],
+                            capture_output=True, text=True, timeout=120, env=env, cwd=str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out, result.stdout
+
+
+def _rows(out):
+    with open(out / "bench_cpu.csv", newline="") as handle:
+        reader = csv.DictReader(handle)
+        return reader.fieldnames, list(reader)
+
+
+def test_csv_columns_and_rows(bench_run):
+    out, stdout = bench_run
+    fieldnames, rows = _rows(out)
+    assert tuple(fieldnames) == CSV_COLUMNS
+    config = BenchConfig(torch.device("cpu"), torch.float32, quick=True)
+    cases = [case for module in benchmark.op_modules().values() for case in module.cases(config)]
+    assert cases, "no benchmark cases registered"
+    expected = [NAIVE] + [f"robustdrop[{name}]" for name in benchmark.robustdrop_backends(config.device, False)[0]]
+    assert "robustdrop[cpu]" in expected or not robustdrop.backends()["cpu"].available
+    for case in cases:
+        shape = "x".join(map(str, case.shape))
+        case_rows = {row["impl"]: row for row in rows
+                     if (row["op"], row["params"], row["shape"]) == (case.op, case.params, shape)}
+        for impl in expected + [SPEED_OF_LIGHT]:
+            assert impl in case_rows, f"{case.op} {case.params} {shape}: no row for {impl}"
+        assert "robustdrop[reference]" not in case_rows  # the oracle only with --with-reference
+        for impl, row in case_rows.items():
+            if row["kind"] == "anchor" and row["status"].startswith("failed: "):
+                continue  # an optional anchor may fail; the run must go on
+            assert row["status"] == "ok", (impl, row["status"])
+            for column in ("fwd_ms", "fwd_bwd_ms", "speedup_fwd_bwd", "x_mul_fwd_bwd"):
+                value = float(row[column])
+                assert math.isfinite(value) and value > 0, (impl, column, row[column])
+            assert int(row["saved_bytes"]) >= 0
+            assert row["saved_full_size"] in ("True", "False")
+            assert row["device"] == "cpu" and row["dtype"] == "float32" and row["device_name"] and row["date"]
+        assert float(case_rows[NAIVE]["speedup_fwd_bwd"]) == 1.0
+        assert float(case_rows[SPEED_OF_LIGHT]["x_mul_fwd_bwd"]) == 1.0
+    assert "speedup vs naive" in stdout and "robustdrop[cpu]" in stdout
+
+
+def test_plot_written_when_matplotlib_is_there(bench_run):
+    out, stdout = bench_run
+    if importlib.util.find_spec("matplotlib") is None:
+        assert "matplotlib is not installed" in stdout
+        assert not (out / "bench_cpu.png").exists()
+    else:
+        png = out / "bench_cpu.png"
+        assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_saved_bytes_rule():
+    x = torch.randn(4, 8, requires_grad=True)
+    # x * x saves x twice: one storage, full size.
+    assert benchmark.saved_for_backward(lambda t: t * t, x) == (x.numel() * 4, True)
+    # A scalar multiply saves nothing.
+    assert benchmark.saved_for_backward(lambda t: t * 2.0, x) == (0, False)
+
+
+def test_a_failing_implementation_becomes_a_row():
+
+    def broken(x):
+        raise RuntimeError("no kernel\nsecond line")
+
+    impl = benchmark.Impl("broken", "anchor", lambda: broken)
+    timer = benchmark.Timer(torch.device("cpu"), repeats=1, warmup=0, budget_s=1.0)
+    row = benchmark.Row("op", "", "2", "float32", "cpu", "broken", "anchor")
+    x = torch.randn(2, requires_grad=True)
+    row = benchmark.measure(impl, [x], [torch.ones(2)], timer, row)
+    assert row.status == "failed: RuntimeError: no kernel"
+    assert math.isnan(row.fwd_ms)
+
+
+def test_unknown_op_is_an_error():
+    with pytest.raises(ValueError, match="unknown op"):
+        benchmark.select_modules(["no_such_op"])
+    assert set(benchmark.select_modules(["drop_block2d"])) == {"block_mask"}

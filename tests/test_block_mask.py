@@ -1,0 +1,363 @@
+"""DropBlock (DESIGN.md 4.1) on every backend against the single reference."""
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import robustdrop
+from robustdrop.nn import DropBlock2d
+from robustdrop.reference import block_mask as reference
+from conftest import DEVICE_BACKENDS, DEVICES, KERNEL_BACKENDS
+
+FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def forward_op(backend: str):
+    """The (x, seed, gamma, bs, couple, normalize, eps) -> (y, mask, scale) implementation of a backend."""
+    return {
+        "cpu": torch.ops.robustdrop.block_mask_forward,
+        "cuda": torch.ops.robustdrop.block_mask_forward,
+        "triton": lambda *a: torch.ops.robustdrop.block_mask_forward_triton(*a),
+        "reference": reference.block_mask_forward,
+    }[backend]
+
+
+def backward_op(backend: str):
+    return {
+        "cpu": torch.ops.robustdrop.block_mask_backward,
+        "cuda": torch.ops.robustdrop.block_mask_backward,
+        "triton": lambda *a: torch.ops.robustdrop.block_mask_backward_triton(*a),
+        "reference": reference.block_mask_backward,
+    }[backend]
+
+
+def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor):
+    """Equal to the last bit, NaN included, and of the same dtype and shape."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    if actual.is_floating_point():
+        width = {2: torch.int16, 4: torch.int32, 8: torch.int64}[actual.element_size()]
+        actual, expected = actual.view(width), expected.view(width)
+    assert torch.equal(actual.cpu(), expected.cpu())
+
+
+def run_with_grad(x, backend, **kwargs):
+    """y and dL/dx for L = sum(y * g) with a fixed g, through the public API."""
+    x = x.detach().clone().requires_grad_(True)
+    y = robustdrop.drop_block2d(x, backend=backend, **kwargs)
+    g = torch.linspace(-2, 3, y.numel(), device=x.device).view(y.shape).to(y.dtype)
+    (grad,) = torch.autograd.grad(y, x, g)
+    return y.detach(), grad
+
+
+# Small shapes: the Triton interpreter is slow.
+CASES = [
+    # (shape, block_size, p)
+    ((2, 3, 13, 11), 3, 0.3),
+    ((2, 3, 13, 11), 4, 0.3),  # even block
+    ((1, 1, 7, 7), 7, 0.5),  # block equal to the map
+    ((2, 2, 6, 9), 11, 0.4),  # block larger than the map: clamped to 6
+    ((3, 2, 9, 17), 1, 0.2),  # block of 1 is plain dropout
+    ((1, 4, 1, 10), 2, 0.3),  # H of 1
+    ((2, 1, 20, 3), 2, 0.6),  # C of 1, W of 3
+]
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("couple_channels", [False, True])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_op_matches_reference_bit_for_bit(device, backend, couple_channels, normalize):
+    generator = torch.Generator().manual_seed(1)
+    for case_index, (shape, block_size, p) in enumerate(CASES):
+        x = torch.randn(shape, generator=generator).to(device)
+        bs = reference.effective_block_size(block_size, shape[2], shape[3])
+        gamma = reference.drop_rate_to_gamma(p, shape[2], shape[3], bs)
+        seed = 1000 + case_index
+        args = (x, seed, gamma, bs, couple_channels, normalize, 1e-6)
+        y, mask, scale = forward_op(backend)(*args)
+        y_ref, mask_ref, scale_ref = reference.block_mask_forward(*args)
+        assert_same_bits(mask, mask_ref)
+        assert_same_bits(scale, scale_ref)
+        assert_same_bits(y, y_ref)
+        grad_y = torch.randn(shape, generator=generator).to(device)
+        assert_same_bits(backward_op(backend)(grad_y, mask, scale), reference.block_mask_backward(grad_y, mask_ref, scale_ref))
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+def test_large_seeds_and_gamma_edges(device, backend):
+    x = torch.randn(2, 3, 10, 12, device=device)
+    for seed in (0, 2**63 - 1, -(2**63), -1):
+        for gamma in (0.0, 1e-3, 0.25, 1.0, 3.0):
+            args = (x, seed, gamma, 3, False, True, 1e-6)
+            for actual, expected in zip(forward_op(backend)(*args), reference.block_mask_forward(*args)):
+                assert_same_bits(actual, expected)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_public_api_forward_and_backward_match_reference(device, backend, dtype):
+    x = torch.randn(2, 4, 12, 10, device=device).to(dtype)
+    kwargs = dict(p=0.35, block_size=3, seed=77)
+    y, grad = run_with_grad(x, backend, **kwargs)
+    y_ref, grad_ref = run_with_grad(x, "reference", **kwargs)
+    assert_same_bits(y, y_ref)
+    assert_same_bits(grad, grad_ref)
+    assert y.dtype == dtype
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_channels_last_and_non_contiguous(device, backend):
+    base = torch.randn(2, 5, 11, 14, device=device)
+    layouts = {
+        "channels_last": base.contiguous(memory_format=torch.channels_last),
+        "strided": torch.randn(2, 5, 11, 28, device=device)[..., ::2],
+        "transposed": torch.randn(2, 5, 14, 11, device=device).transpose(2, 3),
+    }
+    for name, x in layouts.items():
+        for couple in (False, True):
+            kwargs = dict(p=0.3, block_size=3, seed=5, couple_channels=couple)
+            y, grad = run_with_grad(x, backend, **kwargs)
+            y_ref, grad_ref = run_with_grad(x.contiguous(), "reference", **kwargs)
+            assert torch.equal(y.contiguous(), y_ref) and torch.equal(grad.contiguous(), grad_ref), name
+            if name == "channels_last" and backend != "reference":
+                assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_empty_batch_and_empty_maps(device, backend):
+    for shape in [(0, 3, 8, 8), (2, 0, 8, 8), (2, 3, 0, 8), (2, 3, 8, 0)]:
+        x = torch.randn(shape, device=device, requires_grad=True)
+        y = robustdrop.drop_block2d(x, 0.2, 3, seed=1, backend=backend)
+        assert y.shape == x.shape
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_gradcheck_float64(device, backend):
+    x = torch.randn(2, 3, 7, 6, device=device, dtype=torch.float64, requires_grad=True)
+    for couple in (False, True):
+        def fn(inp):
+            return robustdrop.drop_block2d(inp, 0.3, 3, seed=9, couple_channels=couple, backend=backend)
+        assert torch.autograd.gradcheck(fn, (x,))
+        assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+def test_opcheck(device, backend):
+    forward = "block_mask_forward_triton" if backend == "triton" else "block_mask_forward"
+    backward = "block_mask_backward_triton" if backend == "triton" else "block_mask_backward"
+    x = torch.randn(2, 3, 9, 10, device=device, requires_grad=True)
+    for couple in (False, True):
+        torch.library.opcheck(getattr(torch.ops.robustdrop, forward), (x, 3, 0.2, 3, couple, True, 1e-6))
+    _, mask, scale = getattr(torch.ops.robustdrop, forward)(x.detach(), 3, 0.2, 3, False, True, 1e-6)
+    torch.library.opcheck(getattr(torch.ops.robustdrop, backward), (torch.randn_like(x), mask, scale))
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+def test_torch_compile_fullgraph_forward_and_backward(device, backend):
+    torch._dynamo.reset()
+
+    def step(x, seed):
+        y = robustdrop.drop_block2d(x, 0.25, 3, seed=seed, backend=backend)
+        return (y * y).sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    x = torch.randn(2, 3, 12, 12, device=device, requires_grad=True)
+    for seed in (3, 4):
+        loss = compiled(x, seed)
+        (grad,) = torch.autograd.grad(loss, x)
+        loss_eager = step(x, seed)
+        (grad_eager,) = torch.autograd.grad(loss_eager, x)
+        assert torch.equal(grad, grad_eager)
+        torch.testing.assert_close(loss, loss_eager)
+
+
+@pytest.mark.parametrize("device,backend", [(d, b) for d, b in DEVICE_BACKENDS if b != "triton" or d == "cuda"])
+def test_drop_rate_statistics(device, backend):
+    """As timm tests its DropBlock: the dropped fraction within 0.03 of p at p = 0.1."""
+    x = torch.ones(32, 16, 56, 56, device=device)
+    for block_size in (3, 7):
+        for couple in (False, True):
+            y = robustdrop.drop_block2d(x, 0.1, block_size, seed=block_size, couple_channels=couple, backend=backend)
+            dropped = (y == 0).double().mean().item()
+            assert abs(dropped - 0.1) < 0.03, (block_size, couple, dropped)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float16_large_tensor_keeps_the_right_scale(device):
+    """The kept count is an integer, so the scale does not overflow float16 (torchvision's sum does)."""
+    x = torch.ones(16, 64, 128, 128, device=device, dtype=torch.float16)
+    backend = "cuda" if device == "cuda" and robustdrop.backends()["cuda"].available else "auto"
+    y = robustdrop.drop_block2d(x, 0.1, 5, seed=3, backend=backend)
+    kept = (y != 0).sum().item()
+    assert torch.isfinite(y).all()
+    expected_scale = x.numel() / (1e-6 + kept)
+    assert abs(y.max().item() - expected_scale) <= expected_scale * 2**-10
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_nan_and_inf_reach_kept_outputs_only(device, backend):
+    x = torch.randn(2, 3, 10, 10, device=device)
+    x[0, 0] = float("nan")
+    x[1, 2] = float("inf")
+    y = robustdrop.drop_block2d(x, 0.5, 3, seed=11, backend=backend)
+    keep = reference.block_keep_mask((2, 3, 10, 10), robustdrop._seed.op_seed(11),
+                                     reference.drop_rate_to_gamma(0.5, 10, 10, 3), 3, False).to(device)
+    assert (y[~keep] == 0).all()
+    assert torch.isnan(y[0, 0][keep[0, 0]]).all() and torch.isinf(y[1, 2][keep[1, 2]]).all()
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_eval_mode_and_zero_rate_are_identity(device, backend):
+    x = torch.randn(2, 3, 8, 8, device=device)
+    assert robustdrop.drop_block2d(x, 0.5, 3, training=False, backend=backend) is x
+    assert robustdrop.drop_block2d(x, 0.0, 3, backend=backend) is x
+    layer = DropBlock2d(0.5, 3, backend=backend).eval()
+    assert torch.equal(layer(x), x)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_seeds(device, backend):
+    x = torch.randn(2, 3, 16, 16, device=device)
+    a = robustdrop.drop_block2d(x, 0.3, 3, seed=1, backend=backend)
+    b = robustdrop.drop_block2d(x, 0.3, 3, seed=1, backend=backend)
+    c = robustdrop.drop_block2d(x, 0.3, 3, seed=2, backend=backend)
+    assert torch.equal(a, b) and not torch.equal(a == 0, c == 0)
+    # A seed is taken modulo 2**64.
+    assert torch.equal(robustdrop.drop_block2d(x, 0.3, 3, seed=-1, backend=backend),
+                       robustdrop.drop_block2d(x, 0.3, 3, seed=2**64 - 1, backend=backend))
+    torch.manual_seed(123)
+    d = robustdrop.drop_block2d(x, 0.3, 3, backend=backend)
+    e = robustdrop.drop_block2d(x, 0.3, 3, backend=backend)
+    torch.manual_seed(123)
+    assert torch.equal(robustdrop.drop_block2d(x, 0.3, 3, backend=backend), d)
+    assert not torch.equal(d == 0, e == 0)
+
+
+BAD_CALLS = [
+    (dict(x=torch.randn(3, 8, 8)), ValueError, "x must be 4-D"),
+    (dict(x=torch.randint(0, 5, (2, 3, 8, 8))), TypeError, "x must be a floating-point"),
+    (dict(x=[[1.0]]), TypeError, "x must be a torch.Tensor"),
+    (dict(p=1.5), ValueError, "p must be in"),
+    (dict(p=-0.1), ValueError, "p must be in"),
+    (dict(p="0.1"), TypeError, "p must be a real"),
+    (dict(block_size=0), ValueError, "block_size must be >= 1"),
+    (dict(block_size=2.5), TypeError, "block_size must be an int"),
+    (dict(normalize="sum"), ValueError, "normalize must be one of"),
+    (dict(eps=-1.0), ValueError, "eps must be >= 0"),
+    (dict(seed=1.5), TypeError, "seed must be an int"),
+]
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("bad,error,message", BAD_CALLS)
+def test_bad_input_is_a_clear_error(device, backend, bad, error, message):
+    args = dict(x=torch.randn(2, 3, 8, 8), p=0.1, block_size=3)
+    args.update(bad)
+    if isinstance(args["x"], torch.Tensor):
+        args["x"] = args["x"].to(device)
+    x, p, block_size = args.pop("x"), args.pop("p"), args.pop("block_size")
+    with pytest.raises(error, match=message):
+        robustdrop.drop_block2d(x, p, block_size, backend=backend, **args)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+def test_ops_called_directly_reject_bad_input(device, backend):
+    forward, backward = forward_op(backend), backward_op(backend)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    with pytest.raises(ValueError, match="x must be 4-D"):
+        forward(x[0], 1, 0.1, 3, False, True, 1e-6)
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        forward(x.long(), 1, 0.1, 3, False, True, 1e-6)
+    with pytest.raises(ValueError, match="block_size must be >= 1"):
+        forward(x, 1, 0.1, 0, False, True, 1e-6)
+    with pytest.raises(ValueError, match="block_size must be <="):
+        forward(x, 1, 0.1, 9, False, True, 1e-6)
+    _, mask, scale = forward(x, 1, 0.1, 3, False, True, 1e-6)
+    with pytest.raises(ValueError, match="mask must have shape"):
+        backward(x, mask[:, :, :4], scale)
+    with pytest.raises(TypeError, match="mask must be uint8"):
+        backward(x, mask.float(), scale)
+
+
+def test_backend_selection(monkeypatch):
+    status = robustdrop.backends()
+    assert set(status) == {"cuda", "triton", "cpu", "reference"}
+    for name, entry in status.items():
+        assert isinstance(entry.available, bool) and (entry.available or entry.reason), name
+    x = torch.randn(1, 1, 8, 8)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        robustdrop.drop_block2d(x, 0.1, 3, backend="gpu")
+    if not status["cuda"].available:
+        with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+            robustdrop.drop_block2d(x, 0.1, 3, backend="cuda")
+    else:
+        with pytest.raises(ValueError, match="runs on CUDA tensors"):
+            robustdrop.drop_block2d(x, 0.1, 3, backend="cuda")
+    # ROBUSTDROP_BACKEND overrides auto; the result is the same function either way.
+    monkeypatch.setenv("ROBUSTDROP_BACKEND", "reference")
+    via_env = robustdrop.drop_block2d(x, 0.3, 3, seed=4)
+    monkeypatch.setenv("ROBUSTDROP_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="ROBUSTDROP_BACKEND must be one of"):
+        robustdrop.drop_block2d(torch.randn(1, 1, 9, 9), 0.3, 3, seed=4)
+    monkeypatch.delenv("ROBUSTDROP_BACKEND")
+    assert torch.equal(via_env, robustdrop.drop_block2d(x, 0.3, 3, seed=4))
+
+
+def test_import_without_extension_or_triton():
+    """Only the reference then: one warning at import, ops still work."""
+    script = r"""
+import sys, warnings, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name in ("robustdrop._C", "triton") or name.startswith("triton."):
+            raise ImportError(f"blocked {name}")
+sys.meta_path.insert(0, Block())
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import robustdrop, torch
+    status = robustdrop.backends()
+    y = robustdrop.drop_block2d(torch.ones(1, 2, 8, 8), 0.3, 3, seed=1)
+assert not status["cpu"].available and not status["triton"].available, status
+assert status["reference"].available
+assert len(caught) == 1, [str(w.message) for w in caught]
+print("ok", (y == 0).any().item())
+"""
+    env = dict(os.environ)
+    env.pop("ROBUSTDROP_BACKEND", None)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok True"
+
+
+def test_module_is_a_drop_in_for_torchvision():
+    layer = DropBlock2d(0.2, 5, False, 1e-5)  # torchvision's positional order
+    assert (layer.p, layer.block_size, layer.inplace, layer.eps) == (0.2, 5, False, 1e-5)
+    assert "p=0.2" in repr(layer) and "block_size=5" in repr(layer)
+    x = torch.randn(2, 3, 16, 16)
+    torch.manual_seed(0)
+    y = layer(x)
+    torch.manual_seed(0)
+    assert torch.equal(y, robustdrop.drop_block2d(x, 0.2, 5, eps=1e-5))
+    inplace = DropBlock2d(0.2, 5, inplace=True)
+    x2 = x.clone()
+    torch.manual_seed(0)
+    out = inplace(x2)
+    assert out is x2 and torch.equal(x2, robustdrop.drop_block2d(x, 0.2, 5, seed=None) if False else x2)
+    torch.manual_seed(0)
+    assert torch.equal(x2, robustdrop.drop_block2d(x, 0.2, 5))
+
+
+def test_saved_for_backward_is_one_bit_per_element():
+    status = robustdrop.backends()
+    if not status["cpu"].available:
+        pytest.skip("the compiled extension is not built")
+    x = torch.randn(4, 8, 32, 32, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        robustdrop.drop_block2d(x, 0.1, 3, seed=1, backend="cpu")
+    total_bytes = sum(t.numel() * t.element_size() for t in saved)
+    assert total_bytes <= x.numel() // 8 + 4

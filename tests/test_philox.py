@@ -1,0 +1,90 @@
+"""The shared RNG (DESIGN.md section 3) on every backend: known answers
+produced by Triton itself, and agreement on millions of values."""
+import json
+import os
+
+import pytest
+import torch
+
+import robustdrop
+from robustdrop.reference.philox import philox_uniform, philox_words
+from conftest import DEVICES
+
+VECTORS = json.load(open(os.path.join(os.path.dirname(__file__), "data", "philox_vectors.json")))
+
+
+def op_seed(seed: int) -> int:
+    """The signed int64 with the bits of a seed in [0, 2**64)."""
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
+def rng_implementations(device: str):
+    """(name, words(index, seed), uniform(index, seed)) for every RNG here on device."""
+    status = robustdrop.backends()
+    impls = [("reference", philox_words, philox_uniform)]
+    compiled = "cuda" if device == "cuda" else "cpu"
+    if status[compiled].available:
+        impls.append((compiled, lambda i, s: torch.ops.robustdrop.philox_words(i, op_seed(s)),
+                      lambda i, s: torch.ops.robustdrop.philox_uniform(i, op_seed(s))))
+    if status["triton"].available:
+        impls.append(("triton", lambda i, s: torch.ops.robustdrop.philox_words_triton(i, op_seed(s)),
+                      lambda i, s: torch.ops.robustdrop.philox_uniform_triton(i, op_seed(s))))
+    return impls
+
+
+def test_vectors_cover_the_hard_cases():
+    seeds = {case["seed"] for case in VECTORS["cases"]}
+    firsts = {case["first_index"] for case in VECTORS["cases"]}
+    assert max(seeds) >= 2**32 and max(firsts) >= 2**34  # both 32-bit halves of key and counter exercised
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_known_answers(device):
+    for name, words_fn, uniform_fn in rng_implementations(device):
+        for case in VECTORS["cases"]:
+            index = torch.arange(64, dtype=torch.int64, device=device) + case["first_index"]
+            words = words_fn(index, case["seed"])
+            uniform = uniform_fn(index, case["seed"])
+            assert uniform.dtype == torch.float32
+            assert words.cpu().tolist() == case["words"], (name, case["seed"], case["first_index"])
+            assert uniform.cpu().view(torch.int32).tolist() == case["uniform_f32_bits"], (name, case["seed"])
+
+
+def random_indices(count: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices spread over [0, 2**62), half of them near 2**32 boundaries of the counter."""
+    wide = torch.randint(0, 2**62, (count // 2,), generator=generator)
+    near = (torch.randint(1, 8, (count - count // 2,), generator=generator) << 34) + torch.randint(
+        -16, 16, (count - count // 2,), generator=generator)
+    return torch.cat([wide, near])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backends_agree_on_millions_of_values(device):
+    generator = torch.Generator().manual_seed(0)
+    impls = rng_implementations(device)
+    assert len(impls) >= 2, "nothing to compare the reference with"
+    for seed in (0, 123456789, 2**63 + 12345, 2**64 - 1):
+        count = 1 << 20
+        index = random_indices(count, generator).to(device)
+        expected_words = philox_words(index, seed)
+        expected = philox_uniform(index, seed)
+        for name, words_fn, uniform_fn in impls[1:]:
+            if name == "triton" and device == "cpu" and seed not in (0, 2**64 - 1):
+                continue  # the interpreter is slow: two seeds are enough there
+            assert torch.equal(words_fn(index, seed), expected_words), (name, seed)
+            assert torch.equal(uniform_fn(index, seed).view(torch.int32), expected.view(torch.int32)), (name, seed)
+
+
+def test_uniform_range_and_moments():
+    u = philox_uniform(torch.arange(1 << 20), 7)
+    assert 0.0 <= u.min() and u.max() < 1.0
+    assert abs(u.double().mean().item() - 0.5) < 2e-3
+    assert abs(u.double().var().item() - 1 / 12) < 2e-3
+
+
+def test_reference_rejects_non_int64_index():
+    with pytest.raises(TypeError, match="index"):
+        philox_words(torch.arange(4, dtype=torch.int32), 0)
+    if robustdrop.backends()["cpu"].available:
+        with pytest.raises(TypeError, match="index"):
+            torch.ops.robustdrop.philox_words(torch.arange(4, dtype=torch.int32), 0)
