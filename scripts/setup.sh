@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs what robustdrop needs and builds its extension; safe to run again.
+# Uses the torch already installed; with none, installs torch==2.13.0 (the CPU
+# build on CPU-only machines). Install a CUDA torch first to get CUDA kernels.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  "$PY" -m pip install --quiet "torch==2.13.0"
+fi
+missing=()
+for module in ninja pytest numpy matplotlib triton; do
+  "$PY" -c "import $module" 2>/dev/null || missing+=("$module")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  "$PY" -m pip install --quiet "${missing[@]}"
+fi
+"$PY" -m pip install --quiet --no-build-isolation -e .
