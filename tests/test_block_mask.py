@@ -137,7 +137,7 @@ def test_empty_batch_and_empty_maps(device, backend):
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_gradcheck_float64(device, backend):
-    x = torch.randn(2, 3, 7, 6, device=device, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(1, 2, 5, 6, device=device, dtype=torch.float64, requires_grad=True)
     for couple in (False, True):
         def fn(inp):
             return robustdrop.drop_block2d(inp, 0.3, 3, seed=9, couple_channels=couple, backend=backend)
@@ -310,12 +310,9 @@ def test_backend_selection(monkeypatch):
 def test_import_without_extension_or_triton():
     """Only the reference then: one warning at import, ops still work."""
     script = r"""
-import sys, warnings, importlib.abc
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name in ("robustdrop._C", "triton") or name.startswith("triton."):
-            raise ImportError(f"blocked {name}")
-sys.meta_path.insert(0, Block())
+import sys, warnings
+sys.modules["triton"] = None  # makes `import triton` fail as if it were not installed
+sys.modules["robustdrop._C"] = None
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     import robustdrop, torch

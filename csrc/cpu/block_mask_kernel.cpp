@@ -194,9 +194,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_mask_forward_cpu(const at::
   check_block_mask_forward_args(x, gamma, block_size, eps);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t mask_channels = couple_channels ? 1 : C;
+  // An empty x keeps nothing: its mask (non-empty when only C is 0 and channels are coupled) is zeros.
   at::Tensor mask = at::empty({N, mask_channels, H, mask_row_bytes(W)}, x.options().dtype(at::kByte));
   int64_t kept = 0;
-  if (x.numel() > 0) {
+  if (x.numel() == 0) {
+    mask.zero_();
+  } else {
     const PlaneGeometry g{H, W, block_size, H - block_size + 1, W - block_size + 1, mask_row_bytes(W)};
     kept = build_mask(static_cast<uint64_t>(seed), static_cast<float>(gamma), g, N * mask_channels,
                       mask.data_ptr<uint8_t>());

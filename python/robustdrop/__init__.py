@@ -5,8 +5,6 @@ available here) that compute the same function, bit for bit, from the same
 seed. Importing works without the compiled extension or Triton: ops then run
 on the PyTorch reference, after one warning.
 """
-import warnings
-
 from robustdrop import _backend
 from robustdrop._backend import BackendStatus, backends
 from robustdrop.ops import block_mask as _block_mask
@@ -21,8 +19,7 @@ def _register_ops() -> None:
     if _backend.extension_error() is None:
         _block_mask.register("block_mask_forward", "block_mask_backward")
     else:
-        warnings.warn(f"robustdrop runs on its slow PyTorch reference only: {_backend.extension_error()}",
-                      RuntimeWarning, stacklevel=3)
+        _backend.warn_fallback(_backend.extension_error())
     if _backend.triton_error() is None:
         _block_mask.register("block_mask_forward_triton", "block_mask_backward_triton")
 

@@ -6,7 +6,6 @@ missing. ``ROBUSTDROP_BACKEND`` overrides ``auto``; an explicit backend that
 cannot run here is an error that says why.
 """
 import functools
-import importlib.util
 import os
 import warnings
 from typing import NamedTuple
@@ -45,7 +44,9 @@ def triton_interpreted() -> bool:
 @functools.cache
 def triton_error() -> str | None:
     """None when the Triton kernels are importable, else why not."""
-    if importlib.util.find_spec("triton") is None:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
         return "Triton is not installed (pip install triton)"
     try:
         import robustdrop.triton.block_mask  # noqa: F401
@@ -82,11 +83,12 @@ def backends() -> dict[str, BackendStatus]:
 _warned_fallback = False
 
 
-def _warn_fallback(reason: str) -> None:
+def warn_fallback(reason: str) -> None:
+    """Warns, once per process, that ops run on the reference."""
     global _warned_fallback
     if not _warned_fallback:
         _warned_fallback = True
-        warnings.warn(f"robustdrop falls back to the slow reference backend: {reason}", RuntimeWarning, stacklevel=4)
+        warnings.warn(f"robustdrop falls back to the slow reference backend: {reason}", RuntimeWarning, stacklevel=3)
 
 
 def _check_device(name: str, device_type: str) -> None:
@@ -119,7 +121,7 @@ def _resolve(backend: str, device_type: str) -> str:
         for name in candidates:
             if status[name].available:
                 return name
-        _warn_fallback(status[candidates[0]].reason)
+        warn_fallback(status[candidates[0]].reason)
         return "reference"
     if not status[backend].available:
         raise RuntimeError(f"backend {backend!r} is not available: {status[backend].reason}")

@@ -110,6 +110,8 @@ def block_mask_forward(x, seed, gamma, block_size, couple_channels, normalize, e
     y is differentiable with respect to x through plain torch ops.
     """
     keep = block_keep_mask(tuple(x.shape), seed, gamma, block_size, couple_channels, x.device)
+    if x.numel() == 0:  # an empty x keeps nothing, also in a coupled mask when only C is 0
+        keep = torch.zeros_like(keep)
     y, scale = drop_with_keep_mask(x, keep, couple_channels, normalize, eps)
     return y, pack_keep_mask(keep), scale
 

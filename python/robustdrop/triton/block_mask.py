@@ -1,0 +1,455 @@
+"""DropBlock's block mask in Triton (DESIGN.md 4.1), bit-identical to the CPU op.
+
+Forward, for x of shape (N, C, H, W), bs = block_size <= min(H, W):
+
+    Hs, Ws = H - bs + 1, W - bs + 1;  Cm = 1 if couple_channels else C
+    seed[n, cm, i, j] = uniform(seed, ((n*Cm + cm)*Hs + i)*Ws + j) < float32(gamma)
+    keep[n, c, h, w]  = no seed at (i, j) with h-bs+1 <= i <= h, w-bs+1 <= j <= w
+    scale = float32(numel / (eps + kept)) in float64 if normalize else 1
+    y = keep ? x * scale : 0            (float32 maths; float64 for float64 x)
+
+Three kernels, none of which reads x until the last:
+
+1. ``_seed_bits_kernel`` draws the seed grid as a flat bitmap, one Philox call
+   per four seeds (bit f & 7 of byte f >> 3 is seed f). Drawing per group of
+   four is what the flat layout buys: a 2-D tile's rows start at arbitrary
+   offsets mod 4, so a tile-wise draw would run Philox once per seed, four
+   times the integer work (by a rough count, comparable to the apply pass).
+2. ``_dilate_pack_kernel`` turns seeds into keep bits, one program per output
+   tile. The number of seeds in each bs x bs window is a band-matrix product,
+   ``hits = A @ S @ B`` with A[r, s] = 1 iff 0 <= h_r - i_s < bs and
+   B[t, c] = 1 iff 0 <= w_c - j_t < bs, so it runs on tensor cores as two
+   ``tl.dot``s per seed chunk (0/1 operands in float16, exact float32 sums).
+   Short planes are stacked several to a tile (A is then block diagonal) so
+   that 7x7 feature maps do not leave most of a 16x16 dot tile empty. The keep
+   bits are packed eight to a byte and the kept count is added atomically.
+3. ``_apply_kernel`` streams x: one read of x, one of the mask bytes, one
+   write of y. In the forward pass its program (0, 0) turns the kept count
+   into the scale and stores it, so no host sync or extra launch is needed.
+   The backward pass is the same kernel on grad_y with the stored scale.
+
+Shapes: mask (N, Cm, H, ceil(W/8)) uint8, padding bits zero; scale () float32.
+"""
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from .philox import launch, register_op, to_uniform
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Seeds drawn per program of _seed_bits_kernel, in bytes of the bitmap (8 seeds each).
+_SEED_BYTES = 512
+# Elements per program of _apply_kernel, and its warps (8 elements a thread).
+_APPLY_BLOCK = 2048
+_APPLY_WARPS = 8
+# Channels per channels_last tile: more rows per tile means more of each
+# channel's mask bytes (8 columns per byte) read per cache sector.
+_CL_CHANNELS = 32
+# Output tile of _dilate_pack_kernel: at most this many rows and columns.
+_TILE = 64
+_MASK_WARPS = 8
+
+
+# --------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _seed_bits_kernel(bits_ptr, count_ptr, seed, gamma, n_bytes, BYTES: tl.constexpr):
+    """bits[f >> 3] bit (f & 7) = uniform(seed, f) < gamma, for f < 8 * n_bytes.
+
+    bits_ptr: (n_bytes,) uint8. count_ptr: (1,) int64, zeroed here so that the
+    next kernel can count into it without a separate memset launch. Byte b
+    holds Philox groups 2b and 2b + 1 (four seeds each); seeds past the grid
+    are drawn too but never read.
+    """
+    pid = tl.program_id(0)
+    if pid == 0:
+        tl.store(count_ptr, 0)
+    byte = pid.to(tl.int64) * BYTES + tl.arange(0, BYTES)
+    half = tl.arange(0, 2)
+    group = 2 * byte[:, None] + half[None, :]  # (BYTES, 2)
+    w0, w1, w2, w3 = tl.randint4x(seed, group)
+    nibble = (to_uniform(w0) < gamma).to(tl.int32)
+    nibble |= (to_uniform(w1) < gamma).to(tl.int32) << 1
+    nibble |= (to_uniform(w2) < gamma).to(tl.int32) << 2
+    nibble |= (to_uniform(w3) < gamma).to(tl.int32) << 3
+    packed = tl.sum(nibble << (4 * half)[None, :], axis=1)
+    tl.store(bits_ptr + byte, packed.to(tl.uint8), mask=byte < n_bytes)
+
+
+@triton.jit
+def _load_seeds(bits_ptr, plane, i, j, planes, Hs, Ws):
+    """Seed bits S[s, t] at plane[s], row i[s], column j[t] as 0/1 float16.
+
+    plane, i: (KR,) int64; j: (KC,). Positions outside the grid read as 0.
+    """
+    inside = ((plane < planes) & (i < Hs))[:, None] & (j < Ws)[None, :]
+    flat = ((plane * Hs + i) * Ws)[:, None] + j[None, :]
+    byte = tl.load(bits_ptr + (flat >> 3), mask=inside, other=0)
+    return ((byte.to(tl.int32) >> (flat & 7).to(tl.int32)) & 1).to(tl.float16)
+
+
+@triton.jit
+def _band(offset, bs):
+    """1 where 0 <= offset < bs, as float16: the dot operands of the dilation.
+
+    offset = output position - seed position along one axis; a seed at
+    position p covers outputs p .. p + bs - 1.
+    """
+    return ((offset >= 0) & (offset < bs)).to(tl.float16)
+
+
+@triton.jit
+def _dilate_pack_kernel(
+    bits_ptr, mask_ptr, count_ptr,
+    planes, H, W, Hs, Ws, row_bytes, bs, tiles_h, tiles_w,
+    PLANES: tl.constexpr, ROWS: tl.constexpr, SEED_ROWS: tl.constexpr,
+    COLS: tl.constexpr, SEED_COLS: tl.constexpr, COUNT: tl.constexpr,
+):
+    """Writes the keep bits of one tile: PLANES planes x ROWS rows x COLS columns.
+
+    bits_ptr: the seed bitmap of _seed_bits_kernel over (planes, Hs, Ws).
+    mask_ptr: (planes, H, row_bytes) uint8. count_ptr: (1,) int64 kept count.
+    Tile row r is row h0 + r % ROWS of plane p0 + r // ROWS (PLANES > 1 only
+    when one tile spans a whole plane's height, so then h0 = 0); seed chunk row
+    s is row sr + s % SEED_ROWS of plane p0 + s // SEED_ROWS. COLS is a
+    multiple of 8 and w0 = COLS * tile, so every mask byte has one writer.
+    """
+    TR: tl.constexpr = PLANES * ROWS
+    KR: tl.constexpr = PLANES * SEED_ROWS
+    pid = tl.program_id(0)
+    tile_w = pid % tiles_w
+    tile_h = (pid // tiles_w) % tiles_h
+    p0 = (pid // tiles_w // tiles_h).to(tl.int64) * PLANES
+    h0 = tile_h * ROWS
+    w0 = tile_w * COLS
+
+    r = tl.arange(0, TR)
+    out_plane = p0 + r // ROWS
+    out_h = h0 + r % ROWS
+    out_w = w0 + tl.arange(0, COLS)
+    s = tl.arange(0, KR)
+    seed_plane = p0 + s // SEED_ROWS
+    t = tl.arange(0, SEED_COLS)
+    # Row mixing never crosses planes: A is block diagonal over stacked planes.
+    same_plane = (r // ROWS)[:, None] == (s // SEED_ROWS)[None, :]
+
+    # Only seeds at rows h0-bs+1 .. h0+ROWS-1 (and likewise columns) reach the tile.
+    row_lo = tl.maximum(h0 - bs + 1, 0)
+    row_hi = tl.minimum(h0 + ROWS, Hs)
+    col_lo = tl.maximum(w0 - bs + 1, 0)
+    col_hi = tl.minimum(w0 + COLS, Ws)
+    hits = tl.zeros((TR, COLS), dtype=tl.float32)
+    for sr in range(row_lo, row_hi, SEED_ROWS):
+        seed_i = sr + s % SEED_ROWS
+        # Seeds per (seed row, output column): S @ B, summed over column chunks.
+        row_hits = tl.zeros((KR, COLS), dtype=tl.float32)
+        for sc in range(col_lo, col_hi, SEED_COLS):
+            seed_j = sc + t
+            seeds = _load_seeds(bits_ptr, seed_plane, seed_i, seed_j, planes, Hs, Ws)
+            cols_band = _band(out_w[None, :] - seed_j[:, None], bs)  # (SEED_COLS, COLS)
+            row_hits = tl.dot(seeds, cols_band, row_hits)
+        # Clamp to 0/1 so the float16 operand is exact however large bs is.
+        any_hit = (row_hits > 0).to(tl.float16)
+        rows_band = _band(out_h[:, None] - seed_i[None, :], bs) * same_plane.to(tl.float16)  # (TR, KR)
+        hits = tl.dot(rows_band, any_hit, hits)
+
+    row_ok = (out_plane < planes) & (out_h < H)
+    keep = (hits == 0) & row_ok[:, None] & (out_w < W)[None, :]
+    _store_bits(mask_ptr, keep, out_plane, out_h, w0 // 8, H, row_bytes, row_ok, TR, COLS)
+    if COUNT:
+        tl.atomic_add(count_ptr, tl.sum(keep.to(tl.int32)).to(tl.int64), sem="relaxed")
+
+
+@triton.jit
+def _store_bits(mask_ptr, keep, plane, h, byte0, H, row_bytes, row_ok, TR: tl.constexpr, COLS: tl.constexpr):
+    """Packs keep (TR, COLS) eight columns to a byte (column w -> bit w & 7)."""
+    shift = tl.arange(0, COLS) % 8
+    bits = keep.to(tl.int32) << shift[None, :]
+    packed = tl.sum(tl.reshape(bits, (TR, COLS // 8, 8)), axis=2)
+    byte = byte0 + tl.arange(0, COLS // 8)
+    offs = ((plane * H + h) * row_bytes)[:, None] + byte[None, :]
+    ok = row_ok[:, None] & (byte < row_bytes)[None, :]
+    tl.store(mask_ptr + offs, packed.to(tl.uint8), mask=ok)
+
+
+@triton.jit
+def _round_to_bfloat16(value):
+    """float32 -> bfloat16, round to nearest even, in integer ops (NaN -> 0x7FC0).
+
+    The same rule as c10::BFloat16 and cvt.rn.bf16.f32, written out because
+    the interpreter's ``.to(tl.bfloat16)`` truncates; on a GPU it costs a few
+    integer ops in a memory-bound loop.
+    """
+    bits = value.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = tl.where(value != value, 0x7FC0, rounded)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+# These scalars are used once per program; do not let a value of 1 become a constexpr.
+@triton.jit(do_not_specialize=["numel", "kept_per_count", "eps_bits"])
+def _apply_kernel(
+    x_ptr, y_ptr, mask_ptr, scale_ptr, count_ptr,
+    rows, inner, C, H, W, row_bytes,
+    numel, kept_per_count, eps_bits,
+    CHANNELS_LAST: tl.constexpr, PER_CHANNEL: tl.constexpr, SCALE_MODE: tl.constexpr, WIDE: tl.constexpr, BFLOAT16: tl.constexpr,
+    BR: tl.constexpr, BC: tl.constexpr,
+):
+    """y = keep ? x * scale : 0 on a (BR, BC) tile of x viewed as (rows, inner).
+
+    x and y share one layout: contiguous NCHW (rows = N*C*H, inner = W) or
+    channels_last (rows = N*H*W, inner = C). mask: (N, C if PER_CHANNEL else
+    1, H, row_bytes) uint8. SCALE_MODE 0 reads scale_ptr (backward);
+    1 uses 1.0 and 2 uses numel / (eps + kept_per_count * count) in float64,
+    both stored to scale_ptr by program (0, 0). eps_bits: eps's float64 bits
+    (Triton float arguments are float32). WIDE computes in float64 (float64
+    x); BFLOAT16 rounds the result explicitly (bfloat16 x).
+    """
+    row = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    col = tl.program_id(1) * BC + tl.arange(0, BC)
+    # Mask byte = (mask plane * H + h) * row_bytes + (w >> 3); the index maths
+    # runs per row or per column, never per element.
+    if CHANNELS_LAST:  # row = (n * H + h) * W + w, col = c
+        w = row % W
+        nh = row // W
+        if PER_CHANNEL:
+            row_byte = (nh // H * C * H + nh % H) * row_bytes + (w >> 3)
+            col_byte = col.to(tl.int64) * H * row_bytes
+        else:
+            row_byte = nh * row_bytes + (w >> 3)
+            col_byte = tl.zeros_like(col).to(tl.int64)
+        byte = row_byte[:, None] + col_byte[None, :]
+        bit = (w & 7).to(tl.int32)[:, None]
+    else:  # row = (n * C + c) * H + h, col = w
+        if PER_CHANNEL:
+            mask_row = row
+        else:
+            mask_row = row // H // C * H + row % H
+        byte = (mask_row * row_bytes)[:, None] + (col >> 3)[None, :]
+        bit = (col & 7)[None, :]
+    ok = (row < rows)[:, None] & (col < inner)[None, :]
+    keep = ((tl.load(mask_ptr + byte, mask=ok, other=0).to(tl.int32) >> bit) & 1) != 0
+
+    if SCALE_MODE == 0:
+        scale = tl.load(scale_ptr)
+    else:
+        if SCALE_MODE == 1:
+            scale = tl.full((), 1.0, tl.float32)
+        else:
+            kept = (tl.load(count_ptr) * kept_per_count).to(tl.float64)
+            eps = eps_bits.to(tl.int64).to(tl.float64, bitcast=True)
+            scale = (numel.to(tl.float64) / (eps + kept)).to(tl.float32)
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            tl.store(scale_ptr, scale)
+
+    offs = row[:, None] * inner + col[None, :]
+    x = tl.load(x_ptr + offs, mask=ok, other=0)
+    if WIDE:
+        value = x.to(tl.float64) * scale.to(tl.float64)
+    else:
+        value = x.to(tl.float32) * scale
+    y = tl.where(keep, value, 0.0)
+    if BFLOAT16:
+        y = _round_to_bfloat16(y)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+# --------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _float32(value: float) -> float:
+    """value rounded once to float32 (the contract's comparison threshold)."""
+    # Uniforms are < 1, so any threshold >= 1 acts alike; clamping avoids overflow.
+    return struct.unpack("<f", struct.pack("<f", min(float(value), 2.0)))[0]
+
+
+def _float64_bits(value: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+
+
+def _walkable(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(t or a contiguous copy, whether it is channels_last): the layouts the apply kernel walks."""
+    if t.is_contiguous():
+        return t, False
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return t, True
+    return t.contiguous(), False
+
+
+def _check_float(t: torch.Tensor, name: str) -> None:
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), got {t.dtype}")
+
+
+def _check_forward_args(x: torch.Tensor, gamma: float, block_size: int, eps: float) -> None:
+    """The checks of csrc/checks.h, so every backend rejects the same input."""
+    _check_float(x, "x")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (N, C, H, W), got {x.dim()} dimensions")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    limit = min(x.shape[2], x.shape[3])
+    if x.numel() > 0 and block_size > limit:
+        raise ValueError(f"block_size must be <= min(H, W) = {limit}, got {block_size} (the Python API clamps it)")
+    if not gamma >= 0.0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    if not eps >= 0.0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+
+
+def _check_backward_args(grad_y: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor) -> None:
+    _check_float(grad_y, "grad_y")
+    if grad_y.dim() != 4:
+        raise ValueError(f"grad_y must be 4-D (N, C, H, W), got {grad_y.dim()} dimensions")
+    if mask.dtype != torch.uint8:
+        raise TypeError(f"mask must be uint8, got {mask.dtype}")
+    N, C, H, W = grad_y.shape
+    if mask.dim() != 4 or mask.shape[0] != N or mask.shape[1] not in (1, C) or mask.shape[2] != H or mask.shape[3] != (W + 7) // 8:
+        raise ValueError(
+            f"mask must have shape (N, 1 or C, H, ceil(W/8)) for grad_y of shape {tuple(grad_y.shape)}, got {tuple(mask.shape)}"
+        )
+    if scale.dtype != torch.float32:
+        raise TypeError(f"scale must be float32, got {scale.dtype}")
+    if scale.numel() != 1:
+        raise ValueError(f"scale must hold one value, got {scale.numel()}")
+    if mask.device != grad_y.device or scale.device != grad_y.device:
+        raise ValueError("grad_y, mask and scale must be on one device")
+
+
+def _draw_seeds(x: torch.Tensor, seed: int, gamma: float, planes: int, Hs: int, Ws: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launches _seed_bits_kernel: the seed bitmap (ceil(planes*Hs*Ws/8),) uint8 and a zeroed (1,) int64 counter."""
+    n_bytes = triton.cdiv(planes * Hs * Ws, 8)
+    bits = torch.empty(n_bytes, dtype=torch.uint8, device=x.device)
+    count = torch.empty(1, dtype=torch.int64, device=x.device)
+    grid = (triton.cdiv(n_bytes, _SEED_BYTES),)
+    launch(_seed_bits_kernel, grid, bits, count, seed, _float32(gamma), n_bytes, BYTES=_SEED_BYTES)
+    return bits, count
+
+
+def _mask_tiling(H: int, W: int, Hs: int, Ws: int) -> dict:
+    """Tile shape of _dilate_pack_kernel (all powers of two, dot operands >= 16).
+
+    Planes at most 32 rows high are stacked _TILE // next_pow2(H) to a tile;
+    taller ones are cut into _TILE-row tiles. Seed chunks are just big enough
+    for a plane's seed grid, up to _TILE.
+    """
+    rows = _next_pow2(H)
+    if rows <= _TILE // 2:
+        planes_per_tile = _TILE // rows
+        seed_rows = max(_next_pow2(Hs), 16 // planes_per_tile)
+    else:
+        planes_per_tile, rows = 1, _TILE
+        seed_rows = min(_TILE, max(16, _next_pow2(Hs)))
+    return dict(
+        PLANES=planes_per_tile,
+        ROWS=rows,
+        SEED_ROWS=seed_rows,
+        COLS=min(_TILE, max(16, _next_pow2(W))),
+        SEED_COLS=min(_TILE, max(16, _next_pow2(Ws))),
+    )
+
+
+def _build_mask(bits, count, mask, planes, H, W, bs, normalize) -> None:
+    """Launches _dilate_pack_kernel over mask (planes, H, ceil(W/8)) uint8."""
+    Hs, Ws = H - bs + 1, W - bs + 1
+    tiling = _mask_tiling(H, W, Hs, Ws)
+    tiles_h = triton.cdiv(H, tiling["ROWS"])
+    tiles_w = triton.cdiv(W, tiling["COLS"])
+    grid = (triton.cdiv(planes, tiling["PLANES"]) * tiles_h * tiles_w,)
+    launch(
+        _dilate_pack_kernel, grid, bits, mask, count,
+        planes, H, W, Hs, Ws, mask.shape[-1], bs, tiles_h, tiles_w,
+        COUNT=normalize, num_warps=_MASK_WARPS, **tiling,
+    )
+
+
+def _apply(src, channels_last, mask, scale, count, scale_mode, kept_per_count=1, eps=0.0) -> torch.Tensor:
+    """Launches _apply_kernel: keep ? src * scale : 0 in src's layout (contiguous or channels_last)."""
+    N, C, H, W = src.shape
+    out = torch.empty_like(src)
+    if channels_last:
+        rows, inner, max_cols = N * H * W, C, _CL_CHANNELS
+    else:
+        rows, inner, max_cols = N * C * H, W, _APPLY_BLOCK
+    cols = min(_next_pow2(inner), max_cols)
+    block_rows = max(1, _APPLY_BLOCK // cols)
+    grid = (triton.cdiv(rows, block_rows), triton.cdiv(inner, cols))
+    launch(
+        _apply_kernel, grid, src, out, mask, scale, count,
+        rows, inner, C, H, W, mask.shape[3],
+        src.numel(), kept_per_count, _float64_bits(eps),
+        CHANNELS_LAST=channels_last, PER_CHANNEL=mask.shape[1] == C, SCALE_MODE=scale_mode, WIDE=src.dtype == torch.float64,
+        BFLOAT16=src.dtype == torch.bfloat16,
+        BR=block_rows, BC=cols, num_warps=_APPLY_WARPS,
+    )
+    return out
+
+
+def _empty_scale(x: torch.Tensor, normalize: bool, eps: float) -> torch.Tensor:
+    """The scale when x has no elements: 0 / (eps + 0) as the CPU op computes it."""
+    value = (0.0 if eps > 0 else float("nan")) if normalize else 1.0
+    return torch.full((), value, dtype=torch.float32, device=x.device)
+
+
+@register_op("robustdrop::block_mask_forward_triton", _apply_kernel)
+def block_mask_forward(
+    x: torch.Tensor, seed: int, gamma: float, block_size: int, couple_channels: bool, normalize: bool, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DropBlock forward: ``(y, mask, scale)`` as ``robustdrop::block_mask_forward``.
+
+    x: (N, C, H, W) float16/bfloat16/float32/float64, contiguous or
+    channels_last (other strides are copied to contiguous first).
+    seed: signed 64-bit. gamma: seed probability (rounded to float32 once).
+    block_size: bs, already <= min(H, W). Returns y (x's shape, dtype and
+    layout), mask (N, 1 if couple_channels else C, H, ceil(W/8)) uint8 and
+    scale, a 0-d float32 tensor on x's device.
+    """
+    _check_forward_args(x, gamma, block_size, eps)
+    src, channels_last = _walkable(x)
+    N, C, H, W = src.shape
+    mask_channels = 1 if couple_channels else C
+    mask_shape = (N, mask_channels, H, (W + 7) // 8)
+    if src.numel() == 0:
+        mask = torch.zeros(mask_shape, dtype=torch.uint8, device=x.device)
+        return torch.empty_like(src), mask, _empty_scale(x, normalize, eps)
+
+    bs = block_size
+    planes = N * mask_channels
+    mask = torch.empty(mask_shape, dtype=torch.uint8, device=x.device)
+    scale = torch.empty((), dtype=torch.float32, device=x.device)
+    bits, count = _draw_seeds(src, seed, gamma, planes, H - bs + 1, W - bs + 1)
+    _build_mask(bits, count, mask, planes, H, W, bs, normalize)
+    # Coupled: one mask plane serves all C channels, so each kept bit counts C times.
+    y = _apply(src, channels_last, mask, scale, count, 2 if normalize else 1, C // mask_channels, eps)
+    return y, mask, scale
+
+
+@register_op("robustdrop::block_mask_backward_triton", _apply_kernel)
+def block_mask_backward(grad_y: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """DropBlock backward: ``grad_x = keep ? grad_y * scale : 0``.
+
+    grad_y: (N, C, H, W) floating point; mask: (N, 1 or C, H, ceil(W/8))
+    uint8 and scale: one float32 value, both from the forward pass. The scale
+    is read on the device, so nothing waits for the GPU. Returns grad_x in
+    grad_y's dtype and layout.
+    """
+    _check_backward_args(grad_y, mask, scale)
+    src, channels_last = _walkable(grad_y)
+    if src.numel() == 0:
+        return torch.empty_like(src)
+    scale = scale.reshape(())
+    # SCALE_MODE 0 never touches the counter argument; scale stands in for it.
+    return _apply(src, channels_last, mask.contiguous(), scale, scale, 0)
