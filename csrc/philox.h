@@ -66,6 +66,23 @@ ROBUSTDROP_HOST_DEVICE float word_to_uniform(uint32_t word) {
   return static_cast<float>(x) * 4.6566127342e-10f;
 }
 
+// x = int32(word), folded to x >= 0 by x < 0 ? ~x : x; in [0, 2**31).
+ROBUSTDROP_HOST_DEVICE uint32_t fold_word(uint32_t word) { return word < 0x80000000u ? word : ~word; }
+
+// The Bernoulli event uniform < threshold depends on the word only through
+// fold_word(word), monotonically, so it equals fold_word(word) < T for one
+// integer T: the smallest folded value whose uniform is >= threshold (2**31
+// when there is none). Computing T once on the host turns every draw into an
+// integer compare with exactly the same outcome.
+inline uint32_t folded_threshold(float threshold) {
+  uint32_t lo = 0u, hi = 0x80000000u;  // the answer lies in [lo, hi]
+  while (lo < hi) {
+    const uint32_t mid = lo + (hi - lo) / 2;
+    if (static_cast<float>(mid) * 4.6566127342e-10f >= threshold) hi = mid; else lo = mid + 1;
+  }
+  return lo;
+}
+
 ROBUSTDROP_HOST_DEVICE uint32_t philox_word(uint64_t seed, uint64_t index) {
   return philox_group(seed, index >> 2).w[index & 3];
 }
