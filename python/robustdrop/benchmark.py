@@ -1,0 +1,639 @@
+"""``python -m robustdrop bench``: every op against its naive baseline (DESIGN.md section 7).
+
+For each benchmark case (an op, its parameters and an input shape) every
+implementation is timed the same way:
+
+* the **naive baseline**: what a user writes without robustdrop (the
+  reference's algorithm with torch's own RNG); every speedup is relative to it;
+* **robustdrop** on each backend that runs on the chosen device (``cpu`` on CPU;
+  ``cuda`` and ``triton`` on CUDA; the Triton interpreter is never timed) and,
+  with ``--with-reference``, the ``reference`` backend (the correctness oracle,
+  slow by design: it emulates Philox in PyTorch; it is not a baseline);
+* **anchors**, when they can run here: torchvision / timm implementations and
+  ``torch.compile`` of the naive baseline. An anchor that cannot be imported is
+  skipped with a note; one that fails gives a row ``failed: reason``;
+* ``torch.mul(x, 2.0)`` of the same size: the memory speed of light (one read,
+  one write; its backward is the same again).
+
+Adding an op's cases means adding one module to ``robustdrop/benchmarks/``
+(see that package's docstring); nothing here changes.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import glob
+import importlib
+import math
+import os
+import pkgutil
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Sequence
+
+import torch
+
+HELP = "time each op's backends against its naive baseline; writes a table, a CSV and a PNG"
+
+Fn = Callable[[torch.Tensor], torch.Tensor]
+
+ASSUMED_CACHE_BYTES = 64 * 1024 * 1024
+MAX_INPUT_COPIES = 1024
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """What an op module's ``cases(config)`` may look at to choose its cases."""
+
+    device: torch.device
+    dtype: torch.dtype
+    quick: bool
+
+
+class Skip(Exception):
+    """Raised by an anchor's builder when the anchor cannot run here (not an error)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Anchor:
+    """An outside implementation to compare with.
+
+    ``build()`` returns the callable ``x -> y``. It raises ImportError (the
+    library is not installed) or Skip(reason) when the anchor does not apply
+    here; both skip it with a note. Any other exception, in ``build`` or while
+    timing, gives a row ``failed: reason``.
+    """
+
+    name: str
+    build: Callable[[], Fn]
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One benchmark case of one op.
+
+    The callables take the input ``x`` only (the tensor that gets gradients)
+    and return the op's output; close over any other input, created on
+    ``config.device``.
+
+    Attributes:
+        op: the public op name, e.g. "drop_block2d".
+        params: the op's parameters in words, e.g. "p=0.1 bs=7".
+        shape: the shape of x.
+        naive: the naive baseline.
+        robustdrop: ``(x, backend) -> y``, robustdrop's op on one backend.
+        anchors: outside implementations (see Anchor).
+        dtype: x's dtype; None uses ``--dtype``.
+        compile_naive: also time ``torch.compile(naive)`` when torch.compile works here.
+    """
+
+    op: str
+    params: str
+    shape: tuple[int, ...]
+    naive: Fn
+    robustdrop: Callable[[torch.Tensor, str], torch.Tensor]
+    anchors: tuple[Anchor, ...] = ()
+    dtype: torch.dtype | None = None
+    compile_naive: bool = True
+
+
+def op_module_names() -> list[str]:
+    """The modules in robustdrop.benchmarks (names starting with _ excluded), without importing them."""
+    from robustdrop import benchmarks
+
+    return sorted(info.name for info in pkgutil.iter_modules(benchmarks.__path__) if not info.name.startswith("_"))
+
+
+def op_modules() -> dict[str, object]:
+    """Module name -> module, for every module in robustdrop.benchmarks.
+
+    Each module defines ``OP`` (the public op name, or a tuple of them) and
+    ``cases(config: BenchConfig) -> list[Case]``.
+    """
+    return {name: importlib.import_module(f"robustdrop.benchmarks.{name}") for name in op_module_names()}
+
+
+def _op_names(module) -> tuple[str, ...]:
+    op = getattr(module, "OP", ())
+    return (op,) if isinstance(op, str) else tuple(op)
+
+
+def select_modules(wanted: Sequence[str] | None) -> dict[str, object]:
+    """The op modules named in ``wanted`` (module names or op names); all when None."""
+    modules = op_modules()
+    if not wanted:
+        return modules
+    chosen = {}
+    for name in wanted:
+        matches = {key: mod for key, mod in modules.items() if name == key or name in _op_names(mod)}
+        if not matches:
+            known = sorted(set(modules) | {op for mod in modules.values() for op in _op_names(mod)})
+            raise ValueError(f"unknown op {name!r}; known: {', '.join(known)}")
+        chosen.update(matches)
+    return chosen
+
+
+# --------------------------------------------------------------------------- implementations
+
+
+@dataclasses.dataclass(frozen=True)
+class Impl:
+    """One row of a case: ``build()`` gives the callable ``x -> y`` (it may raise, see Anchor)."""
+
+    name: str
+    kind: str  # "naive", "robustdrop", "anchor" or "speed-of-light"
+    build: Callable[[], Fn]
+
+
+NAIVE = "naive (torch RNG)"
+SPEED_OF_LIGHT = "torch.mul(x, 2.0)"
+
+
+def robustdrop_backends(device: torch.device, with_reference: bool) -> tuple[list[str], list[str]]:
+    """(backends to time on ``device``, notes on those skipped)."""
+    from robustdrop import _backend, backends
+
+    status = backends()
+    wanted = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+    chosen, notes = [], []
+    for name in wanted:
+        if not status[name].available:
+            notes.append(f"robustdrop[{name}] skipped: {status[name].reason}")
+        elif name == "triton" and _backend.triton_interpreted():
+            notes.append("robustdrop[triton] skipped: TRITON_INTERPRET=1 (the interpreter is not benchmarked)")
+        else:
+            chosen.append(name)
+    if with_reference:
+        chosen.append("reference")
+    return chosen, notes
+
+
+_compile_probe: dict[str, str | None] = {}
+
+
+def compile_error(device: torch.device) -> str | None:
+    """None when torch.compile compiles and runs a tiny function on ``device``, else why not."""
+    if device.type not in _compile_probe:
+        try:
+            fn = torch.compile(lambda t: t * 2.0 + 1.0, dynamic=False)
+            out = fn(torch.ones(8, device=device))
+            if not torch.equal(out.cpu(), torch.full((8,), 3.0)):
+                raise RuntimeError("wrong result")
+            _compile_probe[device.type] = None
+        except Exception as error:  # any failure just means: no compile anchor here
+            _compile_probe[device.type] = _reason(error)
+        finally:
+            torch._dynamo.reset()
+    return _compile_probe[device.type]
+
+
+def _compiled(fn: Fn) -> Callable[[], Fn]:
+    def build():
+        torch._dynamo.reset()  # a fresh cache per case: no recompile limits across cases
+        return torch.compile(fn, dynamic=False)
+
+    return build
+
+
+def implementations(case: Case, device: torch.device, backends: Sequence[str], use_compile: bool) -> tuple[list[Impl], list[str]]:
+    """The rows of one case, in table order, and notes on the anchors skipped."""
+    impls = [Impl(NAIVE, "naive", lambda: case.naive)]
+    for name in backends:
+        impls.append(Impl(f"robustdrop[{name}]", "robustdrop",
+                          lambda name=name: (lambda x: case.robustdrop(x, name))))
+    notes = []
+    for anchor in case.anchors:
+        try:
+            fn = anchor.build()
+        except ImportError as error:
+            notes.append(f"{anchor.name} skipped: not importable ({error})")
+            continue
+        except Skip as skip:
+            notes.append(f"{anchor.name} skipped: {skip}")
+            continue
+        except Exception as error:  # reported as a failed row
+            impls.append(Impl(anchor.name, "anchor", _raiser(error)))
+            continue
+        impls.append(Impl(anchor.name, "anchor", lambda fn=fn: fn))
+    if case.compile_naive and use_compile:
+        reason = compile_error(device)
+        if reason is None:
+            impls.append(Impl("torch.compile(naive)", "anchor", _compiled(case.naive)))
+        else:
+            notes.append(f"torch.compile(naive) skipped: torch.compile does not work here ({reason})")
+    impls.append(Impl(SPEED_OF_LIGHT, "speed-of-light", lambda: lambda x: torch.mul(x, 2.0)))
+    return impls, notes
+
+
+def _raiser(error: Exception) -> Callable[[], Fn]:
+    def build():
+        raise error
+
+    return build
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    first = text[0] if text else ""
+    reason = f"{type(error).__name__}: {first}" if first else type(error).__name__
+    return reason if len(reason) <= 160 else reason[:157] + "..."
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def cache_bytes(device: torch.device) -> int:
+    """The cache that input rotation must defeat: L2 on CUDA, the largest CPU cache on CPU (64 MB if unknown)."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return int(getattr(props, "L2_cache_size", 0) or ASSUMED_CACHE_BYTES)
+    largest = 0
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(path) as handle:
+                text = handle.read().strip().upper()
+            factor = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1:], 1)
+            largest = max(largest, int(text.rstrip("KMG")) * factor)
+        except (OSError, ValueError):
+            continue
+    return largest or ASSUMED_CACHE_BYTES
+
+
+def input_copies(nbytes: int, cache: int) -> int:
+    """How many copies of an input of ``nbytes`` to rotate through so that together they exceed ``cache``."""
+    return max(2, min(MAX_INPUT_COPIES, cache // max(nbytes, 1) + 1))
+
+
+class Timer:
+    """Median time in ms of ``step(i)`` for i = 0, 1, ... after warm-up.
+
+    CPU: time.perf_counter around each call. CUDA: a pair of CUDA events around
+    each call, read after one synchronize at the end. At most ``repeats``
+    timed calls, fewer (at least 3) once ``budget_s`` seconds have passed.
+    """
+
+    def __init__(self, device: torch.device, repeats: int, warmup: int, budget_s: float):
+        self.device, self.repeats, self.warmup, self.budget_s = device, repeats, warmup, budget_s
+
+    def __call__(self, step: Callable[[int], object]) -> float:
+        for i in range(self.warmup):
+            step(i)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        start_all = time.perf_counter()
+        times, events = [], []
+        for i in range(self.warmup, self.warmup + self.repeats):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step(i)
+                end.record()
+                events.append((start, end))
+            else:
+                t0 = time.perf_counter()
+                step(i)
+                times.append((time.perf_counter() - t0) * 1e3)
+            if len(times) + len(events) >= 3 and time.perf_counter() - start_all > self.budget_s:
+                break
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            times = [start.elapsed_time(end) for start, end in events]
+        return statistics.median(times)
+
+
+def saved_for_backward(fn: Fn, x: torch.Tensor) -> tuple[int, bool]:
+    """(bytes, full_size) that ``fn(x)``'s autograd graph keeps for the backward.
+
+    Measured with ``torch.autograd.graph.saved_tensors_hooks`` during one
+    forward with x requiring grad. The rule:
+
+    * bytes: the sum of ``untyped_storage().nbytes()`` over the distinct
+      storages of all saved tensors, deduplicated by (device, storage
+      data_ptr), so a tensor saved twice, or two views of one buffer, count
+      once, and a view counts its whole storage (that is what stays alive).
+      Everything saved counts, x itself included when an op saves it (x is
+      kept alive by the caller anyway, but a baseline that saves x is what
+      it is).
+    * full_size: whether any saved tensor has at least x.numel() elements (a
+      full-size mask or a copy of x, of any dtype). DESIGN 4.1 allows at most
+      one bit per element for DropBlock, which this flags at a glance.
+    """
+    storages: dict[tuple[str, int], int] = {}
+    full = False
+
+    def pack(tensor):
+        nonlocal full
+        storage = tensor.untyped_storage()
+        storages[(str(tensor.device), storage.data_ptr())] = storage.nbytes()
+        full = full or tensor.numel() >= x.numel()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        y = fn(x)
+    del y
+    return sum(storages.values()), full
+
+
+@dataclasses.dataclass
+class Row:
+    op: str
+    params: str
+    shape: str
+    dtype: str
+    device: str
+    impl: str
+    kind: str
+    fwd_ms: float = math.nan
+    fwd_bwd_ms: float = math.nan
+    speedup_fwd: float = math.nan
+    speedup_fwd_bwd: float = math.nan
+    x_mul_fwd: float = math.nan
+    x_mul_fwd_bwd: float = math.nan
+    saved_bytes: int | None = None
+    saved_full_size: bool | None = None
+    status: str = "ok"
+
+
+def measure(impl: Impl, inputs: list[torch.Tensor], grads: list[torch.Tensor], timer: Timer, row: Row) -> Row:
+    """Fill ``row`` with impl's times and saved bytes; a failure sets ``row.status`` instead of raising.
+
+    Forward: under torch.no_grad (inference; no graph is kept). Forward +
+    backward: x requires grad, ``torch.autograd.grad(y, x, grad)`` with a fixed
+    random grad, so nothing accumulates into x.grad. Same for every impl.
+    """
+    count = len(inputs)
+    try:
+        fn = impl.build()
+
+        def forward(i):
+            with torch.no_grad():
+                return fn(inputs[i % count])
+
+        def forward_backward(i):
+            x = inputs[i % count]
+            return torch.autograd.grad(fn(x), x, grads[i % count])
+
+        row.fwd_ms = timer(forward)
+        row.fwd_bwd_ms = timer(forward_backward)
+        row.saved_bytes, row.saved_full_size = saved_for_backward(fn, inputs[0])
+    except Exception as error:  # one failing implementation must not end the run
+        row.status = f"failed: {_reason(error)}"
+        row.fwd_ms = row.fwd_bwd_ms = math.nan
+        row.saved_bytes = row.saved_full_size = None
+    return row
+
+
+def run_case(case: Case, config: BenchConfig, backends: Sequence[str], use_compile: bool, repeats: int,
+             budget_s: float, log=print) -> tuple[list[Row], list[str]]:
+    """Every implementation of one case: its rows (ratios filled in) and notes."""
+    device, dtype = config.device, case.dtype or config.dtype
+    impls, notes = implementations(case, device, backends, use_compile)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    base = torch.randn(case.shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+    grad = torch.randn(case.shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+    copies = input_copies(base.numel() * base.element_size(), cache_bytes(device))
+    inputs = [base.clone().requires_grad_(True) for _ in range(copies)]
+    grads = [grad.clone() for _ in range(copies)]
+    timer = Timer(device, repeats, warmup=max(2, repeats // 10), budget_s=budget_s)
+    shape = "x".join(str(s) for s in case.shape)
+    rows = []
+    for impl in impls:
+        log(f"  {case.op} {case.params} {shape}: {impl.name} ...", flush=True)
+        row = Row(case.op, case.params, shape, str(dtype).replace("torch.", ""), device.type, impl.name, impl.kind)
+        rows.append(measure(impl, inputs, grads, timer, row))
+    del inputs, grads
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    naive = rows[0]
+    mul = next(row for row in rows if row.kind == "speed-of-light")
+    for row in rows:
+        row.speedup_fwd = naive.fwd_ms / row.fwd_ms
+        row.speedup_fwd_bwd = naive.fwd_bwd_ms / row.fwd_bwd_ms
+        row.x_mul_fwd = row.fwd_ms / mul.fwd_ms
+        row.x_mul_fwd_bwd = row.fwd_bwd_ms / mul.fwd_bwd_ms
+    return rows, notes
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def git_commit() -> str:
+    """``git rev-parse --short HEAD`` of robustdrop's checkout, else 'unknown'."""
+    try:
+        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return result.stdout.strip() if result.returncode == 0 and result.stdout.strip() else "unknown"
+
+
+TABLE_COLUMNS = ("op", "shape", "dtype", "device", "impl", "fwd ms", "fwd+bwd ms", "speedup vs naive (fwd+bwd)",
+                 "x mul (fwd+bwd)", "saved bytes for backward")
+
+CSV_COLUMNS = ("op", "params", "shape", "dtype", "device", "impl", "kind", "fwd_ms", "fwd_bwd_ms", "speedup_fwd",
+               "speedup_fwd_bwd", "x_mul_fwd", "x_mul_fwd_bwd", "saved_bytes", "saved_full_size", "status",
+               "device_name", "torch_version", "git_commit", "date")
+
+
+def _number(value: float, digits: int = 3) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _saved(row: Row) -> str:
+    if row.saved_bytes is None:
+        return "-"
+    return f"{row.saved_bytes:,}" + (" (full-size)" if row.saved_full_size else "")
+
+
+def table_cells(row: Row) -> list[str]:
+    """The stdout table's cells of one row; a failed row carries its reason in the last column."""
+    cells = [f"{row.op} {row.params}", row.shape, row.dtype, row.device, row.impl]
+    if row.status != "ok":
+        return cells + ["-", "-", "-", "-", row.status]
+    return cells + [_number(row.fwd_ms), _number(row.fwd_bwd_ms), _number(row.speedup_fwd_bwd, 2) + "x",
+                    _number(row.x_mul_fwd_bwd, 2), _saved(row)]
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    body = [table_cells(row) for row in rows]
+    widths = [max(len(col), *(len(cells[i]) for cells in body)) if body else len(col) for i, col in enumerate(TABLE_COLUMNS)]
+    numeric = set(range(5, 9))
+
+    def line(cells):
+        return "  ".join(cell.rjust(w) if i in numeric else cell.ljust(w) for i, (cell, w) in enumerate(zip(cells, widths))).rstrip()
+
+    out = [line(TABLE_COLUMNS), line(["-" * w for w in widths])]
+    previous = None
+    for row, cells in zip(rows, body):
+        key = (row.op, row.params, row.shape)
+        if previous is not None and key != previous:
+            out.append("")
+        previous = key
+        out.append(line(cells))
+    return "\n".join(out)
+
+
+def format_markdown(rows: Sequence[Row], meta: dict) -> str:
+    """The table as Markdown with its provenance: what benchmarks/results/<device>.md records."""
+    out = [f"# robustdrop bench: {meta['device_name']}", "",
+           f"- commit `{meta['git_commit']}`, {meta['date']}, torch {meta['torch_version']}", "",
+           "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    for row in rows:
+        out.append("| " + " | ".join(table_cells(row)) + " |")
+    return "\n".join(out) + "\n"
+
+
+def write_csv(path: str, rows: Sequence[Row], meta: dict) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            record = dataclasses.asdict(row)
+            record.update(meta)
+            for key, value in record.items():
+                if isinstance(value, float):
+                    record[key] = f"{value:.6g}" if math.isfinite(value) else ""
+                elif value is None:
+                    record[key] = ""
+            writer.writerow({key: record[key] for key in CSV_COLUMNS})
+
+
+def write_plot(path: str, rows: Sequence[Row], meta: dict) -> str | None:
+    """A bar plot of each implementation's fwd+bwd speedup over the naive baseline per case; None, or why not."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib): no PNG written"
+    cases = list(dict.fromkeys((row.op, row.params, row.shape) for row in rows))
+    names = list(dict.fromkeys(row.impl for row in rows if row.kind not in ("naive", "speed-of-light")))
+    values = {(row.op, row.params, row.shape, row.impl): row.speedup_fwd_bwd for row in rows}
+    width = 0.8 / max(len(names), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 + len(cases) * (0.5 + 0.35 * len(names))) + 2.5, 4.5))
+    finite = []
+    for k, name in enumerate(names):
+        heights = [values.get((*case, name), math.nan) for case in cases]
+        positions = [i - 0.4 + width * (k + 0.5) for i in range(len(cases))]
+        shown = [(pos, h) for pos, h in zip(positions, heights) if math.isfinite(h) and h > 0]
+        finite += [h for _, h in shown]
+        bars = ax.bar([pos for pos, _ in shown], [h for _, h in shown], width=width, label=name)
+        ax.bar_label(bars, labels=[f"{h:.2g}" for _, h in shown], fontsize=7)
+    # The speed of light is a ceiling, not a competitor: a marker across each group.
+    light = [(i, values.get((*case, SPEED_OF_LIGHT), math.nan)) for i, case in enumerate(cases)]
+    light = [(i, h) for i, h in light if math.isfinite(h) and h > 0]
+    finite += [h for _, h in light]
+    if light:
+        ax.hlines([h for _, h in light], [i - 0.42 for i, _ in light], [i + 0.42 for i, _ in light], colors="red",
+                  linewidth=1.5, label=f"{SPEED_OF_LIGHT} (speed of light)")
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label=NAIVE)
+    if finite and max(finite) / min(finite) > 30:
+        ax.set_yscale("log")
+    ax.set_xticks(range(len(cases)))
+    ax.set_xticklabels([f"{op}\n{params}\n{shape}" for op, params, shape in cases], fontsize=8)
+    ax.set_ylabel("fwd+bwd speedup over naive (x)")
+    ax.set_title(f"robustdrop bench: {meta['device_name']}, {rows[0].dtype if rows else ''} ({meta['git_commit']})", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+# --------------------------------------------------------------------------- command line
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ops", nargs="+", metavar="OP",
+                        help=f"op benchmarks to run, by module or op name (default: all of {', '.join(op_module_names())})")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: cuda when available, else cpu")
+    parser.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed calls per measurement (default: 100 on cuda, 20 on cpu, 3 with --quick)")
+    parser.add_argument("--budget", type=float, default=10.0, metavar="SECONDS",
+                        help="stop repeating a measurement after this long, once 3 calls are timed (default: 10)")
+    parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (tests, CI smoke test)")
+    parser.add_argument("--with-reference", action="store_true",
+                        help="also time the reference backend (the correctness oracle: emulated Philox, slow)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="time torch.compile of the naive baseline when it works here (default: on, off with --quick)")
+    parser.add_argument("--out", default="bench_out", metavar="DIR", help="where the CSV, PNG and Markdown go (default: bench_out/)")
+
+
+def main(args: argparse.Namespace) -> int:
+    import robustdrop
+
+    device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda, but torch sees no CUDA GPU", file=sys.stderr)
+        return 2
+    device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    repeats = args.repeats or (3 if args.quick else 100 if device_type == "cuda" else 20)
+    if repeats < 1:
+        print("error: --repeats must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        modules = select_modules(args.ops)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    config = BenchConfig(device, _DTYPES[args.dtype], args.quick)
+    use_compile = (not args.quick) if args.compile is None else args.compile
+    backends, notes = robustdrop_backends(device, args.with_reference)
+    meta = {"device_name": device_name(device), "torch_version": torch.__version__, "git_commit": git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    print(f"robustdrop {robustdrop.__version__} bench on {meta['device_name']}, torch {meta['torch_version']}, "
+          f"commit {meta['git_commit']}, {repeats} repeats", flush=True)
+
+    rows = []
+    for module in modules.values():
+        for case in module.cases(config):
+            case_rows, case_notes = run_case(case, config, backends, use_compile, repeats, args.budget,
+                                             log=lambda *a, **k: print(*a, file=sys.stderr, **k))
+            rows += case_rows
+            notes += [note for note in case_notes if note not in notes]
+
+    print()
+    print(format_table(rows))
+    for note in notes:
+        print(f"note: {note}")
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"bench_{device_type}")
+    write_csv(stem + ".csv", rows, meta)
+    with open(stem + ".md", "w") as handle:
+        handle.write(format_markdown(rows, meta))
+    written = [stem + ".csv", stem + ".md"]
+    if rows:
+        problem = write_plot(stem + ".png", rows, meta)
+        if problem:
+            print(f"note: {problem}")
+        else:
+            written.append(stem + ".png")
+    print("wrote " + ", ".join(written))
+    return 0
