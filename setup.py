@@ -26,15 +26,18 @@ def cuda_wanted():
 
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++17"]
+    # at::parallel_for runs serially unless the extension itself is built with OpenMP.
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     if cuda_wanted():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
         return cpp_extension.CUDAExtension(
             "robustdrop._C", sources, extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-            define_macros=[("ROBUSTDROP_WITH_CUDA", "1")],
+            extra_link_args=link_flags, define_macros=[("ROBUSTDROP_WITH_CUDA", "1")],
         )
-    return cpp_extension.CppExtension("robustdrop._C", sources, extra_compile_args={"cxx": cxx_flags})
+    return cpp_extension.CppExtension("robustdrop._C", sources, extra_compile_args={"cxx": cxx_flags},
+                                      extra_link_args=link_flags)
 
 
 setup(
