@@ -15,23 +15,22 @@ from conftest import DEVICE_BACKENDS, DEVICES, KERNEL_BACKENDS
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
+def backend_ops(backend: str):
+    """(forward, backward) of a backend: (x, seed, gamma, bs, couple, normalize, eps) -> (y, mask, scale)
+    and (grad_y, mask, scale) -> grad_x."""
+    if backend == "reference":
+        return reference.block_mask_forward, reference.block_mask_backward
+    suffix = "_triton" if backend == "triton" else ""
+    return (getattr(torch.ops.robustdrop, "block_mask_forward" + suffix),
+            getattr(torch.ops.robustdrop, "block_mask_backward" + suffix))
+
+
 def forward_op(backend: str):
-    """The (x, seed, gamma, bs, couple, normalize, eps) -> (y, mask, scale) implementation of a backend."""
-    return {
-        "cpu": torch.ops.robustdrop.block_mask_forward,
-        "cuda": torch.ops.robustdrop.block_mask_forward,
-        "triton": lambda *a: torch.ops.robustdrop.block_mask_forward_triton(*a),
-        "reference": reference.block_mask_forward,
-    }[backend]
+    return backend_ops(backend)[0]
 
 
 def backward_op(backend: str):
-    return {
-        "cpu": torch.ops.robustdrop.block_mask_backward,
-        "cuda": torch.ops.robustdrop.block_mask_backward,
-        "triton": lambda *a: torch.ops.robustdrop.block_mask_backward_triton(*a),
-        "reference": reference.block_mask_backward,
-    }[backend]
+    return backend_ops(backend)[1]
 
 
 def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor):
@@ -147,13 +146,12 @@ def test_gradcheck_float64(device, backend):
 
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
 def test_opcheck(device, backend):
-    forward = "block_mask_forward_triton" if backend == "triton" else "block_mask_forward"
-    backward = "block_mask_backward_triton" if backend == "triton" else "block_mask_backward"
+    forward, backward = backend_ops(backend)
     x = torch.randn(2, 3, 9, 10, device=device, requires_grad=True)
     for couple in (False, True):
-        torch.library.opcheck(getattr(torch.ops.robustdrop, forward), (x, 3, 0.2, 3, couple, True, 1e-6))
-    _, mask, scale = getattr(torch.ops.robustdrop, forward)(x.detach(), 3, 0.2, 3, False, True, 1e-6)
-    torch.library.opcheck(getattr(torch.ops.robustdrop, backward), (torch.randn_like(x), mask, scale))
+        torch.library.opcheck(forward, (x, 3, 0.2, 3, couple, True, 1e-6))
+    _, mask, scale = forward(x.detach(), 3, 0.2, 3, False, True, 1e-6)
+    torch.library.opcheck(backward, (torch.randn_like(x), mask, scale))
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
