@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+
 namespace robustdrop {
 
 inline void check_float_input(const at::Tensor& t, const char* name) {
@@ -39,6 +41,43 @@ inline void check_block_mask_backward_args(const at::Tensor& grad_y, const at::T
   TORCH_CHECK_VALUE(scale.numel() == 1, "scale must hold one value, got ", scale.numel());
   TORCH_CHECK_VALUE(mask.device() == grad_y.device() && scale.device() == grad_y.device(),
                     "grad_y, mask and scale must be on one device");
+}
+
+// Shapes, dtypes and devices of CamDrop's inputs (DESIGN.md 4.2). The target
+// values are checked by each kernel where it reads them (on the CPU against K;
+// on the GPU a device-side assert guards the read), because checking them here
+// would cost a CUDA tensor a synchronisation.
+inline void check_cam_mask_forward_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
+                                        const std::optional<at::Tensor>& guided, double gamma, int64_t block_size,
+                                        int64_t spatial_topk, int64_t channel_topk, double eps) {
+  check_block_mask_forward_args(x, gamma, block_size, eps);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK_VALUE(C >= 1, "x must have at least one channel, got shape ", x.sizes());
+  check_float_input(weight, "weight");
+  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D (K, C'), the classifier's weight, got ", weight.dim(),
+                    " dimensions");
+  TORCH_CHECK_VALUE(weight.size(1) >= C && weight.size(1) % C == 0,
+                    "weight must have a width C' that is a multiple of x's channels C = ", C, ", got C' = ",
+                    weight.size(1));
+  TORCH_CHECK_VALUE(N == 0 || weight.size(0) >= 1, "weight must have at least one class (row), got shape ",
+                    weight.sizes());
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, "target must be int64 (torch.long), got ",
+                   target.scalar_type());
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == N, "target must have shape (N,) = (", N,
+                    ",), one class index per sample, got ", target.sizes());
+  TORCH_CHECK_VALUE(weight.device() == x.device() && target.device() == x.device(),
+                    "weight and target must be on x's device ", x.device(), ", got ", weight.device(), " and ",
+                    target.device());
+  if (guided.has_value()) {
+    TORCH_CHECK_TYPE(guided->scalar_type() == at::kBool, "guided must be a bool tensor, got ",
+                     guided->scalar_type());
+    TORCH_CHECK_VALUE(guided->numel() == 1 && guided->device() == x.device(),
+                      "guided must be one bool on x's device");
+  }
+  TORCH_CHECK_VALUE(spatial_topk >= 0 && spatial_topk <= H * W, "spatial_topk must be in [0, H*W] = [0, ", H * W,
+                    "], got ", spatial_topk);
+  TORCH_CHECK_VALUE(channel_topk >= 0 && channel_topk <= C, "channel_topk must be in [0, C] = [0, ", C, "], got ",
+                    channel_topk);
 }
 
 inline void check_philox_args(const at::Tensor& index) {

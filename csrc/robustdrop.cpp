@@ -22,8 +22,18 @@ TORCH_LIBRARY(robustdrop, m) {
   // Returns y, the bit-packed keep mask (N, 1 or C, H, ceil(W/8)) uint8 and the
   // float32 0-d scale.
   m.def(
-      "block_mask_forward(Tensor x, int seed, float gamma, int block_size, bool couple_channels, "
+      "block_mask_forward(Tensor x, SymInt seed, float gamma, int block_size, bool couple_channels, "
       "bool normalize, float eps) -> (Tensor, Tensor, Tensor)");
   // dx = keep ? dy * scale : 0, with the mask and scale of the forward.
   m.def("block_mask_backward(Tensor grad_y, Tensor mask, Tensor scale) -> Tensor");
+  // CamDrop forward (DESIGN.md 4.2): DropBlock whose seeds count only at the
+  // spatial_topk largest CAM positions and the channel_topk largest class
+  // weights of each sample. weight (K, g*C), target (N,) int64; guided, when
+  // given, is a 0-d bool tensor on x's device: False makes every position and
+  // channel a candidate (DropBlock, for warm-up). Returns y, the bit-packed keep
+  // mask (N, C, H, ceil(W/8)) uint8 and the float32 0-d scale; the backward is
+  // block_mask_backward.
+  m.def(
+      "cam_mask_forward(Tensor x, Tensor weight, Tensor target, Tensor? guided, SymInt seed, float gamma, "
+      "int block_size, int spatial_topk, int channel_topk, bool normalize, float eps) -> (Tensor, Tensor, Tensor)");
 }

@@ -27,6 +27,15 @@ DEVICE_BACKENDS = [(device, backend) for device in DEVICES for backend in availa
 KERNEL_BACKENDS = [(device, backend) for device, backend in DEVICE_BACKENDS if backend != "reference"]
 
 
+def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor):
+    """Equal to the last bit, NaN included, and of the same dtype and shape."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    if actual.is_floating_point():
+        width = {2: torch.int16, 4: torch.int32, 8: torch.int64}[actual.element_size()]
+        actual, expected = actual.view(width), expected.view(width)
+    assert torch.equal(actual.cpu(), expected.cpu())
+
+
 @pytest.fixture(autouse=True)
 def _no_backend_override(monkeypatch):
     """Tests choose backends explicitly; a ROBUSTDROP_BACKEND in the shell must not leak in."""

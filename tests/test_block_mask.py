@@ -10,7 +10,7 @@ import torch
 import robustdrop
 from robustdrop.nn import DropBlock2d
 from robustdrop.reference import block_mask as reference
-from conftest import DEVICE_BACKENDS, DEVICES, KERNEL_BACKENDS
+from conftest import DEVICE_BACKENDS, DEVICES, KERNEL_BACKENDS, assert_same_bits
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -31,15 +31,6 @@ def forward_op(backend: str):
 
 def backward_op(backend: str):
     return backend_ops(backend)[1]
-
-
-def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor):
-    """Equal to the last bit, NaN included, and of the same dtype and shape."""
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    if actual.is_floating_point():
-        width = {2: torch.int16, 4: torch.int32, 8: torch.int64}[actual.element_size()]
-        actual, expected = actual.view(width), expected.view(width)
-    assert torch.equal(actual.cpu(), expected.cpu())
 
 
 def run_with_grad(x, backend, **kwargs):

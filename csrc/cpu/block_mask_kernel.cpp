@@ -16,16 +16,11 @@
 
 #include "../checks.h"
 #include "../philox.h"
+#include "block_mask.h"
 #include "philox_cpu.h"
 
 namespace robustdrop {
 namespace {
-
-struct PlaneGeometry {
-  int64_t height, width, block;   // H, W, bs
-  int64_t seed_height, seed_width;  // Hs = H - bs + 1, Ws = W - bs + 1
-  int64_t row_bytes;              // ceil(W / 8)
-};
 
 // Packs 8 keep bytes (each 0 or 1, element 0 first) into one mask byte, bit b
 // for element b: the multiply gathers every byte's low bit into the top byte.
@@ -35,23 +30,22 @@ inline uint8_t pack_eight(const uint8_t* keep) {
   return static_cast<uint8_t>((lanes * 0x0102040810204080ull) >> 56);
 }
 
-struct PlaneScratch {
-  std::vector<uint8_t> seeds;        // (Hs, Ws) seed bits
-  std::vector<int32_t> row_hits;     // (Hs, W) seeds in each row's window
-  std::vector<int32_t> column_hits;  // (W) seeds in the bs x bs window above the current output row
-  std::vector<uint8_t> keep;         // (8 * row_bytes) keep bytes of the current output row, zero-padded
+}  // namespace
 
-  explicit PlaneScratch(const PlaneGeometry& g)
-      : seeds(g.seed_height * g.seed_width), row_hits(g.seed_height * g.width), column_hits(g.width),
-        keep(8 * g.row_bytes, 0) {}
-};
+PlaneGeometry plane_geometry(int64_t height, int64_t width, int64_t block) {
+  return {height, width, block, height - block + 1, width - block + 1, mask_row_bytes(width)};
+}
 
-// Writes the keep bits of one plane and returns how many elements it keeps.
 int64_t build_plane_mask(uint64_t seed, uint32_t folded_cut, int64_t plane, const PlaneGeometry& g,
-                         uint8_t* mask_plane, PlaneScratch& scratch) {
+                         uint8_t* mask_plane, PlaneScratch& scratch, const uint8_t* allowed) {
   const int64_t seeds_per_plane = g.seed_height * g.seed_width;
   uint8_t* seeds = scratch.seeds.data();
   bernoulli_bytes(seed, static_cast<uint64_t>(plane * seeds_per_plane), seeds_per_plane, folded_cut, seeds);
+  if (allowed != nullptr) {
+    for (int64_t i = 0; i < g.seed_height; ++i) {
+      for (int64_t j = 0; j < g.seed_width; ++j) seeds[i * g.seed_width + j] &= allowed[i * g.width + j];
+    }
+  }
   // row_hits[i][w]: seeds in row i at columns w-bs+1 .. w (a running window sum).
   for (int64_t i = 0; i < g.seed_height; ++i) {
     const uint8_t* seed_row = seeds + i * g.seed_width;
@@ -88,6 +82,19 @@ int64_t build_plane_mask(uint64_t seed, uint32_t folded_cut, int64_t plane, cons
   }
   return kept;
 }
+
+void fill_kept_plane(const PlaneGeometry& g, uint8_t* mask_plane) {
+  std::vector<uint8_t> keep(8 * g.row_bytes, 0);
+  std::fill(keep.begin(), keep.begin() + g.width, uint8_t{1});
+  for (int64_t byte = 0; byte < g.row_bytes; ++byte) mask_plane[byte] = pack_eight(keep.data() + 8 * byte);
+  for (int64_t h = 1; h < g.height; ++h) std::memcpy(mask_plane + h * g.row_bytes, mask_plane, g.row_bytes);
+}
+
+float normalized_scale(int64_t numel, int64_t kept, bool normalize, double eps) {
+  return normalize ? static_cast<float>(static_cast<double>(numel) / (eps + static_cast<double>(kept))) : 1.0f;
+}
+
+namespace {
 
 // Fills mask (planes, H, row_bytes) and returns the kept count over those planes.
 int64_t build_mask(uint64_t seed, float gamma, const PlaneGeometry& g, int64_t planes, uint8_t* mask) {
@@ -176,8 +183,7 @@ void apply_mask(const at::Tensor& in, const at::Tensor& mask, float scale, at::T
   }
 }
 
-// Contiguous or channels_last as given; any other strides are made contiguous.
-at::Tensor walkable(const at::Tensor& t) { return (t.is_contiguous() || is_channels_last_4d(t)) ? t : t.contiguous(); }
+}  // namespace
 
 at::Tensor apply_mask_dispatch(const at::Tensor& input, const at::Tensor& mask, float scale) {
   const at::Tensor in = walkable(input);
@@ -187,6 +193,8 @@ at::Tensor apply_mask_dispatch(const at::Tensor& input, const at::Tensor& mask, 
                                   [&] { apply_mask<scalar_t>(in, mask.contiguous(), scale, out); });
   return out;
 }
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_mask_forward_cpu(const at::Tensor& x, int64_t seed, double gamma,
                                                                        int64_t block_size, bool couple_channels,
@@ -200,13 +208,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_mask_forward_cpu(const at::
   if (x.numel() == 0) {
     mask.zero_();
   } else {
-    const PlaneGeometry g{H, W, block_size, H - block_size + 1, W - block_size + 1, mask_row_bytes(W)};
+    const PlaneGeometry g = plane_geometry(H, W, block_size);
     kept = build_mask(static_cast<uint64_t>(seed), static_cast<float>(gamma), g, N * mask_channels,
                       mask.data_ptr<uint8_t>());
     if (couple_channels) kept *= C;
   }
-  const float scale =
-      normalize ? static_cast<float>(static_cast<double>(x.numel()) / (eps + static_cast<double>(kept))) : 1.0f;
+  const float scale = normalized_scale(x.numel(), kept, normalize, eps);
   at::Tensor y = apply_mask_dispatch(x, mask, scale);
   return {y, mask, at::scalar_tensor(scale, x.options().dtype(at::kFloat))};
 }

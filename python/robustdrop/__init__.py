@@ -5,23 +5,31 @@ available here) that compute the same function, bit for bit, from the same
 seed. Importing works without the compiled extension or Triton: ops then run
 on the PyTorch reference, after one warning.
 """
+import torch
+
 from robustdrop import _backend
 from robustdrop._backend import BackendStatus, backends
 from robustdrop.ops import block_mask as _block_mask
+from robustdrop.ops import cam_mask as _cam_mask
 from robustdrop.ops.block_mask import drop_block2d
+from robustdrop.ops.cam_mask import cam_drop2d
 
 __version__ = "0.1.0"
-__all__ = ["backends", "BackendStatus", "drop_block2d", "nn", "__version__"]
+__all__ = ["backends", "BackendStatus", "drop_block2d", "cam_drop2d", "nn", "__version__"]
 
 
 def _register_ops() -> None:
     """Autograd and fake implementations for the ops this install has."""
     if _backend.extension_error() is None:
         _block_mask.register("block_mask_forward", "block_mask_backward")
+        _cam_mask.register("cam_mask_forward", "block_mask_backward")
     else:
         _backend.warn_fallback(_backend.extension_error())
     if _backend.triton_error() is None:
         _block_mask.register("block_mask_forward_triton", "block_mask_backward_triton")
+        # Until every install has the Triton CamDrop op, register it where it exists.
+        if hasattr(torch.ops.robustdrop, "cam_mask_forward_triton"):
+            _cam_mask.register("cam_mask_forward_triton", "block_mask_backward_triton")
 
 
 _register_ops()

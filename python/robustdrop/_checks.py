@@ -49,3 +49,49 @@ def check_choice(value, name: str, choices: tuple) -> str:
 def check_seed(seed, name: str = "seed") -> None:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (numbers.Integral, torch.SymInt))):
         raise TypeError(f"{name} must be an int or None, got {type(seed).__name__}")
+
+
+def check_classifier_weight(weight, channels: int, device, name: str = "weight") -> None:
+    """A classifier weight (K, C') whose width C' is a multiple of the feature map's channels C."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor, got {weight.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (K, C'), the classifier's weight, got shape {tuple(weight.shape)}")
+    if weight.shape[1] < channels or weight.shape[1] % channels != 0:
+        raise ValueError(f"{name} must have a width C' that is a multiple of x's channels C = {channels}, "
+                         f"got C' = {weight.shape[1]}")
+    if weight.device != device:
+        raise ValueError(f"{name} must be on x's device {device}, got {weight.device}")
+
+
+def check_target(target, batch: int, device, name: str = "target") -> None:
+    """Class indices (N,) int64 on x's device."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of class indices, got {type(target).__name__}")
+    if target.dtype != torch.int64:
+        raise TypeError(f"{name} must be int64 (torch.long) class indices, got {target.dtype}")
+    if target.dim() != 1 or target.shape[0] != batch:
+        raise ValueError(f"{name} must have shape (N,) = ({batch},), one class index per sample, "
+                         f"got {tuple(target.shape)}")
+    if target.device != device:
+        raise ValueError(f"{name} must be on x's device {device}, got {target.device}")
+
+
+def check_target_values(target: torch.Tensor, num_classes: int, name: str = "target") -> None:
+    """Every index in [0, K). Reads the values: one synchronisation for a CUDA tensor."""
+    if target.numel() == 0:
+        return
+    low, high = torch.stack(torch.aminmax(target)).tolist()
+    if low < 0 or high >= num_classes:
+        bad = low if low < 0 else high
+        raise ValueError(f"{name} must hold class indices in [0, K) = [0, {num_classes}), got {bad}")
+
+
+def check_topk(value, name: str, size: int, what: str) -> int:
+    """A count k with 1 <= k <= size."""
+    value = check_positive_int(value, name)
+    if value > size:
+        raise ValueError(f"{name} must be <= {what} = {size}, got {value}")
+    return value

@@ -78,10 +78,7 @@ _FORWARD = {
 
 
 def _fake_forward(x, seed, gamma, block_size, couple_channels, normalize, eps):
-    n, c, h, w = x.shape
-    mask = x.new_empty((n, 1 if couple_channels else c, h, (w + 7) // 8), dtype=torch.uint8)
-    y = torch.empty_like(x, memory_format=_memory_format(x))
-    return y, mask, x.new_empty((), dtype=torch.float32)
+    return fake_outputs(x, 1 if couple_channels else x.shape[1])
 
 
 def _fake_backward(grad_y, mask, scale):
@@ -101,25 +98,49 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mask, scale)
 
 
-def _make_backward(backward_op):
+def _make_backward(backward_op, num_inputs: int):
+    """dx from the saved mask and scale; every input but x (the first) gets no gradient."""
     def backward(ctx, grad_y, _grad_mask, _grad_scale):
         mask, scale = ctx.saved_tensors
         grad_x = backward_op(grad_y, mask, scale) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None, None, None, None, None
+        return (grad_x,) + (None,) * (num_inputs - 1)
 
     return backward
 
 
 def register(forward_name: str, backward_name: str) -> None:
-    """Fake implementations and autograd for one (forward, backward) op pair."""
-    torch.library.register_fake(f"robustdrop::{forward_name}", _fake_forward)
+    """Fake implementations and autograd for DropBlock's (forward, backward) op pair."""
+    register_backward(backward_name)
+    register_forward(forward_name, backward_name, _fake_forward, num_inputs=7)
+
+
+def register_forward(forward_name: str, backward_name: str, fake_forward, *, num_inputs: int) -> None:
+    """Fake implementation and autograd of a forward op that returns (y, mask, scale).
+
+    Any block-mask op whose backward is ``backward_name`` (keep ? dy * scale : 0)
+    registers through here; x must be its first input.
+    """
+    torch.library.register_fake(f"robustdrop::{forward_name}", fake_forward)
+    backward_op = getattr(torch.ops.robustdrop, backward_name)
+    torch.library.register_autograd(f"robustdrop::{forward_name}", _make_backward(backward_op, num_inputs),
+                                    setup_context=_setup_context)
+
+
+def register_backward(backward_name: str) -> None:
+    """Fake implementation and autograd (a double backward) of a block-mask backward op."""
     torch.library.register_fake(f"robustdrop::{backward_name}", _fake_backward)
     backward_op = getattr(torch.ops.robustdrop, backward_name)
-    torch.library.register_autograd(f"robustdrop::{forward_name}", _make_backward(backward_op),
-                                    setup_context=_setup_context)
     # A double backward goes through the same op: the backward is linear in grad_y.
     torch.library.register_autograd(f"robustdrop::{backward_name}", _make_double_backward(backward_op),
                                     setup_context=_setup_backward_context)
+
+
+def fake_outputs(x, mask_channels: int):
+    """Fake (y, mask, scale) of a block-mask forward on x (N, C, H, W)."""
+    n, _, h, w = x.shape
+    mask = x.new_empty((n, mask_channels, h, (w + 7) // 8), dtype=torch.uint8)
+    y = torch.empty_like(x, memory_format=_memory_format(x))
+    return y, mask, x.new_empty((), dtype=torch.float32)
 
 
 def _setup_backward_context(ctx, inputs, output):

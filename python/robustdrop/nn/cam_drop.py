@@ -1,0 +1,132 @@
+"""CamDrop as an nn.Module, and the way to hand it the batch's targets.
+
+A CamDrop layer needs each sample's class to pick its CAM, but it sits deep
+inside a model whose forward takes only the images. The targets therefore
+travel beside the forward, set on every CamDrop2d of the model before it runs::
+
+    model = torchvision.models.resnet50()
+    model.layer3.append(robustdrop.nn.CamDrop2d(0.1, 5, model.fc))
+
+    for images, labels in loader:
+        with robustdrop.nn.cam_targets(model, labels):
+            loss = criterion(model(images), labels)
+        loss.backward()
+
+The same works when ``model`` is wrapped by ``torch.compile``: the targets are
+a tensor attribute the compiled graph reads at each call, so new targets of the
+same shape do not recompile.
+"""
+import contextlib
+
+import torch
+from torch import nn
+
+from robustdrop.ops.cam_mask import cam_mask
+
+__all__ = ["CamDrop2d", "cam_targets", "set_cam_targets"]
+
+
+class CamDrop2d(nn.Module):
+    """CamDrop over (N, C, H, W) feature maps (see ``robustdrop.cam_drop2d``).
+
+    Args:
+        p: drop rate in [0, 1] (gamma as DropBlock's).
+        block_size: side of the dropped squares.
+        classifier: the model's final ``nn.Linear`` (after global average
+            pooling), of weight (K, C') with C' a multiple of this layer's C.
+            Its weight is read at every forward, so the guidance follows
+            training. It is referenced, not registered: the model's
+            ``state_dict`` keeps one copy of it.
+        spatial_topk, channel_topk: candidate positions and channels per sample
+            (defaults as ``cam_drop2d``).
+        warmup_steps: for this many training forwards the layer is DropBlock
+            (the classifier means little early in training); CAM guidance
+            starts at the next one. Counted in the buffer ``num_steps``, which
+            the ``state_dict`` saves, so a resumed run continues the count.
+        backend: "auto", "cuda", "triton", "cpu" or "reference".
+
+    A training forward needs the batch's targets (N,) int64: pass ``target=``,
+    or set them on every CamDrop2d of a model with ``cam_targets`` or
+    ``set_cam_targets``. It is the identity in eval mode.
+    """
+
+    def __init__(self, p: float, block_size: int, classifier: nn.Module, *, spatial_topk: int | None = None,
+                 channel_topk: int | None = None, warmup_steps: int = 0, backend: str = "auto") -> None:
+        super().__init__()
+        weight = getattr(classifier, "weight", None)
+        if not isinstance(classifier, nn.Module) or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise TypeError(f"classifier must be an nn.Module with a 2-D weight (K, C') such as nn.Linear, "
+                            f"got {type(classifier).__name__}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        self.p = p
+        self.block_size = block_size
+        # A tuple keeps nn.Module from registering the classifier a second time.
+        self._classifier = (classifier,)
+        self.spatial_topk = spatial_topk
+        self.channel_topk = channel_topk
+        self.warmup_steps = warmup_steps
+        self.backend = backend
+        self.target: torch.Tensor | None = None
+        self.register_buffer("num_steps", torch.zeros((), dtype=torch.int64))
+
+    @property
+    def classifier(self) -> nn.Module:
+        return self._classifier[0]
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.training:
+            return x
+        target = self.target if target is None else target
+        if target is None:
+            raise ValueError(
+                "CamDrop2d needs the batch's class targets in training: run the forward inside "
+                "`with robustdrop.nn.cam_targets(model, target):`, call "
+                "`robustdrop.nn.set_cam_targets(model, target)` before it, or pass `target=` to this module")
+        guided = None
+        if self.warmup_steps > 0:
+            # A tensor, not a Python branch: torch.compile keeps one graph for every step.
+            guided = (self.num_steps >= self.warmup_steps).to(x.device)
+        with torch.no_grad():
+            self.num_steps.add_(1)
+        return cam_mask(x, self.classifier.weight, target, self.p, self.block_size, spatial_topk=self.spatial_topk,
+                        channel_topk=self.channel_topk, training=True, backend=self.backend, guided=guided)
+
+    def extra_repr(self) -> str:
+        out_features, in_features = self.classifier.weight.shape
+        return (f"p={self.p}, block_size={self.block_size}, classifier=({out_features}, {in_features}), "
+                f"spatial_topk={self.spatial_topk}, channel_topk={self.channel_topk}, "
+                f"warmup_steps={self.warmup_steps}, backend={self.backend!r}")
+
+
+def set_cam_targets(model: nn.Module, target: torch.Tensor | None) -> list[CamDrop2d]:
+    """Sets ``target`` (N,) int64 (None to clear) on every CamDrop2d in ``model``.
+
+    Returns the modules it set. A model without CamDrop2d is a ValueError, so a
+    forgotten layer does not pass silently.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if target is not None and not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor of class indices or None, got {type(target).__name__}")
+    layers = [module for module in model.modules() if isinstance(module, CamDrop2d)]
+    if not layers:
+        raise ValueError(f"model has no CamDrop2d module to give targets to ({type(model).__name__})")
+    for layer in layers:
+        layer.target = target
+    return layers
+
+
+@contextlib.contextmanager
+def cam_targets(model: nn.Module, target: torch.Tensor):
+    """Within the block, every CamDrop2d of ``model`` uses ``target`` (N,) int64;
+    on exit they are cleared, so no later batch runs with stale targets.
+
+    Yields the CamDrop2d modules it set.
+    """
+    layers = set_cam_targets(model, target)
+    try:
+        yield layers
+    finally:
+        for layer in layers:
+            layer.target = None

@@ -1,0 +1,529 @@
+"""CamDrop (DESIGN.md 4.2) on every backend against the single reference."""
+import pytest
+import torch
+import torch._inductor.config
+import torch.nn.functional as F
+from torch import nn
+
+import robustdrop
+from robustdrop import _seed
+from robustdrop.nn import CamDrop2d, cam_targets, set_cam_targets
+from robustdrop.reference import block_mask as block_reference
+from robustdrop.reference import cam_mask as reference
+from conftest import DEVICE_BACKENDS, DEVICES, KERNEL_BACKENDS, assert_same_bits
+
+FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def forward_op(backend: str):
+    """(x, weight, target, guided, seed, gamma, bs, spatial_topk, channel_topk, normalize, eps) -> (y, mask, scale)."""
+    if backend == "reference":
+        return reference.cam_mask_forward
+    return getattr(torch.ops.robustdrop, "cam_mask_forward" + ("_triton" if backend == "triton" else ""))
+
+
+def integer_inputs(shape, classes, group, generator, device="cpu"):
+    """x, weight and target of small integers: every CAM sum is exact in any order, ties included."""
+    n, c, h, w = shape
+    x = torch.randint(-6, 7, shape, generator=generator).float()
+    weight = torch.randint(-3, 4, (classes, c * group), generator=generator).float()
+    target = torch.randint(0, classes, (n,), generator=generator)
+    return x.to(device), weight.to(device), target.to(device)
+
+
+def has_margin(values: torch.Tensor, k: int, relative: float = 1e-5) -> bool:
+    """True when no value of any row (N, L) other than the k-th itself lies within `relative` of the k-th largest."""
+    ordered = values.sort(dim=1, descending=True).values
+    kth = ordered[:, k - 1:k]
+    near = (values - kth).abs() <= relative * kth.abs().clamp_min(1e-30)
+    return bool((near.sum(1) == 1).all())
+
+
+def margin_inputs(shape, classes, group, spatial_topk, channel_topk, first_seed, device="cpu"):
+    """Random float x, weight and target whose CAM and class weights have the contract's margin."""
+    n, c, h, w = shape
+    for attempt in range(100):
+        generator = torch.Generator().manual_seed(first_seed + attempt)
+        x = torch.randn(shape, generator=generator)
+        weight = torch.randn(classes, c * group, generator=generator)
+        target = torch.randint(0, classes, (n,), generator=generator)
+        a = reference.class_channel_weights(weight, target, c)
+        cam = reference.class_activation_map(x, a).reshape(n, h * w)
+        if has_margin(cam, spatial_topk) and has_margin(a, channel_topk):
+            return x.to(device), weight.to(device), target.to(device)
+    raise AssertionError("no input with a margin found")
+
+
+def candidate_starts(x, weight, target, bs, spatial_topk, channel_topk):
+    """allowed (N, C, Hs, Ws) bool: where a block may start under the contract."""
+    spatial, channel = reference.cam_candidates(x.cpu(), weight.cpu(), target.cpu(), spatial_topk, channel_topk)
+    h, w = x.shape[-2:]
+    return spatial[:, None, :h - bs + 1, :w - bs + 1] & channel[:, :, None, None]
+
+
+def covered_by_allowed_blocks(allowed: torch.Tensor, bs: int) -> torch.Tensor:
+    """(N, C, H, W) bool: positions inside some bs x bs block whose top-left corner is allowed."""
+    return block_reference.expand_seeds(allowed, bs)
+
+
+# (shape, classes, group, block_size, p, spatial_topk, channel_topk); small: the Triton interpreter is slow.
+CASES = [
+    ((2, 4, 9, 8), 5, 1, 3, 0.5, 6, 2),
+    ((2, 3, 7, 10), 4, 2, 2, 0.6, 20, 3),  # even block, C' = 2C
+    ((1, 2, 6, 6), 3, 4, 6, 0.5, 1, 1),  # block equal to the map, C' = 4C
+    ((3, 1, 5, 9), 2, 1, 1, 0.4, 45, 1),  # block of 1, C of 1, every position a candidate
+    ((2, 5, 1, 12), 6, 2, 3, 0.7, 4, 5),  # H of 1: the block is clamped to 1
+    ((2, 3, 11, 13), 7, 1, 4, 0.9, 9, 1),
+]
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_op_matches_reference_bit_for_bit(device, backend, normalize):
+    generator = torch.Generator().manual_seed(3)
+    for index, (shape, classes, group, block_size, p, spatial_topk, channel_topk) in enumerate(CASES):
+        x, weight, target = integer_inputs(shape, classes, group, generator, device)
+        bs = block_reference.effective_block_size(block_size, *shape[2:])
+        gamma = block_reference.drop_rate_to_gamma(p, shape[2], shape[3], bs)
+        for guided in (None, True, False):
+            flag = None if guided is None else torch.tensor(guided, device=device)
+            args = (x, weight, target, flag, 500 + index, gamma, bs, spatial_topk, channel_topk, normalize, 1e-6)
+            for actual, expected in zip(forward_op(backend)(*args), reference.cam_mask_forward(*args)):
+                assert_same_bits(actual, expected)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+def test_masks_match_on_random_inputs_with_a_margin(device, backend):
+    shape, group = (3, 6, 10, 9), 2
+    for index, (spatial_topk, channel_topk) in enumerate([(7, 2), (30, 4), (1, 6), (90, 1)]):
+        x, weight, target = margin_inputs(shape, 8, group, spatial_topk, channel_topk, 100 * index, device)
+        args = (x, weight, target, None, index, 0.3, 3, spatial_topk, channel_topk, True, 1e-6)
+        for actual, expected in zip(forward_op(backend)(*args), reference.cam_mask_forward(*args)):
+            assert_same_bits(actual, expected)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_blocks_start_only_at_candidate_positions_and_channels(device, backend):
+    generator = torch.Generator().manual_seed(8)
+    shape, bs, spatial_topk, channel_topk = (4, 8, 12, 12), 3, 10, 3
+    x, weight, target = integer_inputs(shape, 6, 2, generator, device)
+    y = robustdrop.cam_drop2d(x, weight, target, 0.9, bs, spatial_topk=spatial_topk, channel_topk=channel_topk,
+                              normalize="none", seed=21, backend=backend)
+    dropped = (y == 0) & (x != 0)
+    allowed = candidate_starts(x, weight, target, bs, spatial_topk, channel_topk)
+    assert dropped.any()
+    assert not (dropped.cpu() & ~covered_by_allowed_blocks(allowed, bs)).any()
+    # Channels that are not candidates are never touched.
+    channel_candidates = allowed.flatten(2).any(-1)
+    assert torch.equal(y.cpu()[~channel_candidates], x.cpu()[~channel_candidates])
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_every_candidate_is_drop_block_bit_for_bit(device, backend, group):
+    """With spatial_topk = H*W and channel_topk = C the result is drop_block2d's with the same seed."""
+    x = torch.randn(2, 3, 9, 11, device=device, requires_grad=True)
+    weight = torch.randn(5, 3 * group, device=device)
+    target = torch.tensor([4, 0], device=device)
+    for seed in (0, 7, 2**64 - 3):
+        y = robustdrop.cam_drop2d(x, weight, target, 0.4, 3, spatial_topk=99, channel_topk=3, seed=seed,
+                                  backend=backend)
+        y_block = robustdrop.drop_block2d(x, 0.4, 3, seed=seed, backend=backend)
+        assert_same_bits(y, y_block)
+        g = torch.randn_like(y)
+        assert_same_bits(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y_block, x, g)[0])
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_ties_go_to_the_lower_index(device, backend):
+    n, c, h, w, bs = 2, 6, 8, 8, 2
+    target = torch.tensor([0, 2], device=device)
+    gamma = block_reference.drop_rate_to_gamma(1.0, h, w, bs)
+    # Tied positions and channels: only (0, 0), (0, 1), (0, 2) may start blocks, only in channels 0 and 1.
+    allowed = torch.zeros(n, c, h - bs + 1, w - bs + 1, dtype=torch.bool)
+    allowed[:, :2, 0, :3] = True
+    seeds = block_reference.philox_seed_grid(tuple(allowed.shape), 5, gamma, "cpu") & allowed
+    expected = block_reference.pack_keep_mask(~block_reference.expand_seeds(seeds, bs))
+    ones = torch.ones(n, c, h, w, device=device)  # every position has the same CAM value
+    # -0.0 ties with +0.0: the CAM is -0.0 in rows 0..3 and +0.0 in rows 4..7.
+    signed_zeros = torch.zeros(n, c, h, w, device=device)
+    signed_zeros[:, :, 4:] = -0.0
+    for x, weight in [(ones, torch.ones(3, c, device=device)), (signed_zeros, -torch.ones(3, c, device=device))]:
+        args = (x, weight, target, None, 5, gamma, bs, 3, 2, False, 1e-6)
+        assert torch.equal(forward_op(backend)(*args)[1].cpu(), expected)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+def test_nan_in_the_cam_ranks_above_everything(device, backend):
+    generator = torch.Generator().manual_seed(2)
+    x, weight, target = integer_inputs((2, 3, 8, 8), 4, 1, generator, device)
+    x[0, 1, 5, 6] = float("nan")
+    x[1, 0, 2, 2] = float("inf")
+    args = (x, weight, target, None, 3, 0.5, 2, 5, 2, True, 1e-6)
+    for actual, expected in zip(forward_op(backend)(*args), reference.cam_mask_forward(*args)):
+        assert_same_bits(actual, expected)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_dtypes_forward_and_backward_match_reference(device, backend, dtype):
+    generator = torch.Generator().manual_seed(4)
+    x, weight, target = integer_inputs((2, 4, 10, 9), 5, 2, generator, device)
+    x = (x / 4).to(dtype).requires_grad_(True)  # quarters are exact in every dtype
+    outputs = []
+    for name in (backend, "reference"):
+        y = robustdrop.cam_drop2d(x, weight.to(dtype), target, 0.5, 3, spatial_topk=12, channel_topk=2, seed=9,
+                                  backend=name)
+        g = torch.linspace(-2, 3, y.numel(), device=device).view(y.shape).to(dtype)
+        outputs.append((y.detach(), torch.autograd.grad(y, x, g)[0]))
+    assert outputs[0][0].dtype == dtype
+    for actual, expected in zip(*outputs):
+        assert_same_bits(actual, expected)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_channels_last_and_non_contiguous(device, backend):
+    generator = torch.Generator().manual_seed(6)
+    x, weight, target = integer_inputs((2, 5, 9, 12), 3, 1, generator, device)
+    layouts = {
+        "channels_last": x.contiguous(memory_format=torch.channels_last),
+        "strided": torch.stack([x, -x], dim=-1)[..., 0],
+        "transposed": x.transpose(2, 3).contiguous().transpose(2, 3),
+    }
+    for name, layout in layouts.items():
+        kwargs = dict(p=0.5, block_size=3, spatial_topk=15, channel_topk=2, seed=13)
+        y = robustdrop.cam_drop2d(layout, weight, target, backend=backend, **kwargs)
+        y_ref = robustdrop.cam_drop2d(layout.contiguous(), weight, target, backend="reference", **kwargs)
+        assert torch.equal(y.contiguous(), y_ref), name
+        if name == "channels_last" and backend != "reference":
+            assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_tiny_and_empty_shapes(device, backend):
+    weight = torch.randn(4, 6, device=device)
+    for shape in [(0, 3, 8, 8), (2, 3, 0, 8), (2, 3, 8, 0), (1, 3, 2, 2), (2, 6, 1, 1), (1, 1, 3, 3)]:
+        x = torch.randn(shape, device=device, requires_grad=True)
+        w = weight[:, :shape[1]] if shape[1] != 3 else weight
+        target = torch.zeros(shape[0], dtype=torch.long, device=device)
+        y = robustdrop.cam_drop2d(x, w, target, 0.5, 5, seed=1, backend=backend)
+        assert y.shape == x.shape
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_gradcheck_float64(device, backend):
+    x, weight, target = margin_inputs((2, 3, 6, 5), 4, 2, 6, 2, 40)
+    x = x.to(device=device, dtype=torch.float64).requires_grad_(True)
+    weight, target = weight.to(device), target.to(device)
+
+    def fn(inp):
+        return robustdrop.cam_drop2d(inp, weight, target, 0.6, 2, spatial_topk=6, channel_topk=2, seed=3,
+                                     backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (x,))
+    assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+def test_no_gradient_flows_through_the_cam():
+    fc = nn.Linear(8, 3)
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    y = robustdrop.cam_drop2d(x, fc.weight, torch.tensor([0, 2]), 0.5, 3, seed=1)
+    y.sum().backward()
+    assert fc.weight.grad is None and x.grad is not None
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+def test_opcheck(device, backend):
+    generator = torch.Generator().manual_seed(1)
+    x, weight, target = integer_inputs((2, 3, 7, 8), 4, 2, generator, device)
+    x.requires_grad_(True)
+    for guided in (None, torch.tensor(True, device=device), torch.tensor(False, device=device)):
+        torch.library.opcheck(forward_op(backend), (x, weight, target, guided, 5, 0.3, 3, 10, 2, True, 1e-6))
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+def test_torch_compile_fullgraph_forward_and_backward(device, backend):
+    torch._dynamo.reset()
+    generator = torch.Generator().manual_seed(5)
+    x, weight, target = integer_inputs((2, 3, 10, 10), 4, 1, generator, device)
+    x.requires_grad_(True)
+
+    def step(x, target, seed):
+        y = robustdrop.cam_drop2d(x, weight, target, 0.4, 3, spatial_topk=8, channel_topk=2, seed=seed,
+                                  backend=backend)
+        return (y * y).sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    for seed in (3, 4):
+        loss = compiled(x, target, seed)
+        (grad,) = torch.autograd.grad(loss, x)
+        loss_eager = step(x, target, seed)
+        (grad_eager,) = torch.autograd.grad(loss_eager, x)
+        assert torch.equal(grad, grad_eager)
+        torch.testing.assert_close(loss, loss_eager)
+
+
+@pytest.mark.parametrize("device,backend", [(d, b) for d, b in DEVICE_BACKENDS if b != "triton" or d == "cuda"])
+def test_drop_rate_statistics(device, backend):
+    """At p = 0.1 on 32x16x56x56: the dropped fraction matches the one the candidates imply.
+
+    A position is kept iff none of the m candidate seeds whose block covers it
+    fires, probability (1 - gamma)**m; the mean of 1 - (1 - gamma)**m over the
+    tensor is the expected drop rate. It must hold within 0.03 (as timm's own
+    DropBlock test), and within 4 standard deviations of a per-block estimate.
+    """
+    x = torch.rand(32, 16, 56, 56, device=device) + 0.5
+    weight = torch.randn(10, 32, device=device)
+    target = torch.randint(0, 10, (32,), device=device)
+    for block_size, spatial_topk, channel_topk in [(3, 400, 8), (7, 64, 16), (5, 3136, 16)]:
+        y = robustdrop.cam_drop2d(x, weight, target, 0.1, block_size, spatial_topk=spatial_topk,
+                                  channel_topk=channel_topk, seed=block_size, backend=backend)
+        allowed = candidate_starts(x, weight, target, block_size, spatial_topk, channel_topk).float()
+        covering = F.conv2d(F.pad(allowed.view(-1, 1, *allowed.shape[2:]), [block_size - 1] * 4),
+                            torch.ones(1, 1, block_size, block_size)).round()
+        gamma = block_reference.drop_rate_to_gamma(0.1, 56, 56, block_size)
+        expected = (1 - (1 - gamma) ** covering).mean().item()
+        dropped = (y == 0).double().mean().item()
+        seeds = allowed.sum().item()
+        sigma = (seeds * gamma * (1 - gamma)) ** 0.5 * block_size**2 / x.numel()
+        assert abs(dropped - expected) < min(0.03, 4 * sigma + 1e-4), (block_size, dropped, expected)
+    # Every position and channel a candidate: DropBlock's rate, p within 0.03.
+    y = robustdrop.cam_drop2d(x, weight, target, 0.1, 7, spatial_topk=56 * 56, channel_topk=16, seed=1,
+                              backend=backend)
+    assert abs((y == 0).double().mean().item() - 0.1) < 0.03
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_nan_and_inf_reach_kept_outputs_only(device, backend):
+    x = torch.rand(2, 3, 10, 10, device=device)
+    x[0, 0, :5] = float("nan")
+    x[1, 2] = float("inf")
+    weight = torch.randn(4, 3, device=device)
+    target = torch.tensor([1, 3], device=device)
+    y = robustdrop.cam_drop2d(x, weight, target, 0.9, 3, spatial_topk=40, channel_topk=3, seed=11,
+                              backend=backend)
+    y_ref = robustdrop.cam_drop2d(x, weight, target, 0.9, 3, spatial_topk=40, channel_topk=3, seed=11,
+                                  backend="reference")
+    assert_same_bits(y, y_ref)
+    dropped = y_ref == 0
+    assert dropped.any() and not torch.isnan(y[dropped]).any()
+    assert torch.isnan(y[0, 0, :5][~dropped[0, 0, :5]]).all()
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_eval_mode_and_zero_rate_are_identity(device, backend):
+    x = torch.randn(2, 3, 8, 8, device=device)
+    weight, target = torch.randn(4, 3, device=device), torch.tensor([0, 1], device=device)
+    assert robustdrop.cam_drop2d(x, weight, target, 0.5, 3, training=False, backend=backend) is x
+    assert robustdrop.cam_drop2d(x, weight, target, 0.0, 3, backend=backend) is x
+
+
+def _bad_calls(n=2, c=3, classes=4):
+    good_weight, good_target = torch.randn(classes, c), torch.tensor([0, 3])
+    return [
+        (dict(target=torch.tensor([0, 4])), ValueError, r"target must hold class indices in \[0, K\) = \[0, 4\)"),
+        (dict(target=torch.tensor([-1, 0])), ValueError, "target must hold class indices"),
+        (dict(target=torch.tensor([0, 1, 2])), ValueError, r"target must have shape \(N,\) = \(2,\)"),
+        (dict(target=torch.tensor([[0, 1]])), ValueError, "target must have shape"),
+        (dict(target=torch.tensor([0, 1], dtype=torch.int32)), TypeError, "target must be int64"),
+        (dict(target=torch.tensor([0.0, 1.0])), TypeError, "target must be int64"),
+        (dict(target=[0, 1]), TypeError, "target must be a torch.Tensor"),
+        (dict(weight=torch.randn(classes, c + 1)), ValueError, "weight must have a width C' that is a multiple"),
+        (dict(weight=torch.randn(classes, 2 * c - 1)), ValueError, "weight must have a width"),
+        (dict(weight=torch.randn(classes, 1)), ValueError, "weight must have a width"),
+        (dict(weight=torch.randn(c)), ValueError, "weight must be 2-D"),
+        (dict(weight=torch.ones(classes, c, dtype=torch.long)), TypeError, "weight must be a floating-point"),
+        (dict(x=torch.randn(n, c, 8)), ValueError, "x must be 4-D"),
+        (dict(x=torch.randint(0, 5, (n, c, 8, 8))), TypeError, "x must be a floating-point"),
+        (dict(p=1.5), ValueError, "p must be in"),
+        (dict(block_size=0), ValueError, "block_size must be >= 1"),
+        (dict(spatial_topk=0), ValueError, "spatial_topk must be >= 1"),
+        (dict(spatial_topk=65), ValueError, r"spatial_topk must be <= H\*W = 64"),
+        (dict(channel_topk=4), ValueError, "channel_topk must be <= C = 3"),
+        (dict(channel_topk=1.5), TypeError, "channel_topk must be an int"),
+        (dict(normalize="sum"), ValueError, "normalize must be one of"),
+    ], good_weight, good_target
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_bad_input_is_a_clear_error(device, backend):
+    calls, weight, target = _bad_calls()
+    for bad, error, message in calls:
+        args = dict(x=torch.randn(2, 3, 8, 8), weight=weight, target=target, p=0.1, block_size=3)
+        args.update(bad)
+        for key in ("x", "weight", "target"):
+            if isinstance(args[key], torch.Tensor):
+                args[key] = args[key].to(device)
+        x, w, t, p, bs = (args.pop(key) for key in ("x", "weight", "target", "p", "block_size"))
+        with pytest.raises(error, match=message):
+            robustdrop.cam_drop2d(x, w, t, p, bs, backend=backend, **args)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+def test_ops_called_directly_reject_bad_input(device, backend):
+    forward = forward_op(backend)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    weight, target = torch.randn(4, 6, device=device), torch.tensor([1, 2], device=device)
+
+    def call(**changes):
+        args = dict(x=x, weight=weight, target=target, guided=None, seed=1, gamma=0.1, block_size=3,
+                    spatial_topk=5, channel_topk=2, normalize=True, eps=1e-6)
+        args.update(changes)
+        return forward(*args.values())
+
+    with pytest.raises(ValueError, match="weight must have a width"):
+        call(weight=torch.randn(4, 5, device=device))
+    with pytest.raises(ValueError, match="target must have shape"):
+        call(target=target[:1])
+    with pytest.raises(TypeError, match="target must be int64"):
+        call(target=target.int())
+    with pytest.raises(ValueError, match="spatial_topk must be in"):
+        call(spatial_topk=65)
+    with pytest.raises(ValueError, match="channel_topk must be in"):
+        call(channel_topk=-1)
+    with pytest.raises(TypeError, match="guided must be a bool"):
+        call(guided=torch.tensor(1.0, device=device))
+    if device == "cpu" and backend == "cpu":
+        with pytest.raises(ValueError, match="target must hold class indices"):
+            call(target=torch.tensor([1, 9]))
+
+
+# ---------------------------------------------------------------------------
+# nn.CamDrop2d and the targets of a model
+# ---------------------------------------------------------------------------
+
+class SmallNet(nn.Module):
+    """conv -> CamDrop -> conv -> global average pool -> linear, the CamDrop guided by that linear."""
+
+    def __init__(self, warmup_steps=0, backend="auto"):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 5)
+        self.drop = CamDrop2d(0.3, 3, self.fc, spatial_topk=20, channel_topk=2, warmup_steps=warmup_steps,
+                              backend=backend)
+
+    def forward(self, x):
+        x = self.drop(torch.relu(self.conv1(x)))
+        return self.fc(torch.relu(self.conv2(x)).mean((2, 3)))
+
+
+def test_module_reads_the_classifier_at_every_forward():
+    fc = nn.Linear(8, 5)
+    layer = CamDrop2d(0.5, 3, fc, spatial_topk=4, channel_topk=1)
+    assert "classifier=(5, 8)" in repr(layer) and "warmup_steps=0" in repr(layer)
+    x, target = torch.rand(2, 4, 8, 8), torch.tensor([1, 3])
+    for _ in range(2):
+        torch.manual_seed(0)
+        y = layer(x, target)
+        torch.manual_seed(0)
+        assert torch.equal(y, robustdrop.cam_drop2d(x, fc.weight, target, 0.5, 3, spatial_topk=4, channel_topk=1))
+        with torch.no_grad():
+            fc.weight.mul_(-1.0)  # the guidance must follow the new weight
+    layer.eval()
+    assert layer(x) is x  # eval needs no targets
+
+
+def test_module_registers_the_classifier_once():
+    net = SmallNet()
+    keys = list(net.state_dict())
+    assert keys.count("fc.weight") == 1 and not any("classifier" in key for key in keys)
+    assert "drop.num_steps" in keys
+    assert sum(1 for _ in net.parameters()) == 6
+
+
+def test_warmup_switches_from_drop_block_to_cam_guidance_at_the_right_step():
+    fc = nn.Linear(4, 3)
+    layer = CamDrop2d(0.5, 3, fc, spatial_topk=3, channel_topk=1, warmup_steps=2)
+    x, target = torch.rand(2, 4, 9, 9), torch.tensor([0, 2])
+    as_drop_block = dict(training=True)
+    for step in range(4):
+        torch.manual_seed(step)
+        y = layer(x, target)
+        torch.manual_seed(step)
+        if step < 2:
+            expected = robustdrop.drop_block2d(x, 0.5, 3, **as_drop_block)
+        else:
+            expected = robustdrop.cam_drop2d(x, fc.weight, target, 0.5, 3, spatial_topk=3, channel_topk=1)
+        assert torch.equal(y, expected), step
+        if step == 0:
+            layer.eval()
+            layer(x)  # eval forwards do not count as training steps
+            layer.train()
+    assert layer.num_steps.item() == 4
+    # The count is saved and restored with the state_dict.
+    resumed = CamDrop2d(0.5, 3, fc, spatial_topk=3, channel_topk=1, warmup_steps=5)
+    resumed.load_state_dict(layer.state_dict())
+    assert resumed.num_steps.item() == 4
+
+
+def test_training_forward_without_targets_says_how_to_give_them():
+    net = SmallNet()
+    with pytest.raises(ValueError, match=r"robustdrop\.nn\.cam_targets\(model, target\)"):
+        net(torch.randn(2, 3, 8, 8))
+
+
+def test_cam_targets_sets_and_clears_every_layer():
+    net = nn.ModuleList([SmallNet(), SmallNet()])
+    target = torch.tensor([1, 4])
+    with cam_targets(net, target) as layers:
+        assert len(layers) == 2 and all(layer.target is target for layer in layers)
+        for member in net:
+            member(torch.randn(2, 3, 8, 8))
+    assert all(layer.target is None for layer in layers)
+    assert set_cam_targets(net, target) == layers
+    with pytest.raises(ValueError, match="model has no CamDrop2d"):
+        set_cam_targets(nn.Linear(2, 2), target)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+def test_model_with_targets_under_torch_compile_fullgraph(device, backend):
+    """A training loop on a compiled model: new targets each batch, no recompilation, same results as eager."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = SmallNet(warmup_steps=1, backend=backend).to(device)
+    eager_net = SmallNet(warmup_steps=1, backend=backend).to(device)
+    eager_net.load_state_dict(net.state_dict())
+    compiled = torch.compile(net, fullgraph=True)
+    # fallback_random: the compiled graph draws each step's seed with eager's RNG, so both runs drop the same blocks.
+    with torch._dynamo.config.patch(error_on_recompile=True), torch._inductor.config.patch(fallback_random=True):
+        for step in range(3):
+            x = torch.randn(4, 3, 8, 8, device=device)
+            target = torch.randint(0, 5, (4,), device=device)
+            results = []
+            for model in (compiled, eager_net):
+                torch.manual_seed(step)
+                with cam_targets(model, target):
+                    out = model(x)
+                grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+                results.append((out, grads))
+            torch.testing.assert_close(results[0][0], results[1][0])
+            for compiled_grad, eager_grad in zip(results[0][1], results[1][1]):
+                torch.testing.assert_close(compiled_grad, eager_grad)
+    assert net.drop.num_steps.item() == 3
+
+
+def test_saved_for_backward_is_one_bit_per_element():
+    if not robustdrop.backends()["cpu"].available:
+        pytest.skip("the compiled extension is not built")
+    x = torch.randn(4, 8, 32, 32, requires_grad=True)
+    weight, target = torch.randn(10, 16, requires_grad=True), torch.randint(0, 10, (4,))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        robustdrop.cam_drop2d(x, weight, target, 0.1, 3, seed=1, backend="cpu")
+    total_bytes = sum(t.numel() * t.element_size() for t in saved)
+    assert total_bytes <= x.numel() // 8 + 4
+
+
+def test_naive_baseline_is_the_same_function():
+    """The benchmark's naive baseline (torch.topk, torch.rand) drops the same kind of blocks."""
+    x, weight, target = margin_inputs((2, 6, 12, 12), 5, 2, 16, 1, 7)
+    torch.manual_seed(1)
+    y = reference.naive_cam_drop2d(x, weight, target, 0.9, 3, spatial_topk=16, channel_topk=1)
+    dropped = (y == 0) & (x != 0)
+    allowed = candidate_starts(x, weight, target, 3, 16, 1)
+    assert dropped.any() and not (dropped & ~covered_by_allowed_blocks(allowed, 3)).any()
+    kept = (~dropped).sum().item()
+    torch.testing.assert_close(y[~dropped], x[~dropped] * (x.numel() / (1e-6 + kept)))
