@@ -22,6 +22,13 @@
 //     drawn once), the row dilation (O(bs / 32) word operations per 32
 //     columns), then the column dilation (O(bs) word ORs per 32 columns),
 //     the mask and the count. Scratch: two bits per element at most.
+//
+// Both strategies take an optional candidate filter (CamDrop, block_mask.cuh):
+// a seed then counts only at candidate positions of candidate channels, and
+// Philox is only evaluated for groups of four indices that hold a candidate
+// (tiles with no candidate channel skip the draw). The filter is a template
+// parameter, so DropBlock compiles to exactly the unfiltered code. The host
+// launchers are shared with cam_mask_kernel.cu through block_mask.cuh.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -42,8 +49,10 @@
 
 #include "../checks.h"
 #include "../philox.h"
+#include "block_mask.cuh"
 
 namespace robustdrop {
+namespace block_mask_cuda {
 namespace {
 
 // ---------------------------------------------------------------------------
@@ -61,6 +70,7 @@ constexpr int kFusedMaxBlock = 64;  // largest bs the fused kernel takes
 constexpr int kRegionWords = 4;
 constexpr int kRegionLeft = 64;
 constexpr int kMaxRegionRows = kTileRows + kFusedMaxBlock - 1;
+static_assert(kTileRows <= kMaskThreads, "a filtered tile gives each of its planes one thread");
 
 template <typename T>
 __host__ __device__ __forceinline__ T imin(T a, T b) {
@@ -137,14 +147,6 @@ __device__ __forceinline__ void add_block_count(unsigned long long kept, unsigne
   if (threadIdx.x == 0 && block_kept != 0) atomicAdd(total, block_kept);
 }
 
-// The seed grid and mask of one call.
-struct MaskGeometry {
-  int64_t planes;                   // N * Cm mask planes
-  int64_t height, width, block;     // H, W, bs
-  int64_t seed_height, seed_width;  // Hs = H - bs + 1, Ws = W - bs + 1
-  int64_t row_bytes;                // ceil(W / 8)
-};
-
 // ---- Pass 1, fused tiles (bs <= 64) ----------------------------------------
 
 // How the fused kernel cuts the mask into tiles. A tile covers output rows
@@ -205,7 +207,13 @@ __host__ __device__ inline TileRegion tile_region(const MaskGeometry& g, const T
 // region is walked as runs of consecutive flat indices (one run when it spans
 // whole seed rows, else one per region row) and each thread takes one group of
 // four indices at a time. Seeds are rare, so the shared atomics are too.
+// kFiltered (CamDrop): a seed at (plane, i, j) counts only where
+// spatial[plane_spatial[plane - plane0] + i * W + j] is set, and never in a
+// plane whose plane_spatial entry is -1 (not a candidate channel); a group none
+// of whose indices can count is not drawn at all.
+template <bool kFiltered>
 __device__ void draw_tile_seeds(uint64_t seed, float gamma, const MaskGeometry& g, const TileRegion& r,
+                                const uint8_t* spatial, const int64_t* plane_spatial,
                                 uint32_t (*seed_bits)[kRegionWords]) {
   const int64_t plane_seeds = g.seed_height * g.seed_width;
   const bool one_run = r.seed_cols == g.seed_width && (r.planes == 1 || r.seed_rows == g.seed_height);
@@ -218,11 +226,30 @@ __device__ void draw_tile_seeds(uint64_t seed, float gamma, const MaskGeometry& 
         (r.plane0 + run / r.seed_rows) * plane_seeds + (r.i0 + run % r.seed_rows) * g.seed_width + r.j0;
     const int64_t group = (first >> 2) + item % groups_per_run;
     if (group > ((first + run_length - 1) >> 2)) continue;
+    uint32_t allowed = 0xFu;  // bit q: index 4 * group + q may hold a seed
+    if constexpr (kFiltered) {
+      allowed = 0u;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int64_t offset = group * 4 + q - first;
+        if (offset < 0 || offset >= run_length) continue;
+        const int row = run + static_cast<int>(offset) / r.seed_cols;  // region row
+        const int64_t base = plane_spatial[row / r.seed_rows];
+        if (base >= 0 &&
+            spatial[base + (r.i0 + row % r.seed_rows) * g.width + r.j0 + static_cast<int>(offset) % r.seed_cols] != 0) {
+          allowed |= 1u << q;
+        }
+      }
+      if (allowed == 0u) continue;
+    }
     const PhiloxWords words = philox_group(seed, static_cast<uint64_t>(group));
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       const int64_t offset = group * 4 + q - first;
-      if (offset < 0 || offset >= run_length || !(word_to_uniform(words.w[q]) < gamma)) continue;
+      if (offset < 0 || offset >= run_length || ((allowed >> q) & 1u) == 0u ||
+          !(word_to_uniform(words.w[q]) < gamma)) {
+        continue;
+      }
       const int row = run + static_cast<int>(offset) / r.seed_cols;
       const int bit = kRegionLeft + static_cast<int>(r.j0 - r.w0) + static_cast<int>(offset) % r.seed_cols;
       atomicOr(&seed_bits[row][bit >> 5], 1u << (bit & 31));
@@ -266,12 +293,16 @@ __device__ unsigned write_tile_mask(const MaskGeometry& g, const TileRegion& r, 
 }
 
 // Pass 1 for bs <= 64. Grid-strides over the plan's tiles; kept_total may be
-// null (no normalisation, nothing to count).
+// null (no normalisation, nothing to count). filter is read only when kFiltered.
+template <bool kFiltered>
 __global__ void __launch_bounds__(kMaskThreads)
-    fused_mask_kernel(uint64_t seed, float gamma, MaskGeometry g, TilePlan plan, uint8_t* __restrict__ mask,
-                      unsigned long long* __restrict__ kept_total) {
+    fused_mask_kernel(uint64_t seed, float gamma, MaskGeometry g, TilePlan plan, CandidateFilter filter,
+                      uint8_t* __restrict__ mask, unsigned long long* __restrict__ kept_total) {
   __shared__ uint32_t seed_bits[kMaxRegionRows][kRegionWords];
   __shared__ uint32_t row_hits[kMaxRegionRows][2];
+  // kFiltered: the offset n * H * W of each tile plane's spatial flags, -1
+  // when its channel is not a candidate (a tile has at most kTileRows planes).
+  __shared__ int64_t plane_spatial[kFiltered ? kTileRows : 1];
   unsigned long long kept = 0;
   for (int64_t tile = blockIdx.x; tile < plan.count; tile += gridDim.x) {
     const TileRegion r = tile_region(g, plan, tile);
@@ -279,8 +310,21 @@ __global__ void __launch_bounds__(kMaskThreads)
     for (int k = threadIdx.x; k < region_rows * kRegionWords; k += blockDim.x) {
       seed_bits[k / kRegionWords][k % kRegionWords] = 0;
     }
-    __syncthreads();
-    draw_tile_seeds(seed, gamma, g, r, seed_bits);
+    bool draw = true;
+    if constexpr (kFiltered) {
+      // r.planes <= kTileRows < blockDim.x. A tile none of whose planes is a
+      // candidate channel has no seeds: it is not drawn at all.
+      bool candidate = false;
+      if (static_cast<int>(threadIdx.x) < r.planes) {
+        const int64_t plane = r.plane0 + threadIdx.x;
+        candidate = filter.channel[plane] != 0;
+        plane_spatial[threadIdx.x] = candidate ? (plane / filter.channels) * g.height * g.width : -1;
+      }
+      draw = __syncthreads_or(candidate);
+    } else {
+      __syncthreads();
+    }
+    if (draw) draw_tile_seeds<kFiltered>(seed, gamma, g, r, filter.spatial, plane_spatial, seed_bits);
     __syncthreads();
     dilate_tile_rows(g, region_rows, seed_bits, row_hits);
     __syncthreads();
@@ -294,8 +338,11 @@ __global__ void __launch_bounds__(kMaskThreads)
 
 // seed_bits[(p * Hs + i) * seed_words + k] bit b = seed at (p, i, 32k + b).
 // One thread per word; a word's 32 flat indices touch at most 9 Philox groups.
+// kFiltered: only bits that the filter admits, and only groups holding one are drawn.
+template <bool kFiltered>
 __global__ void __launch_bounds__(kMaskThreads)
-    seed_bits_kernel(uint64_t seed, float gamma, MaskGeometry g, int64_t seed_words, uint32_t* __restrict__ seed_bits) {
+    seed_bits_kernel(uint64_t seed, float gamma, MaskGeometry g, int64_t seed_words, CandidateFilter filter,
+                     uint32_t* __restrict__ seed_bits) {
   const int64_t total = g.planes * g.seed_height * seed_words;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(blockDim.x) * gridDim.x) {
@@ -303,8 +350,22 @@ __global__ void __launch_bounds__(kMaskThreads)
     const int64_t col = (idx - row * seed_words) * 32;
     const int count = static_cast<int>(imin<int64_t>(32, g.seed_width - col));
     const int64_t first = row * g.seed_width + col;  // flat index in (N, Cm, Hs, Ws)
+    uint32_t allowed = ~0u;  // bit b: column col + b may hold a seed
+    if constexpr (kFiltered) {
+      const int64_t plane = row / g.seed_height, i = row - plane * g.seed_height;
+      allowed = 0u;
+      if (filter.channel[plane] != 0) {
+        const uint8_t* flags = filter.spatial + ((plane / filter.channels) * g.height + i) * g.width + col;
+        for (int b = 0; b < count; ++b) allowed |= (flags[b] != 0 ? 1u : 0u) << b;
+      }
+    }
     uint32_t word = 0;
     for (int64_t group = first >> 2; group <= ((first + count - 1) >> 2); ++group) {
+      if constexpr (kFiltered) {
+        const int64_t low = group * 4 - first;  // the word bit of index 4 * group, in [-3, 31]
+        const uint32_t window = low >= 0 ? allowed >> low : allowed << -low;
+        if ((window & 0xFu) == 0u) continue;
+      }
       const PhiloxWords words = philox_group(seed, static_cast<uint64_t>(group));
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
@@ -312,7 +373,7 @@ __global__ void __launch_bounds__(kMaskThreads)
         if (offset >= 0 && offset < count && word_to_uniform(words.w[q]) < gamma) word |= 1u << offset;
       }
     }
-    seed_bits[idx] = word;
+    seed_bits[idx] = word & allowed;
   }
 }
 
@@ -359,17 +420,6 @@ __global__ void __launch_bounds__(kMaskThreads)
 }
 
 // ---- Pass 2, apply -----------------------------------------------------------
-
-// Where the apply kernel gets its scale: the backward passes the forward's
-// scale; the forward passes the kept count (or nothing when not normalising)
-// and a place to store the scale it derives.
-struct ScaleSource {
-  const float* given;                    // backward: the forward's scale
-  const unsigned long long* kept;        // forward: kept bits over the mask planes, or null for scale 1
-  unsigned long long kept_multiplier;    // C when one mask plane serves all channels, else 1
-  double numel, eps;
-  float* store;                          // forward: the 0-d scale output
-};
 
 // scale = float32(numel / (eps + kept)) in float64, exactly as the CPU kernel.
 __device__ __forceinline__ float resolve_scale(const ScaleSource& s) {
@@ -497,54 +547,6 @@ __global__ void __launch_bounds__(kApplyThreads)
 // Host launchers
 // ---------------------------------------------------------------------------
 
-// The current device's multiprocessor count, cached per device: small calls
-// are bound by host time, so launches should not query the driver each time.
-int multiprocessor_count() {
-  static std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> cache{};
-  const c10::DeviceIndex device = c10::cuda::current_device();
-  int count = cache[device].load(std::memory_order_relaxed);
-  if (count == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-    cache[device].store(count, std::memory_order_relaxed);
-  }
-  return count;
-}
-
-// Blocks for a grid-stride loop over `work` items: enough to fill the GPU a
-// few times over, never more than the work needs.
-unsigned grid_size(int64_t work_items, int threads, int blocks_per_sm) {
-  const int64_t wanted = ceil_div(std::max<int64_t>(work_items, 1), threads);
-  return static_cast<unsigned>(std::min<int64_t>(wanted, static_cast<int64_t>(multiprocessor_count()) * blocks_per_sm));
-}
-
-// Pass 1: writes mask (planes, H, row_bytes) and, when kept is not null, adds
-// its kept bits to *kept (which must be zero-initialised).
-void launch_mask(const MaskGeometry& g, uint64_t seed, float gamma, uint8_t* mask, unsigned long long* kept,
-                 const at::TensorOptions& options, cudaStream_t stream) {
-  if (g.block <= kFusedMaxBlock) {
-    const TilePlan plan = make_tile_plan(g);
-    fused_mask_kernel<<<grid_size(plan.count * kMaskThreads, kMaskThreads, 8), kMaskThreads, 0, stream>>>(
-        seed, gamma, g, plan, mask, kept);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
-  }
-  const int64_t seed_words = ceil_div(g.seed_width, 32), out_words = ceil_div(g.width, 32);
-  const int64_t seed_rows = g.planes * g.seed_height;
-  at::Tensor seed_bits = at::empty({seed_rows * seed_words}, options.dtype(at::kInt));
-  at::Tensor row_hits = at::empty({seed_rows * out_words}, options.dtype(at::kInt));
-  auto* seed_bits_ptr = reinterpret_cast<uint32_t*>(seed_bits.data_ptr<int32_t>());
-  auto* row_hits_ptr = reinterpret_cast<uint32_t*>(row_hits.data_ptr<int32_t>());
-  seed_bits_kernel<<<grid_size(seed_rows * seed_words, kMaskThreads, 8), kMaskThreads, 0, stream>>>(
-      seed, gamma, g, seed_words, seed_bits_ptr);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  row_hits_kernel<<<grid_size(seed_rows * out_words, kMaskThreads, 8), kMaskThreads, 0, stream>>>(
-      g, seed_words, out_words, seed_bits_ptr, row_hits_ptr);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  column_mask_kernel<<<grid_size(g.planes * g.height * out_words, kMaskThreads, 8), kMaskThreads, 0, stream>>>(
-      g, out_words, row_hits_ptr, mask, kept);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 // The widest vector (16 bytes at most) that divides the inner dimension the
 // vectors walk along (W, or C for channels_last) and fits both pointers'
 // alignment.
@@ -595,10 +597,65 @@ void launch_apply_for_layout(const at::Tensor& in, at::Tensor& out, const at::Te
   }
 }
 
-// Contiguous or channels_last as given; any other strides are made contiguous.
+// Pass 1 with or without the candidate filter (a template parameter of the kernels).
+template <bool kFiltered>
+void launch_mask_impl(const MaskGeometry& g, uint64_t seed, float gamma, uint8_t* mask, unsigned long long* kept,
+                      const at::TensorOptions& options, cudaStream_t stream, const CandidateFilter& filter) {
+  if (g.block <= kFusedMaxBlock) {
+    const TilePlan plan = make_tile_plan(g);
+    fused_mask_kernel<kFiltered><<<grid_size(plan.count * kMaskThreads, kMaskThreads, 8), kMaskThreads, 0, stream>>>(
+        seed, gamma, g, plan, filter, mask, kept);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  const int64_t seed_words = ceil_div(g.seed_width, 32), out_words = ceil_div(g.width, 32);
+  const int64_t seed_rows = g.planes * g.seed_height;
+  at::Tensor seed_bits = at::empty({seed_rows * seed_words}, options.dtype(at::kInt));
+  at::Tensor row_hits = at::empty({seed_rows * out_words}, options.dtype(at::kInt));
+  auto* seed_bits_ptr = reinterpret_cast<uint32_t*>(seed_bits.data_ptr<int32_t>());
+  auto* row_hits_ptr = reinterpret_cast<uint32_t*>(row_hits.data_ptr<int32_t>());
+  seed_bits_kernel<kFiltered><<<grid_size(seed_rows * seed_words, kMaskThreads, 8), kMaskThreads, 0, stream>>>(
+      seed, gamma, g, seed_words, filter, seed_bits_ptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  row_hits_kernel<<<grid_size(seed_rows * out_words, kMaskThreads, 8), kMaskThreads, 0, stream>>>(
+      g, seed_words, out_words, seed_bits_ptr, row_hits_ptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  column_mask_kernel<<<grid_size(g.planes * g.height * out_words, kMaskThreads, 8), kMaskThreads, 0, stream>>>(
+      g, out_words, row_hits_ptr, mask, kept);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+// The current device's multiprocessor count, cached per device: small calls
+// are bound by host time, so launches should not query the driver each time.
+int multiprocessor_count() {
+  static std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> cache{};
+  const c10::DeviceIndex device = c10::cuda::current_device();
+  int count = cache[device].load(std::memory_order_relaxed);
+  if (count == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    cache[device].store(count, std::memory_order_relaxed);
+  }
+  return count;
+}
+
+unsigned grid_size(int64_t work_items, int threads, int blocks_per_sm) {
+  const int64_t wanted = ceil_div(std::max<int64_t>(work_items, 1), threads);
+  return static_cast<unsigned>(std::min<int64_t>(wanted, static_cast<int64_t>(multiprocessor_count()) * blocks_per_sm));
+}
+
+void launch_mask(const MaskGeometry& g, uint64_t seed, float gamma, uint8_t* mask, unsigned long long* kept,
+                 const at::TensorOptions& options, cudaStream_t stream, const CandidateFilter* filter) {
+  if (filter != nullptr) {
+    launch_mask_impl<true>(g, seed, gamma, mask, kept, options, stream, *filter);
+  } else {
+    launch_mask_impl<false>(g, seed, gamma, mask, kept, options, stream, CandidateFilter{nullptr, nullptr, 1});
+  }
+}
+
 at::Tensor walkable(const at::Tensor& t) { return (t.is_contiguous() || is_channels_last_4d(t)) ? t : t.contiguous(); }
 
-// Pass 2: out = keep ? input * scale : 0, in input's layout (see walkable).
 at::Tensor apply_mask(const at::Tensor& input, const at::Tensor& mask, const ScaleSource& source,
                       cudaStream_t stream) {
   const at::Tensor in = walkable(input);
@@ -617,6 +674,16 @@ at::Tensor apply_mask(const at::Tensor& input, const at::Tensor& mask, const Sca
   });
   return out;
 }
+
+}  // namespace block_mask_cuda
+
+namespace {
+
+using block_mask_cuda::apply_mask;
+using block_mask_cuda::launch_mask;
+using block_mask_cuda::MaskGeometry;
+using block_mask_cuda::ScaleSource;
+using block_mask_cuda::walkable;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_mask_forward_cuda(const at::Tensor& x, int64_t seed,
                                                                         double gamma, int64_t block_size,
