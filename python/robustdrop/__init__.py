@@ -5,8 +5,6 @@ available here) that compute the same function, bit for bit, from the same
 seed. Importing works without the compiled extension or Triton: ops then run
 on the PyTorch reference, after one warning.
 """
-import torch
-
 from robustdrop import _backend
 from robustdrop._backend import BackendStatus, backends
 from robustdrop.ops import block_mask as _block_mask
@@ -27,9 +25,7 @@ def _register_ops() -> None:
         _backend.warn_fallback(_backend.extension_error())
     if _backend.triton_error() is None:
         _block_mask.register("block_mask_forward_triton", "block_mask_backward_triton")
-        # Until every install has the Triton CamDrop op, register it where it exists.
-        if hasattr(torch.ops.robustdrop, "cam_mask_forward_triton"):
-            _cam_mask.register("cam_mask_forward_triton", "block_mask_backward_triton")
+        _cam_mask.register("cam_mask_forward_triton", "block_mask_backward_triton")
 
 
 _register_ops()

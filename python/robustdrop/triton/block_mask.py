@@ -15,6 +15,8 @@ Three kernels, none of which reads x until the last:
    four is what the flat layout buys: a 2-D tile's rows start at arbitrary
    offsets mod 4, so a tile-wise draw would run Philox once per seed, four
    times the integer work (by a rough count, comparable to the apply pass).
+   With ``FILTER`` it also clears seeds off CamDrop's candidates (cam_mask.py),
+   so that op reuses the next two kernels unchanged.
 2. ``_dilate_pack_kernel`` turns seeds into keep bits, one program per output
    tile. The number of seeds in each bs x bs window is a band-matrix product,
    ``hits = A @ S @ B`` with A[r, s] = 1 iff 0 <= h_r - i_s < bs and
@@ -60,13 +62,20 @@ _MASK_WARPS = 8
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _seed_bits_kernel(bits_ptr, count_ptr, seed, gamma, n_bytes, BYTES: tl.constexpr):
+def _seed_bits_kernel(
+    bits_ptr, count_ptr, seed, gamma, n_bytes,
+    spatial_ptr, channel_ptr, N, C, H, W, Hs, Ws,
+    BYTES: tl.constexpr, FILTER: tl.constexpr,
+):
     """bits[f >> 3] bit (f & 7) = uniform(seed, f) < gamma, for f < 8 * n_bytes.
 
     bits_ptr: (n_bytes,) uint8. count_ptr: (1,) int64, zeroed here so that the
     next kernel can count into it without a separate memset launch. Byte b
     holds Philox groups 2b and 2b + 1 (four seeds each); seeds past the grid
-    are drawn too but never read.
+    are drawn too but never read. FILTER (CamDrop) also requires the seed's
+    position and channel to be candidates: the grid is then (N, C, Hs, Ws),
+    spatial_ptr (N, H*W) and channel_ptr (N, C) uint8 flags; without it those
+    arguments are unused.
     """
     pid = tl.program_id(0)
     if pid == 0:
@@ -79,8 +88,46 @@ def _seed_bits_kernel(bits_ptr, count_ptr, seed, gamma, n_bytes, BYTES: tl.const
     nibble |= (to_uniform(w1) < gamma).to(tl.int32) << 1
     nibble |= (to_uniform(w2) < gamma).to(tl.int32) << 2
     nibble |= (to_uniform(w3) < gamma).to(tl.int32) << 3
+    if FILTER:
+        # Seed 4 * group + lane, as an int32 offset from the program's first seed.
+        offset = 8 * tl.arange(0, BYTES)[:, None] + 4 * half[None, :]
+        first_seed = pid.to(tl.int64) * (8 * BYTES)
+        nibble &= _candidate_nibble(first_seed, offset, spatial_ptr, channel_ptr, N, C, H, W, Hs, Ws)
     packed = tl.sum(nibble << (4 * half)[None, :], axis=1)
     tl.store(bits_ptr + byte, packed.to(tl.uint8), mask=byte < n_bytes)
+
+
+@triton.jit
+def _candidate_nibble(first_seed, offset, spatial_ptr, channel_ptr, N, C, H, W, Hs, Ws):
+    """Bit l set iff seed first_seed + offset + l (l < 4) lies on a candidate.
+
+    Seed f of the grid (N, C, Hs, Ws) sits at plane n*C + c, row i, column j;
+    it is allowed iff spatial[n, i*W + j] and channel[n, c] are nonzero. The
+    int64 division runs once per program on the scalar first_seed; per seed
+    only int32 divisions by the kernel-wide sizes remain. Seeds past the grid
+    (n >= N) read as not allowed.
+    """
+    plane_size = Hs * Ws
+    first_plane = first_seed // plane_size
+    first_pos = (first_seed - first_plane * plane_size).to(tl.int32)
+    first_n = first_plane // C
+    first_c = (first_plane - first_n * C).to(tl.int32)
+    nibble = tl.zeros(offset.shape, dtype=tl.int32)
+    for lane in tl.static_range(4):
+        pos = first_pos + offset + lane  # may run past the first plane
+        planes_on = pos // plane_size
+        pos -= planes_on * plane_size
+        i = pos // Ws
+        j = pos - i * Ws
+        c = first_c + planes_on
+        samples_on = c // C
+        c -= samples_on * C
+        n = first_n + samples_on
+        inside = n < N
+        spatial = tl.load(spatial_ptr + n * (H * W) + (i * W + j), mask=inside, other=0)
+        channel = tl.load(channel_ptr + n * C + c, mask=inside, other=0)
+        nibble |= ((spatial != 0) & (channel != 0)).to(tl.int32) << lane
+    return nibble
 
 
 @triton.jit
@@ -329,13 +376,26 @@ def _check_backward_args(grad_y: torch.Tensor, mask: torch.Tensor, scale: torch.
         raise ValueError("grad_y, mask and scale must be on one device")
 
 
-def _draw_seeds(x: torch.Tensor, seed: int, gamma: float, planes: int, Hs: int, Ws: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launches _seed_bits_kernel: the seed bitmap (ceil(planes*Hs*Ws/8),) uint8 and a zeroed (1,) int64 counter."""
+def _draw_seeds(x: torch.Tensor, seed: int, gamma: float, planes: int, Hs: int, Ws: int,
+                candidates=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launches _seed_bits_kernel: the seed bitmap (ceil(planes*Hs*Ws/8),) uint8 and a zeroed (1,) int64 counter.
+
+    candidates: None (DropBlock), or CamDrop's (spatial (N, H*W), channel
+    (N, C)) uint8 flags for x (N, C, H, W), with planes = N*C: seeds off them
+    are cleared.
+    """
     n_bytes = triton.cdiv(planes * Hs * Ws, 8)
     bits = torch.empty(n_bytes, dtype=torch.uint8, device=x.device)
     count = torch.empty(1, dtype=torch.int64, device=x.device)
+    # Without candidates the filter's pointers are never read; bits stands in.
+    spatial, channel = (bits, bits) if candidates is None else candidates
+    N, C, H, W = x.shape
     grid = (triton.cdiv(n_bytes, _SEED_BYTES),)
-    launch(_seed_bits_kernel, grid, bits, count, seed, _float32(gamma), n_bytes, BYTES=_SEED_BYTES)
+    launch(
+        _seed_bits_kernel, grid, bits, count, seed, _float32(gamma), n_bytes,
+        spatial, channel, N, C, H, W, Hs, Ws,
+        BYTES=_SEED_BYTES, FILTER=candidates is not None,
+    )
     return bits, count
 
 
@@ -404,6 +464,31 @@ def _empty_scale(x: torch.Tensor, normalize: bool, eps: float) -> torch.Tensor:
     return torch.full((), value, dtype=torch.float32, device=x.device)
 
 
+def _empty_forward(src: torch.Tensor, mask_channels: int, normalize: bool, eps: float):
+    """(y, mask, scale) of an x with no elements: an all-zero mask (N, Cm, H, ceil(W/8))."""
+    N, _, H, W = src.shape
+    mask = torch.zeros((N, mask_channels, H, (W + 7) // 8), dtype=torch.uint8, device=src.device)
+    return torch.empty_like(src), mask, _empty_scale(src, normalize, eps)
+
+
+def _drop_blocks(src, channels_last, seed, gamma, bs, mask_channels, normalize, eps, candidates=None):
+    """Seeds, keep mask, count and apply on a non-empty src: (y, mask, scale).
+
+    src (N, C, H, W) contiguous or channels_last; mask (N, mask_channels, H,
+    ceil(W/8)) uint8; scale () float32. candidates: see _draw_seeds. Three
+    launches, no host synchronisation.
+    """
+    N, C, H, W = src.shape
+    planes = N * mask_channels
+    mask = torch.empty((N, mask_channels, H, (W + 7) // 8), dtype=torch.uint8, device=src.device)
+    scale = torch.empty((), dtype=torch.float32, device=src.device)
+    bits, count = _draw_seeds(src, seed, gamma, planes, H - bs + 1, W - bs + 1, candidates)
+    _build_mask(bits, count, mask, planes, H, W, bs, normalize)
+    # Coupled: one mask plane serves all C channels, so each kept bit counts C times.
+    y = _apply(src, channels_last, mask, scale, count, 2 if normalize else 1, C // mask_channels, eps)
+    return y, mask, scale
+
+
 @register_op("robustdrop::block_mask_forward_triton", _apply_kernel)
 def block_mask_forward(
     x: torch.Tensor, seed: int, gamma: float, block_size: int, couple_channels: bool, normalize: bool, eps: float
@@ -419,22 +504,10 @@ def block_mask_forward(
     """
     _check_forward_args(x, gamma, block_size, eps)
     src, channels_last = _walkable(x)
-    N, C, H, W = src.shape
-    mask_channels = 1 if couple_channels else C
-    mask_shape = (N, mask_channels, H, (W + 7) // 8)
+    mask_channels = 1 if couple_channels else src.shape[1]
     if src.numel() == 0:
-        mask = torch.zeros(mask_shape, dtype=torch.uint8, device=x.device)
-        return torch.empty_like(src), mask, _empty_scale(x, normalize, eps)
-
-    bs = block_size
-    planes = N * mask_channels
-    mask = torch.empty(mask_shape, dtype=torch.uint8, device=x.device)
-    scale = torch.empty((), dtype=torch.float32, device=x.device)
-    bits, count = _draw_seeds(src, seed, gamma, planes, H - bs + 1, W - bs + 1)
-    _build_mask(bits, count, mask, planes, H, W, bs, normalize)
-    # Coupled: one mask plane serves all C channels, so each kept bit counts C times.
-    y = _apply(src, channels_last, mask, scale, count, 2 if normalize else 1, C // mask_channels, eps)
-    return y, mask, scale
+        return _empty_forward(src, mask_channels, normalize, eps)
+    return _drop_blocks(src, channels_last, seed, gamma, block_size, mask_channels, normalize, eps)
 
 
 @register_op("robustdrop::block_mask_backward_triton", _apply_kernel)
