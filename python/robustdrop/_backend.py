@@ -128,3 +128,17 @@ def _resolve(backend: str, device_type: str) -> str:
         raise RuntimeError(f"backend {backend!r} is not available: {status[backend].reason}")
     _check_device(backend, device_type)
     return backend
+
+
+def forward_table(op_name: str, reference_forward) -> dict:
+    """Backend name -> forward of one op: ``robustdrop::<op_name>`` (CPU and CUDA kernels),
+    ``robustdrop::<op_name>_triton`` and the reference. The ops are looked up at call
+    time, so an install without them still imports."""
+
+    def compiled(*args):
+        return getattr(torch.ops.robustdrop, op_name)(*args)
+
+    def triton(*args):
+        return getattr(torch.ops.robustdrop, op_name + "_triton")(*args)
+
+    return {"cpu": compiled, "cuda": compiled, "triton": triton, "reference": reference_forward}

@@ -61,20 +61,7 @@ def drop_block2d(x: torch.Tensor, p: float, block_size: int, *, training: bool =
     return _FORWARD[name](*args)[0]
 
 
-def _forward_compiled(*args):
-    return torch.ops.robustdrop.block_mask_forward(*args)
-
-
-def _forward_triton(*args):
-    return torch.ops.robustdrop.block_mask_forward_triton(*args)
-
-
-_FORWARD = {
-    "cpu": _forward_compiled,
-    "cuda": _forward_compiled,
-    "triton": _forward_triton,
-    "reference": reference.block_mask_forward,
-}
+_FORWARD = _backend.forward_table("block_mask_forward", reference.block_mask_forward)
 
 
 def _fake_forward(x, seed, gamma, block_size, couple_channels, normalize, eps):

@@ -94,20 +94,7 @@ def cam_mask(x, weight, target, p, block_size, *, spatial_topk=None, channel_top
     return _FORWARD[name](*args)[0]
 
 
-def _forward_compiled(*args):
-    return torch.ops.robustdrop.cam_mask_forward(*args)
-
-
-def _forward_triton(*args):
-    return torch.ops.robustdrop.cam_mask_forward_triton(*args)
-
-
-_FORWARD = {
-    "cpu": _forward_compiled,
-    "cuda": _forward_compiled,
-    "triton": _forward_triton,
-    "reference": reference.cam_mask_forward,
-}
+_FORWARD = _backend.forward_table("cam_mask_forward", reference.cam_mask_forward)
 
 
 def _fake_forward(x, weight, target, guided, seed, gamma, block_size, spatial_topk, channel_topk, normalize, eps):
