@@ -95,3 +95,16 @@ def check_topk(value, name: str, size: int, what: str) -> int:
     if value > size:
         raise ValueError(f"{name} must be <= {what} = {size}, got {value}")
     return value
+
+
+NORMALIZE_MODES = ("batch", "none")
+
+
+def check_block_drop_args(p, block_size, normalize, eps, seed) -> tuple[float, int, float]:
+    """The arguments every block-dropping op shares: returns (p, block_size, eps) as float, int, float."""
+    p = check_probability(p)
+    block_size = check_positive_int(block_size, "block_size")
+    check_choice(normalize, "normalize", NORMALIZE_MODES)
+    eps = check_non_negative(eps, "eps")
+    check_seed(seed)
+    return p, block_size, eps

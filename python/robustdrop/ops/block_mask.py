@@ -13,9 +13,6 @@ from robustdrop.reference import block_mask as reference
 
 __all__ = ["drop_block2d"]
 
-_NORMALIZE_MODES = ("batch", "none")
-
-
 def drop_block2d(x: torch.Tensor, p: float, block_size: int, *, training: bool = True, couple_channels: bool = False,
                  normalize: str = "batch", eps: float = 1e-6, seed: int | None = None,
                  backend: str = "auto") -> torch.Tensor:
@@ -44,11 +41,7 @@ def drop_block2d(x: torch.Tensor, p: float, block_size: int, *, training: bool =
         the same bits for the same seed.
     """
     _checks.check_feature_map(x)
-    p = _checks.check_probability(p)
-    block_size = _checks.check_positive_int(block_size, "block_size")
-    _checks.check_choice(normalize, "normalize", _NORMALIZE_MODES)
-    eps = _checks.check_non_negative(eps, "eps")
-    _checks.check_seed(seed)
+    p, block_size, eps = _checks.check_block_drop_args(p, block_size, normalize, eps, seed)
     name = _backend.resolve_backend(backend, x)
     if not training or p == 0.0:
         return x

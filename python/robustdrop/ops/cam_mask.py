@@ -16,9 +16,6 @@ from robustdrop.reference import cam_mask as reference
 
 __all__ = ["cam_drop2d"]
 
-_NORMALIZE_MODES = ("batch", "none")
-
-
 def cam_drop2d(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, p: float, block_size: int, *,
                spatial_topk: int | None = None, channel_topk: int | None = None, normalize: str = "batch",
                eps: float = 1e-6, training: bool = True, seed: int | None = None,
@@ -71,11 +68,7 @@ def cam_mask(x, weight, target, p, block_size, *, spatial_topk=None, channel_top
         raise ValueError(f"x must have at least one channel, got shape {tuple(x.shape)}")
     _checks.check_classifier_weight(weight, c, x.device)
     _checks.check_target(target, n, x.device)
-    p = _checks.check_probability(p)
-    block_size = _checks.check_positive_int(block_size, "block_size")
-    _checks.check_choice(normalize, "normalize", _NORMALIZE_MODES)
-    eps = _checks.check_non_negative(eps, "eps")
-    _checks.check_seed(seed)
+    p, block_size, eps = _checks.check_block_drop_args(p, block_size, normalize, eps, seed)
     name = _backend.resolve_backend(backend, x)
     bs = block_reference.effective_block_size(block_size, height, width)
     if bs == 0:  # an empty map has nothing to rank or drop
