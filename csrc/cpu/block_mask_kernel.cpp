@@ -84,9 +84,11 @@ int64_t build_plane_mask(uint64_t seed, uint32_t folded_cut, int64_t plane, cons
 }
 
 void fill_kept_plane(const PlaneGeometry& g, uint8_t* mask_plane) {
-  std::vector<uint8_t> keep(8 * g.row_bytes, 0);
-  std::fill(keep.begin(), keep.begin() + g.width, uint8_t{1});
-  for (int64_t byte = 0; byte < g.row_bytes; ++byte) mask_plane[byte] = pack_eight(keep.data() + 8 * byte);
+  // Whole bytes of ones, then the last byte's W % 8 low bits (padding bits stay 0).
+  for (int64_t byte = 0; byte < g.row_bytes; ++byte) {
+    const int64_t bits = std::min<int64_t>(8, g.width - 8 * byte);
+    mask_plane[byte] = static_cast<uint8_t>((1u << bits) - 1u);
+  }
   for (int64_t h = 1; h < g.height; ++h) std::memcpy(mask_plane + h * g.row_bytes, mask_plane, g.row_bytes);
 }
 
@@ -110,6 +112,9 @@ int64_t build_mask(uint64_t seed, float gamma, const PlaneGeometry& g, int64_t p
   });
   return kept.load();
 }
+
+// Elements scaled per batch of rows in the contiguous apply.
+constexpr int64_t kApplyBatch = 4096;
 
 inline bool mask_bit(const uint8_t* mask_row, int64_t w) { return (mask_row[w >> 3] >> (w & 7)) & 1; }
 
@@ -158,12 +163,20 @@ void apply_mask(const at::Tensor& in, const at::Tensor& mask, float scale, at::T
     return mask_ptr + ((n * mask_channels + (mask_channels == 1 ? 0 : c)) * H + h) * row_bytes;
   };
   if (!is_channels_last_4d(in)) {
+    // Rows of x are consecutive in memory, so a batch of them is scaled in one
+    // long loop: short maps (W = 7 or 14) would otherwise pay a loop per row.
+    const int64_t batch_rows = std::max<int64_t>(1, kApplyBatch / std::max<int64_t>(W, 1));
     at::parallel_for(0, N * C * H, std::max<int64_t>(1, 32768 / std::max<int64_t>(W, 1)), [&](int64_t begin, int64_t end) {
-      std::vector<uint8_t> keep(8 * row_bytes);
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t h = row % H, c = (row / H) % C, n = row / (H * C);
-        unpack_row(mask_row(n, c, h), row_bytes, keep.data());
-        scale_row(in_ptr + row * W, out_ptr + row * W, keep.data(), W, s);
+      // Each row's keep bytes start W after the previous row's; unpacking writes
+      // up to 7 bytes past a row, which the next row overwrites, or the slack.
+      std::vector<uint8_t> keep(batch_rows * W + 8 * row_bytes);
+      for (int64_t first = begin; first < end; first += batch_rows) {
+        const int64_t rows = std::min(batch_rows, end - first);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t row = first + r, h = row % H, c = (row / H) % C, n = row / (H * C);
+          unpack_row(mask_row(n, c, h), row_bytes, keep.data() + r * W);
+        }
+        scale_row(in_ptr + first * W, out_ptr + first * W, keep.data(), rows * W, s);
       }
     });
   } else {
