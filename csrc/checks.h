@@ -90,4 +90,9 @@ inline bool is_channels_last_4d(const at::Tensor& t) {
   return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
+// Contiguous or channels_last as given; any other strides are made contiguous.
+inline at::Tensor walkable(const at::Tensor& t) {
+  return (t.is_contiguous() || is_channels_last_4d(t)) ? t : t.contiguous();
+}
+
 }  // namespace robustdrop

@@ -12,11 +12,6 @@
 
 namespace robustdrop {
 
-// Contiguous or channels_last as given; any other strides are made contiguous.
-inline at::Tensor walkable(const at::Tensor& t) {
-  return (t.is_contiguous() || is_channels_last_4d(t)) ? t : t.contiguous();
-}
-
 struct PlaneGeometry {
   int64_t height, width, block;     // H, W, bs
   int64_t seed_height, seed_width;  // Hs = H - bs + 1, Ws = W - bs + 1

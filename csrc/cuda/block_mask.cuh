@@ -5,13 +5,14 @@
 // Host functions only (every kernel stays private to block_mask_kernel.cu), so
 // no relocatable device code is needed. They live in robustdrop::block_mask_cuda
 // so that they can never clash at link time with the CPU kernels' helpers of
-// the same names (csrc/cpu/block_mask.h declares an inline robustdrop::walkable).
+// the same names (csrc/cpu/block_mask.h).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <tuple>
 
 namespace robustdrop {
 namespace block_mask_cuda {
@@ -63,8 +64,11 @@ unsigned grid_size(int64_t work_items, int threads, int blocks_per_sm);
 void launch_mask(const MaskGeometry& g, uint64_t seed, float gamma, uint8_t* mask, unsigned long long* kept,
                  const at::TensorOptions& options, cudaStream_t stream, const CandidateFilter* filter = nullptr);
 
-// Contiguous or channels_last as given; any other strides are made contiguous.
-at::Tensor walkable(const at::Tensor& t);
+// (y, mask, scale) of a forward on an empty x: nothing kept, no launch. The
+// mask (N, mask_channels, H, ceil(W/8)) is zeros (non-empty only for coupled
+// masks of zero channels); the scale follows the formula with kept = 0.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_forward(const at::Tensor& x, int64_t mask_channels,
+                                                             bool normalize, double eps);
 
 // Pass 2: out = keep ? input * scale : 0 for input (N, C, H, W) and mask
 // (N, 1 or C, H, ceil(W/8)), in input's layout (see walkable). In the forward,

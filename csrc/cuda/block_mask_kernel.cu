@@ -654,7 +654,14 @@ void launch_mask(const MaskGeometry& g, uint64_t seed, float gamma, uint8_t* mas
   }
 }
 
-at::Tensor walkable(const at::Tensor& t) { return (t.is_contiguous() || is_channels_last_4d(t)) ? t : t.contiguous(); }
+std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_forward(const at::Tensor& x, int64_t mask_channels,
+                                                             bool normalize, double eps) {
+  at::Tensor mask = at::zeros({x.size(0), mask_channels, x.size(2), mask_row_bytes(x.size(3))},
+                              x.options().dtype(at::kByte));
+  const double value = normalize ? static_cast<double>(x.numel()) / (eps + 0.0) : 1.0;
+  at::Tensor scale = at::full({}, static_cast<float>(value), x.options().dtype(at::kFloat));
+  return {at::empty_like(walkable(x)), mask, scale};
+}
 
 at::Tensor apply_mask(const at::Tensor& input, const at::Tensor& mask, const ScaleSource& source,
                       cudaStream_t stream) {
@@ -680,10 +687,10 @@ at::Tensor apply_mask(const at::Tensor& input, const at::Tensor& mask, const Sca
 namespace {
 
 using block_mask_cuda::apply_mask;
+using block_mask_cuda::empty_forward;
 using block_mask_cuda::launch_mask;
 using block_mask_cuda::MaskGeometry;
 using block_mask_cuda::ScaleSource;
-using block_mask_cuda::walkable;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_mask_forward_cuda(const at::Tensor& x, int64_t seed,
                                                                         double gamma, int64_t block_size,
@@ -694,18 +701,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_mask_forward_cuda(const at:
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t mask_channels = couple_channels ? 1 : C;
+  if (x.numel() == 0) return empty_forward(x, mask_channels, normalize, eps);
   const at::TensorOptions options = x.options();
   at::Tensor mask = at::empty({N, mask_channels, H, mask_row_bytes(W)}, options.dtype(at::kByte));
   at::Tensor scale = at::empty({}, options.dtype(at::kFloat));
-
-  if (x.numel() == 0) {
-    // Nothing is kept; the scale follows the same formula without a launch.
-    // (The mask is non-empty only for coupled masks of zero channels.)
-    if (mask.numel() > 0) mask.zero_();
-    const double value = normalize ? static_cast<double>(x.numel()) / (eps + 0.0) : 1.0;
-    scale.fill_(static_cast<float>(value));
-    return {at::empty_like(walkable(x)), mask, scale};
-  }
 
   const MaskGeometry g{N * mask_channels, H, W, block_size, H - block_size + 1, W - block_size + 1,
                        mask_row_bytes(W)};

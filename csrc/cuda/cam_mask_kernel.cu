@@ -358,7 +358,7 @@ using block_mask_cuda::grid_size;
 using block_mask_cuda::launch_mask;
 using block_mask_cuda::MaskGeometry;
 using block_mask_cuda::ScaleSource;
-using block_mask_cuda::walkable;
+using block_mask_cuda::empty_forward;
 
 // The widest vector (16 bytes at most) that divides `inner` and fits x's alignment.
 int cam_vector_width(const at::Tensor& x, int64_t inner) {
@@ -411,17 +411,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cam_mask_forward_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3), positions = H * W;
   TORCH_CHECK_VALUE(positions < (int64_t{1} << 32), "x must have fewer than 2**32 positions per map, got ", positions);
+  // Nothing is kept (as block_mask_forward); no launch, no target read.
+  if (input.numel() == 0) return empty_forward(input, C, normalize, eps);
   const at::TensorOptions options = input.options();
   at::Tensor mask = at::empty({N, C, H, mask_row_bytes(W)}, options.dtype(at::kByte));
   at::Tensor scale = at::empty({}, options.dtype(at::kFloat));
-
-  if (input.numel() == 0) {
-    // Nothing is kept (as block_mask_forward); no launch, no target read.
-    if (mask.numel() > 0) mask.zero_();
-    const double value = normalize ? static_cast<double>(input.numel()) / (eps + 0.0) : 1.0;
-    scale.fill_(static_cast<float>(value));
-    return {at::empty_like(walkable(input)), mask, scale};
-  }
 
   const at::Tensor x = walkable(input);
   // One scratch allocation: the kept counter, a (N, C) and cam (N, H*W) in

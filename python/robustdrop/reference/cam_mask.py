@@ -22,7 +22,6 @@ positions. "Largest" orders floats with NaN above everything and -0.0 equal to
 position is the top-left corner (i, j) of the block it may start.
 """
 import torch
-import torch.nn.functional as F
 
 from robustdrop.reference import block_mask
 
@@ -135,6 +134,5 @@ def naive_cam_drop2d(x, weight, target, p, block_size, *, spatial_topk=None, cha
         gamma = block_mask.drop_rate_to_gamma(p, h, w, bs)
         grid = (n, c, h - bs + 1, w - bs + 1)
         allowed = spatial.view(n, 1, h, w)[..., :grid[2], :grid[3]] & channel[:, :, None, None]
-        seeds = block_mask.torch_seed_grid(grid, gamma, x.device) & allowed
-        dropped = F.max_pool2d(F.pad(seeds.float(), [bs - 1] * 4), kernel_size=bs, stride=1) > 0
+        dropped = block_mask.expand_seeds(block_mask.torch_seed_grid(grid, gamma, x.device) & allowed, bs)
     return block_mask.drop_with_keep_mask(x, ~dropped, False, True, eps)[0]
