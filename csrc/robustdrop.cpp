@@ -36,4 +36,18 @@ TORCH_LIBRARY(robustdrop, m) {
   m.def(
       "cam_mask_forward(Tensor x, Tensor weight, Tensor target, Tensor? guided, SymInt seed, float gamma, "
       "int block_size, int spatial_topk, int channel_topk, bool normalize, float eps) -> (Tensor, Tensor, Tensor)");
+  // Feature density (DESIGN.md 4.3) of x (N, C, H, W) with dims in {1, 2, 3}, or of
+  // x (N, F) with dims 1: per sample, the PCA coordinates of the channels binned on a
+  // grids**dims grid. Returns cell (N, C) int64 and counts (N, grids**dims) int64.
+  m.def("feature_density(Tensor x, int dims, int grids) -> (Tensor, Tensor)");
+  // Feature-density dropout forward: channel c of sample n is dropped iff
+  // uniform(seed, n*C + c) < p[cell], p = clamp(kappa * count / max(count) + alpha, 0, 1).
+  // Returns y, the bit-packed channel keep mask (N, ceil(C/8)) uint8 and the scale:
+  // a 0-d float32 1 without rescale, else (N, C) float32 1/(1 - p) (0 where dropped).
+  m.def(
+      "feature_density_forward(Tensor x, int dims, int grids, SymInt seed, float kappa, float alpha, "
+      "bool rescale) -> (Tensor, Tensor, Tensor)");
+  // dx[n, c, ...] = keep(n, c) ? dy[n, c, ...] * scale : 0 for dy (N, C, H, W) or (N, C),
+  // mask (N, ceil(C/8)) uint8 and scale 0-d or (N, C) float32.
+  m.def("channel_mask_backward(Tensor grad_y, Tensor mask, Tensor scale) -> Tensor");
 }
