@@ -1,0 +1,189 @@
+// The small, sequential half of FDD's principal axes (DESIGN.md 4.3), shared by
+// the CPU and CUDA kernels (host and device code).
+//
+// Each sample's top `dims` eigenpairs of its m x m symmetric PSD matrix M (the
+// channel Gram matrix or the covariance, whichever is smaller) come from
+// Lanczos with full re-orthogonalisation. The matrix-vector products are the
+// backend's business; this header holds what every backend does the same way:
+//   * the start vector, a fixed integer hash so every backend starts alike;
+//   * the top eigenpairs of the j x j tridiagonal T_j = tridiag(beta, alpha, beta)
+//     in double: eigenvalues by bisection on Sturm counts, eigenvectors by
+//     inverse iteration with a pivoting tridiagonal solve;
+//   * the stopping rule. After step j, with beta_j the norm of the next
+//     residual and s_r the r-th top eigenvector of T_j, the Ritz pair
+//     (theta_r, Q_j s_r) has residual ||M y - theta y|| = beta_j |s_r[j-1]|.
+//     Lanczos stops when that is <= kResidualTolerance * theta_0 for every
+//     r < dims (checked every kCheckEvery steps), when beta_j <=
+//     kExhaustedTolerance * trace(M) (the Krylov space is invariant: M has no
+//     more variance to find), or after m steps, where it is exact in exact
+//     arithmetic. So it always ends, in at most m steps.
+#pragma once
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+
+#include "philox.h"  // ROBUSTDROP_HOST_DEVICE
+
+namespace robustdrop {
+namespace lanczos {
+
+constexpr int kMaxDims = 3;
+constexpr int kCheckEvery = 4;
+constexpr double kResidualTolerance = 1e-6;
+constexpr float kExhaustedTolerance = 1e-6f;
+// An axis whose eigenvalue is at most this fraction of the largest has no
+// variance that float32 can resolve: every channel's coordinate on it is 0.
+constexpr double kAbsentAxisTolerance = 1e-5;
+// Bisection halvings: far more than double precision needs, so it never stops early.
+constexpr int kMaxBisections = 128;
+constexpr int kInverseIterations = 2;
+
+// Component i of the (unnormalised) start vector: a multiplicative hash of i
+// in [-0.5, 0.5). The all-ones vector would not do: on the Gram side of a
+// channel-centred matrix it lies in M's null space.
+ROBUSTDROP_HOST_DEVICE float start_component(int64_t i) {
+  const uint32_t hash = static_cast<uint32_t>(i + 1) * 0x9E3779B1u;
+  return static_cast<float>(hash) / 4294967296.0f - 0.5f;
+}
+
+// Number of eigenvalues of T (n x n, diagonal alpha, off-diagonal beta) below x.
+ROBUSTDROP_HOST_DEVICE int sturm_count(const double* alpha, const double* beta, int n, double x, double pivot_min) {
+  int count = 0;
+  double q = 1.0;
+  for (int i = 0; i < n; ++i) {
+    q = (alpha[i] - x) - (i > 0 ? beta[i - 1] * beta[i - 1] / q : 0.0);
+    if (fabs(q) < pivot_min) q = -pivot_min;
+    if (q < 0.0) ++count;
+  }
+  return count;
+}
+
+// The index-th smallest eigenvalue of T (0-based), by bisection inside the
+// Gershgorin interval [lower, upper].
+ROBUSTDROP_HOST_DEVICE double bisect_eigenvalue(const double* alpha, const double* beta, int n, int index,
+                                                double lower, double upper, double pivot_min) {
+  for (int step = 0; step < kMaxBisections; ++step) {
+    const double middle = 0.5 * (lower + upper);
+    if (upper - lower <= 2.0 * DBL_EPSILON * fmax(fabs(lower), fabs(upper)) + pivot_min) break;
+    if (middle <= lower || middle >= upper) break;
+    if (sturm_count(alpha, beta, n, middle, pivot_min) > index) {
+      upper = middle;
+    } else {
+      lower = middle;
+    }
+  }
+  return 0.5 * (lower + upper);
+}
+
+// Solves (T - shift I) z = z in place by Gaussian elimination with partial
+// pivoting (the second superdiagonal that row swaps create lives in work).
+// work holds 4n doubles. Pivots that vanish are replaced by tiny, so a shift
+// equal to an eigenvalue gives a huge z in that eigenvector's direction,
+// which is what inverse iteration wants.
+ROBUSTDROP_HOST_DEVICE void shifted_tridiagonal_solve(const double* alpha, const double* beta, int n, double shift,
+                                                      double tiny, double* z, double* work) {
+  double* diag = work;
+  double* upper = work + n;
+  double* upper2 = work + 2 * n;
+  double* lower = work + 3 * n;
+  for (int i = 0; i < n; ++i) {
+    diag[i] = alpha[i] - shift;
+    upper[i] = i + 1 < n ? beta[i] : 0.0;
+    upper2[i] = 0.0;
+    lower[i] = i + 1 < n ? beta[i] : 0.0;
+  }
+  for (int i = 0; i + 1 < n; ++i) {
+    if (fabs(diag[i]) >= fabs(lower[i])) {
+      if (fabs(diag[i]) < tiny) diag[i] = tiny;
+      const double factor = lower[i] / diag[i];
+      diag[i + 1] -= factor * upper[i];
+      z[i + 1] -= factor * z[i];
+    } else {  // swap rows i and i + 1
+      const double factor = diag[i] / lower[i];
+      diag[i] = lower[i];
+      const double old_diag = diag[i + 1];
+      diag[i + 1] = upper[i] - factor * old_diag;
+      if (i + 2 < n) {
+        upper2[i] = upper[i + 1];
+        upper[i + 1] = -factor * upper2[i];
+      }
+      upper[i] = old_diag;
+      const double old_z = z[i];
+      z[i] = z[i + 1];
+      z[i + 1] = old_z - factor * z[i + 1];
+    }
+  }
+  if (fabs(diag[n - 1]) < tiny) diag[n - 1] = tiny;
+  for (int i = n - 1; i >= 0; --i) {
+    double value = z[i];
+    if (i + 1 < n) value -= upper[i] * z[i + 1];
+    if (i + 2 < n) value -= upper2[i] * z[i + 2];
+    z[i] = value / diag[i];
+  }
+}
+
+ROBUSTDROP_HOST_DEVICE void normalize(double* v, int n) {
+  double norm = 0.0;
+  for (int i = 0; i < n; ++i) norm += v[i] * v[i];
+  norm = sqrt(norm);
+  if (!(norm > 0.0 && norm <= DBL_MAX)) {  // cannot happen for a finite T; keep the vector defined anyway
+    for (int i = 0; i < n; ++i) v[i] = i == 0 ? 1.0 : 0.0;
+    return;
+  }
+  for (int i = 0; i < n; ++i) v[i] /= norm;
+}
+
+// The min(n, k) largest eigenpairs of the n x n tridiagonal T (diagonal
+// alpha[0..n), off-diagonal beta[0..n-1)): theta[r] in descending order and
+// unit eigenvectors vectors[r*n .. r*n + n). work holds 4n doubles. Returns
+// the number of pairs. Vectors of (nearly) equal eigenvalues are
+// orthogonalised against the ones before them.
+ROBUSTDROP_HOST_DEVICE int tridiagonal_top_eigenpairs(const double* alpha, const double* beta, int n, int k,
+                                                      double* theta, double* vectors, double* work) {
+  double lower = alpha[0], upper = alpha[0], norm = 0.0, max_beta2 = 0.0;
+  for (int i = 0; i < n; ++i) {
+    const double radius = (i > 0 ? fabs(beta[i - 1]) : 0.0) + (i + 1 < n ? fabs(beta[i]) : 0.0);
+    lower = fmin(lower, alpha[i] - radius);
+    upper = fmax(upper, alpha[i] + radius);
+    norm = fmax(norm, fabs(alpha[i]) + radius);
+    if (i + 1 < n) max_beta2 = fmax(max_beta2, beta[i] * beta[i]);
+  }
+  const double pivot_min = DBL_MIN * fmax(1.0, max_beta2);
+  const double tiny = DBL_EPSILON * fmax(norm, DBL_MIN);
+  const int pairs = n < k ? n : k;
+  for (int r = 0; r < pairs; ++r) {
+    theta[r] = bisect_eigenvalue(alpha, beta, n, n - 1 - r, lower, upper, pivot_min);
+    double* v = vectors + r * n;
+    for (int i = 0; i < n; ++i) v[i] = 1.0;
+    for (int iteration = 0; iteration < kInverseIterations; ++iteration) {
+      shifted_tridiagonal_solve(alpha, beta, n, theta[r], tiny, v, work);
+      for (int previous = 0; previous < r; ++previous) {
+        const double* u = vectors + previous * n;
+        double dot = 0.0;
+        for (int i = 0; i < n; ++i) dot += u[i] * v[i];
+        for (int i = 0; i < n; ++i) v[i] -= dot * u[i];
+      }
+      normalize(v, n);
+    }
+  }
+  return pairs;
+}
+
+// Whether every one of the `pairs` Ritz pairs has residual beta_j |s_r[n-1]|
+// within kResidualTolerance of theta_0 (the stopping rule above).
+ROBUSTDROP_HOST_DEVICE bool ritz_pairs_converged(double beta, const double* theta, const double* vectors, int n,
+                                                 int pairs) {
+  for (int r = 0; r < pairs; ++r) {
+    if (beta * fabs(vectors[r * n + n - 1]) > kResidualTolerance * fabs(theta[0])) return false;
+  }
+  return true;
+}
+
+// When Lanczos should check convergence after step j (1-based) of at most m.
+ROBUSTDROP_HOST_DEVICE bool check_after_step(int j, int m, int dims) {
+  return j == m || (j >= dims && j % kCheckEvery == 0);
+}
+
+}  // namespace lanczos
+}  // namespace robustdrop
