@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <optional>
 
 namespace robustdrop {
@@ -78,6 +79,51 @@ inline void check_cam_mask_forward_args(const at::Tensor& x, const at::Tensor& w
                     "], got ", spatial_topk);
   TORCH_CHECK_VALUE(channel_topk >= 0 && channel_topk <= C, "channel_topk must be in [0, C] = [0, ", C, "], got ",
                     channel_topk);
+}
+
+// Feature density (DESIGN.md 4.3): x (N, C, H, W) with dims in {1, 2, 3}, or
+// x (N, F) with dims 1; grids >= 1 with at most kMaxDensityCells cells.
+constexpr int64_t kMaxDensityCells = 1 << 16;
+
+inline void check_feature_density_args(const at::Tensor& x, int64_t dims, int64_t grids) {
+  check_float_input(x, "x");
+  TORCH_CHECK_VALUE(dims >= 1 && dims <= 3, "dims must be 1, 2 or 3, got ", dims);
+  TORCH_CHECK_VALUE(x.dim() == 4 || x.dim() == 2, "x must be 4-D (N, C, H, W) feature maps or 2-D (N, F) features, got ",
+                    x.dim(), " dimensions");
+  TORCH_CHECK_VALUE(x.dim() == 4 || dims == 1,
+                    "dims must be 1 for 2-D (N, F) features (each value is its own coordinate), got ", dims);
+  TORCH_CHECK_VALUE(grids >= 1, "grids must be >= 1, got ", grids);
+  int64_t cells = 1;
+  for (int64_t r = 0; r < dims; ++r) {
+    cells *= grids;
+    TORCH_CHECK_VALUE(cells <= kMaxDensityCells, "grids must give at most ", kMaxDensityCells,
+                      " cells (grids**dims), got ", grids, "**", dims);
+  }
+}
+
+inline void check_feature_density_forward_args(const at::Tensor& x, int64_t dims, int64_t grids, double kappa,
+                                               double alpha) {
+  check_feature_density_args(x, dims, grids);
+  TORCH_CHECK_VALUE(std::isfinite(kappa), "kappa must be finite, got ", kappa);
+  TORCH_CHECK_VALUE(std::isfinite(alpha), "alpha must be finite, got ", alpha);
+}
+
+// grad_y (N, C, H, W) or (N, C); mask (N, ceil(C/8)) uint8; scale one float32
+// or (N, C) float32.
+inline void check_channel_mask_backward_args(const at::Tensor& grad_y, const at::Tensor& mask,
+                                             const at::Tensor& scale) {
+  check_float_input(grad_y, "grad_y");
+  TORCH_CHECK_VALUE(grad_y.dim() == 4 || grad_y.dim() == 2, "grad_y must be 4-D (N, C, H, W) or 2-D (N, C), got ",
+                    grad_y.dim(), " dimensions");
+  const int64_t N = grad_y.size(0), C = grad_y.size(1);
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kByte, "mask must be uint8, got ", mask.scalar_type());
+  TORCH_CHECK_VALUE(mask.dim() == 2 && mask.size(0) == N && mask.size(1) == mask_row_bytes(C),
+                    "mask must have shape (N, ceil(C/8)) = (", N, ", ", mask_row_bytes(C), "), got ", mask.sizes());
+  TORCH_CHECK_TYPE(scale.scalar_type() == at::kFloat, "scale must be float32, got ", scale.scalar_type());
+  TORCH_CHECK_VALUE(scale.numel() == 1 || (scale.dim() == 2 && scale.size(0) == N && scale.size(1) == C),
+                    "scale must hold one value or have shape (N, C) = (", N, ", ", C, "), got ", scale.sizes());
+  TORCH_CHECK_VALUE(mask.device() == grad_y.device() && scale.device() == grad_y.device(),
+                    "grad_y, mask and scale must be on one device");
 }
 
 inline void check_philox_args(const at::Tensor& index) {
