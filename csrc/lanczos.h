@@ -35,6 +35,9 @@ constexpr float kExhaustedTolerance = 1e-6f;
 // An axis whose eigenvalue is at most this fraction of the largest has no
 // variance that float32 can resolve: every channel's coordinate on it is 0.
 constexpr double kAbsentAxisTolerance = 1e-5;
+// A sample whose centred sum of squares is at most this fraction of its
+// uncentred one has channels equal up to float32 rounding: no axes at all.
+constexpr double kDegenerateTolerance = 1e-10;
 // Bisection halvings: far more than double precision needs, so it never stops early.
 constexpr int kMaxBisections = 128;
 constexpr int kInverseIterations = 2;

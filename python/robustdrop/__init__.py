@@ -9,11 +9,16 @@ from robustdrop import _backend
 from robustdrop._backend import BackendStatus, backends
 from robustdrop.ops import block_mask as _block_mask
 from robustdrop.ops import cam_mask as _cam_mask
+from robustdrop.ops import feature_density as _feature_density
 from robustdrop.ops.block_mask import drop_block2d
 from robustdrop.ops.cam_mask import cam_drop2d
+from robustdrop.ops.feature_density import feature_density, feature_density_dropout
 
 __version__ = "0.1.0"
-__all__ = ["backends", "BackendStatus", "drop_block2d", "cam_drop2d", "nn", "__version__"]
+__all__ = [
+    "backends", "BackendStatus", "drop_block2d", "cam_drop2d", "feature_density", "feature_density_dropout", "nn",
+    "__version__",
+]
 
 
 def _register_ops() -> None:
@@ -21,6 +26,7 @@ def _register_ops() -> None:
     if _backend.extension_error() is None:
         _block_mask.register("block_mask_forward", "block_mask_backward")
         _cam_mask.register("cam_mask_forward", "block_mask_backward")
+        _feature_density.register("feature_density", "feature_density_forward", "channel_mask_backward")
     else:
         _backend.warn_fallback(_backend.extension_error())
     if _backend.triton_error() is None:

@@ -108,3 +108,40 @@ def check_block_drop_args(p, block_size, normalize, eps, seed) -> tuple[float, i
     eps = check_non_negative(eps, "eps")
     check_seed(seed)
     return p, block_size, eps
+
+
+MAX_DENSITY_CELLS = 1 << 16
+
+
+def check_density_input(x, dims) -> int:
+    """x (N, C, H, W) with dims in {1, 2, 3}, or x (N, F) with dims 1; returns dims as int."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be a floating-point tensor (float16, bfloat16, float32 or float64), got {x.dtype}")
+    if isinstance(dims, bool) or not isinstance(dims, numbers.Integral):
+        raise TypeError(f"dims must be an int, got {type(dims).__name__}")
+    if dims not in (1, 2, 3):
+        raise ValueError(f"dims must be 1, 2 or 3, got {dims}")
+    if x.dim() not in (2, 4):
+        raise ValueError(f"x must be 4-D (N, C, H, W) feature maps or 2-D (N, F) features, got {x.dim()} "
+                         f"dimensions with shape {tuple(x.shape)}")
+    if x.dim() == 2 and dims != 1:
+        raise ValueError(f"dims must be 1 for 2-D (N, F) features (each value is its own coordinate), got {dims}")
+    return int(dims)
+
+
+def check_grids(grids, dims: int) -> int:
+    """grids >= 1 with grids**dims cells at most MAX_DENSITY_CELLS."""
+    grids = check_positive_int(grids, "grids")
+    if grids**dims > MAX_DENSITY_CELLS:
+        raise ValueError(f"grids must give at most {MAX_DENSITY_CELLS} cells (grids**dims), got {grids}**{dims}")
+    return grids
+
+
+def check_finite(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not abs(float(value)) < float("inf"):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)

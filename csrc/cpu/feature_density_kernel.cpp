@@ -1,0 +1,451 @@
+// Feature-density dropout on the CPU (DESIGN.md 4.3), against
+// python/robustdrop/reference/feature_density.py.
+//
+// Shapes: x (N, C, H, W) with D = H*W, or x (N, F) (F as C, D = 1, no PCA);
+// m = min(C, D); G = grids**dims cells.
+//
+// Four passes, two of which read x-sized data:
+//   1. Centre (reads x once, writes Xc = x[n] - mean over channels as float32
+//      (N, C, D), and each sample's trace(Xc Xc^T)).
+//   2. The small matrix M (N, m, m) with one batched float32 GEMM: Xc Xc^T
+//      (the Gram side) when C < D, else Xc^T Xc (the covariance side).
+//   3. Per sample (parallel over samples; reads Xc once more): Lanczos on M
+//      for the top `dims` eigenpairs (csrc/lanczos.h states the stopping
+//      rule), orientation, coordinates, binning, counts, per-cell drop
+//      probability, the Philox Bernoulli per channel, the mask bits and scale.
+//      The orientation needs the axis in R^D, so Xc is read again: on the
+//      Gram side to form Xc^T y, on the covariance side to project.
+//   4. Apply (reads x once, writes y once): y = keep ? x * scale : 0.
+// The PCA needs every channel of a sample before any channel can be binned,
+// and the apply needs the mask, so x is read twice; Xc is the float32 copy
+// that the GEMM wants.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "../checks.h"
+#include "../lanczos.h"
+#include "../philox.h"
+
+namespace robustdrop {
+namespace {
+
+using lanczos::kMaxDims;
+
+struct DensityShape {
+  int64_t N, C, D;  // samples, channels (or features), positions per channel (1 for (N, F))
+  int dims, grids;
+  int64_t cells;    // grids**dims
+  bool features;    // x is (N, F): each value is its own coordinate
+};
+
+DensityShape density_shape(const at::Tensor& x, int64_t dims, int64_t grids) {
+  DensityShape s;
+  s.N = x.size(0);
+  s.C = x.size(1);
+  s.features = x.dim() == 2;
+  s.D = s.features ? 1 : x.size(2) * x.size(3);
+  s.dims = static_cast<int>(dims);
+  s.grids = static_cast<int>(grids);
+  s.cells = 1;
+  for (int r = 0; r < s.dims; ++r) s.cells *= grids;
+  return s;
+}
+
+// x as float32 (N, C, D), channel-major, the layout the GEMM and the binning read.
+at::Tensor channel_rows(const at::Tensor& x, const DensityShape& s) {
+  return x.to(at::kFloat).contiguous().view({s.N, s.C, s.D});
+}
+
+// ---------------------------------------------------------------- pass 1: centre
+
+// Xc[n] = X[n] - mean over channels; returns each sample's sum of squares (double),
+// 0 when it is within rounding of nothing.
+std::vector<double> centre_channels(const at::Tensor& rows, at::Tensor& centred, const DensityShape& s) {
+  std::vector<double> trace(s.N, 0.0);
+  const float* in = rows.data_ptr<float>();
+  float* out = centred.data_ptr<float>();
+  at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> mean(s.D);
+    for (int64_t n = begin; n < end; ++n) {
+      const float* sample = in + n * s.C * s.D;
+      float* centred_sample = out + n * s.C * s.D;
+      std::fill(mean.begin(), mean.end(), 0.0f);
+      for (int64_t c = 0; c < s.C; ++c) {
+        for (int64_t d = 0; d < s.D; ++d) mean[d] += sample[c * s.D + d];
+      }
+      for (int64_t d = 0; d < s.D; ++d) mean[d] /= static_cast<float>(s.C);
+      double sum = 0.0, energy = 0.0;
+      for (int64_t c = 0; c < s.C; ++c) {
+        float local = 0.0f, local_energy = 0.0f;
+        for (int64_t d = 0; d < s.D; ++d) {
+          const float value = sample[c * s.D + d] - mean[d];
+          centred_sample[c * s.D + d] = value;
+          local += value * value;
+          local_energy += sample[c * s.D + d] * sample[c * s.D + d];
+        }
+        sum += local;
+        energy += local_energy;
+      }
+      // A sample whose channels are equal up to float32 rounding has no axes:
+      // its trace counts as 0 (see lanczos::kDegenerateTolerance).
+      trace[n] = sum > lanczos::kDegenerateTolerance * energy ? sum : (std::isfinite(sum) ? 0.0 : sum);
+    }
+  });
+  return trace;
+}
+
+// ---------------------------------------------------------------- pass 3: axes
+
+// Lanczos state of one sample, reused across the samples of one thread.
+struct LanczosScratch {
+  std::vector<float> basis;     // (m + 1, m): q_0 .. q_m
+  std::vector<float> residual;  // (m)
+  std::vector<double> projections;  // (m) Q^T w of the re-orthogonalisation
+  std::vector<double> alpha, beta;  // (m) the tridiagonal T
+  std::vector<double> vectors;      // (kMaxDims, m) top eigenvectors of T
+  std::vector<double> work;         // (4m)
+  std::vector<float> ritz;          // (kMaxDims, m) Ritz vectors y_r
+  double theta[kMaxDims];
+  int pairs = 0;
+
+  void resize(int64_t m) {
+    basis.assign((m + 1) * m, 0.0f);
+    residual.assign(m, 0.0f);
+    projections.assign(m, 0.0);
+    alpha.assign(m, 0.0);
+    beta.assign(m, 0.0);
+    vectors.assign(kMaxDims * m, 0.0);
+    work.assign(4 * m, 0.0);
+    ritz.assign(kMaxDims * m, 0.0f);
+  }
+};
+
+double dot(const float* a, const float* b, int64_t length) {
+  double sum = 0.0;
+  for (int64_t i = 0; i < length; ++i) sum += static_cast<double>(a[i]) * b[i];
+  return sum;
+}
+
+// w -= Q_j (Q_j^T w) with Q_j the first `steps` basis vectors.
+void reorthogonalize(const float* basis, int64_t steps, int64_t m, float* w, double* projections) {
+  for (int64_t i = 0; i < steps; ++i) projections[i] = dot(basis + i * m, w, m);
+  for (int64_t i = 0; i < steps; ++i) {
+    const float h = static_cast<float>(projections[i]);
+    const float* q = basis + i * m;
+    for (int64_t k = 0; k < m; ++k) w[k] -= h * q[k];
+  }
+}
+
+// The top `dims` eigenpairs of the m x m matrix (row-major) into scratch.theta,
+// scratch.ritz and scratch.pairs, by the Lanczos iteration of csrc/lanczos.h.
+void top_eigenpairs(const float* matrix, int64_t m, int dims, double trace, LanczosScratch& scratch) {
+  float* basis = scratch.basis.data();
+  float* w = scratch.residual.data();
+  double norm = 0.0;
+  for (int64_t i = 0; i < m; ++i) {
+    basis[i] = lanczos::start_component(i);
+    norm += static_cast<double>(basis[i]) * basis[i];
+  }
+  const float inverse_norm = static_cast<float>(1.0 / std::sqrt(norm));
+  for (int64_t i = 0; i < m; ++i) basis[i] *= inverse_norm;
+  int64_t steps = 0;
+  int pairs = 0;
+  for (int64_t j = 0; j < m; ++j) {
+    const float* q = basis + j * m;
+    for (int64_t i = 0; i < m; ++i) w[i] = static_cast<float>(dot(matrix + i * m, q, m));
+    const double a = dot(q, w, m);
+    const float previous_beta = j > 0 ? static_cast<float>(scratch.beta[j - 1]) : 0.0f;
+    for (int64_t i = 0; i < m; ++i) {
+      w[i] -= static_cast<float>(a) * q[i] + (j > 0 ? previous_beta * basis[(j - 1) * m + i] : 0.0f);
+    }
+    for (int pass = 0; pass < 2; ++pass) reorthogonalize(basis, j + 1, m, w, scratch.projections.data());
+    const double b = std::sqrt(dot(w, w, m));
+    scratch.alpha[j] = a;
+    scratch.beta[j] = b;
+    steps = j + 1;
+    const bool exhausted = b <= lanczos::kExhaustedTolerance * trace;
+    if (exhausted || lanczos::check_after_step(static_cast<int>(steps), static_cast<int>(m), dims)) {
+      pairs = lanczos::tridiagonal_top_eigenpairs(scratch.alpha.data(), scratch.beta.data(), static_cast<int>(steps),
+                                                  dims, scratch.theta, scratch.vectors.data(), scratch.work.data());
+      const bool converged = steps >= dims && lanczos::ritz_pairs_converged(b, scratch.theta, scratch.vectors.data(),
+                                                                            static_cast<int>(steps), pairs);
+      if (exhausted || converged || steps == m) break;
+    }
+    const float inverse_beta = static_cast<float>(1.0 / b);
+    float* next = basis + (j + 1) * m;
+    for (int64_t i = 0; i < m; ++i) next[i] = w[i] * inverse_beta;
+  }
+  // Ritz vectors y_r = Q s_r, normalised.
+  for (int r = 0; r < pairs; ++r) {
+    const double* s = scratch.vectors.data() + r * steps;
+    float* y = scratch.ritz.data() + r * m;
+    std::vector<double> sum(m, 0.0);
+    for (int64_t i = 0; i < steps; ++i) {
+      const float* q = basis + i * m;
+      for (int64_t k = 0; k < m; ++k) sum[k] += s[i] * q[k];
+    }
+    double length = 0.0;
+    for (int64_t k = 0; k < m; ++k) length += sum[k] * sum[k];
+    const double inverse_length = length > 0.0 ? 1.0 / std::sqrt(length) : 0.0;
+    for (int64_t k = 0; k < m; ++k) y[k] = static_cast<float>(sum[k] * inverse_length);
+  }
+  scratch.pairs = pairs;
+}
+
+// +1 or -1: the sign of the component of largest magnitude (ties to the lower index).
+float orientation(const float* axis, int64_t length) {
+  int64_t best = 0;
+  for (int64_t i = 1; i < length; ++i) {
+    if (std::fabs(axis[i]) > std::fabs(axis[best])) best = i;
+  }
+  return axis[best] < 0.0f ? -1.0f : 1.0f;
+}
+
+// Coordinates f (C, dims) of one non-degenerate sample from its eigenpairs.
+void principal_coordinates(const float* centred, const DensityShape& s, const LanczosScratch& scratch,
+                           float* coordinates) {
+  const bool gram_side = s.C < s.D;
+  const int64_t m = gram_side ? s.C : s.D;
+  std::fill(coordinates, coordinates + s.C * s.dims, 0.0f);
+  std::vector<float> axis(s.D);
+  for (int r = 0; r < scratch.pairs; ++r) {
+    const double theta = scratch.theta[r];
+    if (!(scratch.theta[0] > 0.0) || !(theta > lanczos::kAbsentAxisTolerance * scratch.theta[0])) break;
+    const float* y = scratch.ritz.data() + r * m;
+    if (gram_side) {
+      // The axis in R^D is Xc^T y / sqrt(theta); only its orientation is needed.
+      std::fill(axis.begin(), axis.end(), 0.0f);
+      for (int64_t c = 0; c < s.C; ++c) {
+        const float weight = y[c];
+        const float* row = centred + c * s.D;
+        for (int64_t d = 0; d < s.D; ++d) axis[d] += weight * row[d];
+      }
+      const float length = static_cast<float>(std::sqrt(theta)) * orientation(axis.data(), s.D);
+      for (int64_t c = 0; c < s.C; ++c) coordinates[c * s.dims + r] = length * y[c];
+    } else {
+      const float sign = orientation(y, s.D);
+      for (int64_t c = 0; c < s.C; ++c) {
+        coordinates[c * s.dims + r] = sign * static_cast<float>(dot(centred + c * s.D, y, s.D));
+      }
+    }
+  }
+}
+
+// cell[c] = sum_r b_r * grids**r of coordinates f (C, dims); counts[cell] += 1.
+void bin_channels(const float* coordinates, const DensityShape& s, int64_t* cell, int64_t* counts) {
+  std::fill(cell, cell + s.C, 0);
+  int64_t stride = 1;
+  for (int r = 0; r < s.dims; ++r, stride *= s.grids) {
+    float lo = coordinates[r], hi = coordinates[r];
+    for (int64_t c = 1; c < s.C; ++c) {
+      lo = std::min(lo, coordinates[c * s.dims + r]);
+      hi = std::max(hi, coordinates[c * s.dims + r]);
+    }
+    if (!(hi > lo)) continue;  // every channel in bin 0 on this axis
+    const float width = (hi - lo) / static_cast<float>(s.grids);
+    for (int64_t c = 0; c < s.C; ++c) {
+      const float position = std::floor((coordinates[c * s.dims + r] - lo) / width);
+      const int64_t bin = position >= static_cast<float>(s.grids - 1) ? s.grids - 1
+                          : position > 0.0f                           ? static_cast<int64_t>(position)
+                                                                      : 0;
+      cell[c] += bin * stride;
+    }
+  }
+  for (int64_t c = 0; c < s.C; ++c) counts[cell[c]] += 1;
+}
+
+// One sample's coordinates (C, dims); false when the sample is degenerate
+// (every channel then goes to cell 0).
+bool sample_coordinates(const float* rows, const float* centred, const float* matrix, double trace,
+                        const DensityShape& s, LanczosScratch& scratch, float* coordinates) {
+  if (s.features) {
+    for (int64_t c = 0; c < s.C; ++c) {
+      if (!std::isfinite(rows[c])) return false;
+      coordinates[c] = rows[c];
+    }
+    return true;
+  }
+  if (s.D == 0 || !(trace > 0.0) || !std::isfinite(trace)) return false;
+  const int64_t m = std::min(s.C, s.D);
+  scratch.resize(m);
+  top_eigenpairs(matrix, m, s.dims, trace, scratch);
+  principal_coordinates(centred, s, scratch, coordinates);
+  return true;
+}
+
+// cell (N, C) and counts (N, G) of every sample; rows is x as float32 (N, C, D).
+void density_cells(const at::Tensor& rows, const DensityShape& s, at::Tensor& cell, at::Tensor& counts) {
+  counts.zero_();
+  if (s.N == 0 || s.C == 0) return;
+  at::Tensor centred, matrices;
+  std::vector<double> trace;
+  if (!s.features && s.D > 0) {
+    centred = at::empty_like(rows);
+    trace = centre_channels(rows, centred, s);
+    matrices = s.C < s.D ? at::bmm(centred, centred.transpose(1, 2)) : at::bmm(centred.transpose(1, 2), centred);
+  }
+  const int64_t m = std::min(s.C, s.D);
+  at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+    LanczosScratch scratch;
+    std::vector<float> coordinates(s.C * s.dims);
+    for (int64_t n = begin; n < end; ++n) {
+      const float* centred_sample = centred.defined() ? centred.data_ptr<float>() + n * s.C * s.D : nullptr;
+      const float* matrix = matrices.defined() ? matrices.data_ptr<float>() + n * m * m : nullptr;
+      const double sample_trace = trace.empty() ? 0.0 : trace[n];
+      int64_t* cell_row = cell.data_ptr<int64_t>() + n * s.C;
+      int64_t* counts_row = counts.data_ptr<int64_t>() + n * s.cells;
+      const float* row = rows.data_ptr<float>() + n * s.C * s.D;
+      if (sample_coordinates(row, centred_sample, matrix, sample_trace, s, scratch, coordinates.data())) {
+        bin_channels(coordinates.data(), s, cell_row, counts_row);
+      } else {
+        std::fill(cell_row, cell_row + s.C, 0);
+        counts_row[0] = s.C;
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- masks and apply
+
+// float32(clamp(kappa * count / largest + alpha, 0, 1)) in three rounded double steps.
+float drop_probability(int64_t count, int64_t largest, double kappa, double alpha) {
+  double p = kappa * static_cast<double>(count);
+  p = p / static_cast<double>(largest);
+  p = p + alpha;
+  return static_cast<float>(std::min(std::max(p, 0.0), 1.0));
+}
+
+// The keep bits (N, ceil(C/8)) and, with rescale, the scale (N, C).
+void channel_masks(const at::Tensor& cell, const at::Tensor& counts, const DensityShape& s, uint64_t seed,
+                   double kappa, double alpha, bool rescale, at::Tensor& mask, at::Tensor& scale) {
+  mask.zero_();
+  const int64_t row_bytes = mask.size(1);
+  at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t* cell_row = cell.data_ptr<int64_t>() + n * s.C;
+      const int64_t* counts_row = counts.data_ptr<int64_t>() + n * s.cells;
+      const int64_t largest = std::max<int64_t>(1, *std::max_element(counts_row, counts_row + s.cells));
+      uint8_t* mask_row = mask.data_ptr<uint8_t>() + n * row_bytes;
+      for (int64_t c = 0; c < s.C; ++c) {
+        const float p = drop_probability(counts_row[cell_row[c]], largest, kappa, alpha);
+        const bool keep = !(philox_uniform(seed, static_cast<uint64_t>(n * s.C + c)) < p);
+        if (keep) mask_row[c >> 3] |= static_cast<uint8_t>(1u << (c & 7));
+        if (rescale) {
+          scale.data_ptr<float>()[n * s.C + c] = keep ? static_cast<float>(1.0 / (1.0 - static_cast<double>(p))) : 0.0f;
+        }
+      }
+    }
+  });
+}
+
+inline bool channel_kept(const uint8_t* mask_row, int64_t c) { return (mask_row[c >> 3] >> (c & 7)) & 1; }
+
+// out = keep(n, c) ? in * scale(n, c) : 0 for in (N, C) or (N, C, H, W),
+// contiguous or channels_last (out has in's layout). A select, not a multiply,
+// so NaN and Inf never reach dropped channels.
+template <typename scalar_t>
+void apply_channel_mask(const at::Tensor& in, const at::Tensor& mask, const at::Tensor& scale, at::Tensor& out) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t N = in.size(0), C = in.size(1), D = in.numel() / std::max<int64_t>(1, N * C);
+  const int64_t row_bytes = mask.size(1);
+  const scalar_t* src = in.data_ptr<scalar_t>();
+  scalar_t* dst = out.data_ptr<scalar_t>();
+  const uint8_t* bits = mask.data_ptr<uint8_t>();
+  const float* scale_ptr = scale.data_ptr<float>();
+  const bool per_channel = scale.dim() == 2;
+  auto factor = [&](int64_t n, int64_t c) -> opmath_t {
+    if (!channel_kept(bits + n * row_bytes, c)) return opmath_t(0);
+    return static_cast<opmath_t>(per_channel ? scale_ptr[n * C + c] : scale_ptr[0]);
+  };
+  if (in.dim() == 4 && is_channels_last_4d(in)) {
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      std::vector<opmath_t> factors(C);
+      std::vector<uint8_t> keep(C);
+      for (int64_t n = begin; n < end; ++n) {
+        for (int64_t c = 0; c < C; ++c) {
+          keep[c] = channel_kept(bits + n * row_bytes, c);
+          factors[c] = factor(n, c);
+        }
+        for (int64_t d = 0; d < D; ++d) {
+          const scalar_t* x = src + (n * D + d) * C;
+          scalar_t* y = dst + (n * D + d) * C;
+          for (int64_t c = 0; c < C; ++c) {
+            y[c] = static_cast<scalar_t>(keep[c] ? static_cast<opmath_t>(x[c]) * factors[c] : opmath_t(0));
+          }
+        }
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, N * C, std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / C, c = plane % C;
+      const scalar_t* x = src + plane * D;
+      scalar_t* y = dst + plane * D;
+      if (!channel_kept(bits + n * row_bytes, c)) {
+        std::fill(y, y + D, scalar_t(0));
+        continue;
+      }
+      const opmath_t s = factor(n, c);
+      for (int64_t d = 0; d < D; ++d) y[d] = static_cast<scalar_t>(static_cast<opmath_t>(x[d]) * s);
+    }
+  });
+}
+
+at::Tensor apply_channel_mask_dispatch(const at::Tensor& input, const at::Tensor& mask, const at::Tensor& scale) {
+  const at::Tensor in = input.dim() == 4 ? walkable(input) : input.contiguous();
+  at::Tensor out = at::empty_like(in);
+  if (in.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "channel_mask_apply_cpu", [&] {
+    apply_channel_mask<scalar_t>(in, mask.contiguous(), scale.contiguous(), out);
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------- ops
+
+std::tuple<at::Tensor, at::Tensor> feature_density_cpu(const at::Tensor& x, int64_t dims, int64_t grids) {
+  check_feature_density_args(x, dims, grids);
+  const DensityShape s = density_shape(x, dims, grids);
+  at::Tensor cell = at::empty({s.N, s.C}, x.options().dtype(at::kLong));
+  at::Tensor counts = at::empty({s.N, s.cells}, x.options().dtype(at::kLong));
+  density_cells(channel_rows(x, s), s, cell, counts);
+  return {cell, counts};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_density_forward_cpu(const at::Tensor& x, int64_t dims,
+                                                                            int64_t grids, int64_t seed, double kappa,
+                                                                            double alpha, bool rescale) {
+  check_feature_density_forward_args(x, dims, grids, kappa, alpha);
+  const DensityShape s = density_shape(x, dims, grids);
+  at::Tensor cell = at::empty({s.N, s.C}, x.options().dtype(at::kLong));
+  at::Tensor counts = at::empty({s.N, s.cells}, x.options().dtype(at::kLong));
+  density_cells(channel_rows(x, s), s, cell, counts);
+  at::Tensor mask = at::empty({s.N, mask_row_bytes(s.C)}, x.options().dtype(at::kByte));
+  at::Tensor scale = rescale ? at::empty({s.N, s.C}, x.options().dtype(at::kFloat))
+                             : at::ones({}, x.options().dtype(at::kFloat));
+  channel_masks(cell, counts, s, static_cast<uint64_t>(seed), kappa, alpha, rescale, mask, scale);
+  return {apply_channel_mask_dispatch(x, mask, scale), mask, scale};
+}
+
+at::Tensor channel_mask_backward_cpu(const at::Tensor& grad_y, const at::Tensor& mask, const at::Tensor& scale) {
+  check_channel_mask_backward_args(grad_y, mask, scale);
+  return apply_channel_mask_dispatch(grad_y, mask, scale);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(robustdrop, CPU, m) {
+  m.impl("feature_density", &feature_density_cpu);
+  m.impl("feature_density_forward", &feature_density_forward_cpu);
+  m.impl("channel_mask_backward", &channel_mask_backward_cpu);
+}
+
+}  // namespace robustdrop
