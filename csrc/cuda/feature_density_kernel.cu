@@ -389,7 +389,7 @@ __device__ void subtract_neighbours(const LanczosWorkspace& ws, const float* bas
 // w -= Q (Q^T w) for the first `rows` basis rows: h = Q^T w in double (one
 // warp per row), then each thread updates its components of w in row order
 // (float32). w must be complete on entry; it is complete on return.
-__device__ void reorthogonalize(const float* __restrict__ basis, int64_t rows, int64_t m, float* w, double* h) {
+__device__ void reorthogonalize(const float* basis, int64_t rows, int64_t m, float* w, double* h) {
   const int lane = static_cast<int>(threadIdx.x) % kWarp;
   const int64_t warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
   for (int64_t i = warp; i < rows; i += warps) {
@@ -449,7 +449,7 @@ __device__ __forceinline__ int present_axes(const double* theta, int pairs) {
 // y_r = Q s_r normalised, float32, for r < present: the sum in double over
 // the basis rows (coalesced along the row), one Ritz vector at a time in
 // ws.projections (each thread touches only its own components).
-__device__ void write_ritz_vectors(const LanczosWorkspace& ws, const float* __restrict__ basis, int64_t m,
+__device__ void write_ritz_vectors(const LanczosWorkspace& ws, const float* basis, int64_t m,
                                    int steps, int present, float* ritz) {
   for (int r = 0; r < present; ++r) {
     const double* s = ws.vectors + static_cast<int64_t>(r) * steps;
