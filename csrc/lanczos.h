@@ -7,13 +7,13 @@
 // backend's business; this header holds what every backend does the same way:
 //   * the start vector, a fixed integer hash so every backend starts alike;
 //   * the top eigenpairs of the j x j tridiagonal T_j = tridiag(beta, alpha, beta)
-//     in double: eigenvalues by bisection on Sturm counts, eigenvectors by
+//     in double: eigenvalues by multisection on Sturm counts, eigenvectors by
 //     inverse iteration with a pivoting tridiagonal solve;
 //   * the stopping rule. After step j, with beta_j the norm of the next
 //     residual and s_r the r-th top eigenvector of T_j, the Ritz pair
 //     (theta_r, Q_j s_r) has residual ||M y - theta y|| = beta_j |s_r[j-1]|.
 //     Lanczos stops when that is <= kResidualTolerance * theta_0 for every
-//     r < dims (checked every kCheckEvery steps), when beta_j <=
+//     r < dims (checked at the steps check_after_step names), when beta_j <=
 //     kExhaustedTolerance * trace(M) (the Krylov space is invariant: M has no
 //     more variance to find), or after m steps, where it is exact in exact
 //     arithmetic. So it always ends, in at most m steps.
@@ -30,6 +30,7 @@ namespace lanczos {
 
 constexpr int kMaxDims = 3;
 constexpr int kCheckEvery = 4;
+constexpr int kFirstCheck = 16;
 constexpr double kResidualTolerance = 1e-6;
 constexpr float kExhaustedTolerance = 1e-6f;
 // An axis whose eigenvalue is at most this fraction of the largest has no
@@ -38,8 +39,6 @@ constexpr double kAbsentAxisTolerance = 1e-5;
 // A sample whose centred sum of squares is at most this fraction of its
 // uncentred one has channels equal up to float32 rounding: no axes at all.
 constexpr double kDegenerateTolerance = 1e-10;
-// Bisection halvings: far more than double precision needs, so it never stops early.
-constexpr int kMaxBisections = 128;
 constexpr int kInverseIterations = 2;
 
 // Component i of the (unnormalised) start vector: a multiplicative hash of i
@@ -50,33 +49,63 @@ ROBUSTDROP_HOST_DEVICE float start_component(int64_t i) {
   return static_cast<float>(hash) / 4294967296.0f - 0.5f;
 }
 
-// Number of eigenvalues of T (n x n, diagonal alpha, off-diagonal beta) below x.
-ROBUSTDROP_HOST_DEVICE int sturm_count(const double* alpha, const double* beta, int n, double x, double pivot_min) {
-  int count = 0;
-  double q = 1.0;
-  for (int i = 0; i < n; ++i) {
-    q = (alpha[i] - x) - (i > 0 ? beta[i - 1] * beta[i - 1] / q : 0.0);
-    if (fabs(q) < pivot_min) q = -pivot_min;
-    if (q < 0.0) ++count;
-  }
-  return count;
-}
+// Shifts tried per eigenvalue in each multisection round: the bracket
+// shrinks (kShifts + 1)-fold per round, and the Sturm recurrences of all
+// shifts run interleaved, so their divisions overlap.
+constexpr int kShifts = 4;
+constexpr int kMaxLanes = kMaxDims * kShifts;
 
-// The index-th smallest eigenvalue of T (0-based), by bisection inside the
-// Gershgorin interval [lower, upper].
-ROBUSTDROP_HOST_DEVICE double bisect_eigenvalue(const double* alpha, const double* beta, int n, int index,
-                                                double lower, double upper, double pivot_min) {
-  for (int step = 0; step < kMaxBisections; ++step) {
-    const double middle = 0.5 * (lower + upper);
-    if (upper - lower <= 2.0 * DBL_EPSILON * fmax(fabs(lower), fabs(upper)) + pivot_min) break;
-    if (middle <= lower || middle >= upper) break;
-    if (sturm_count(alpha, beta, n, middle, pivot_min) > index) {
-      upper = middle;
-    } else {
-      lower = middle;
+// count[l] = number of eigenvalues of T below x[l], for l < lanes.
+ROBUSTDROP_HOST_DEVICE void sturm_counts(const double* alpha, const double* beta, int n, const double* x, int lanes,
+                                         double pivot_min, int* count) {
+  double q[kMaxLanes];
+  for (int l = 0; l < lanes; ++l) {
+    q[l] = 1.0;
+    count[l] = 0;
+  }
+  for (int i = 0; i < n; ++i) {
+    const double coupling = i > 0 ? beta[i - 1] * beta[i - 1] : 0.0;
+    for (int l = 0; l < lanes; ++l) {
+      double value = (alpha[i] - x[l]) - coupling / q[l];
+      value = fabs(value) < pivot_min ? -pivot_min : value;
+      count[l] += value < 0.0;
+      q[l] = value;
     }
   }
-  return 0.5 * (lower + upper);
+}
+
+// The k largest eigenvalues of T in descending order, each by multisection
+// on Sturm counts inside the Gershgorin interval [lower, upper], until its
+// bracket is within a few ulps (or kMaxRounds rounds).
+constexpr int kMaxRounds = 64;
+
+ROBUSTDROP_HOST_DEVICE void top_eigenvalues(const double* alpha, const double* beta, int n, int k, double lower,
+                                            double upper, double pivot_min, double* theta) {
+  double lo[kMaxDims], hi[kMaxDims], x[kMaxLanes];
+  int count[kMaxLanes];
+  for (int r = 0; r < k; ++r) {
+    lo[r] = lower;
+    hi[r] = upper;
+  }
+  for (int round = 0; round < kMaxRounds; ++round) {
+    bool open = false;
+    for (int r = 0; r < k; ++r) {
+      open = open || hi[r] - lo[r] > 4.0 * DBL_EPSILON * fmax(fabs(lo[r]), fabs(hi[r])) + pivot_min;
+      for (int s = 0; s < kShifts; ++s) x[r * kShifts + s] = lo[r] + (hi[r] - lo[r]) * (s + 1) / (kShifts + 1);
+    }
+    if (!open) break;
+    sturm_counts(alpha, beta, n, x, k * kShifts, pivot_min, count);
+    for (int r = 0; r < k; ++r) {
+      const int index = n - 1 - r;  // the eigenvalue lies where the count first exceeds index
+      for (int s = kShifts - 1; s >= 0; --s) {
+        if (count[r * kShifts + s] > index) hi[r] = x[r * kShifts + s];
+      }
+      for (int s = 0; s < kShifts; ++s) {
+        if (count[r * kShifts + s] <= index) lo[r] = x[r * kShifts + s];
+      }
+    }
+  }
+  for (int r = 0; r < k; ++r) theta[r] = 0.5 * (lo[r] + hi[r]);
 }
 
 // Solves (T - shift I) z = z in place by Gaussian elimination with partial
@@ -155,8 +184,8 @@ ROBUSTDROP_HOST_DEVICE int tridiagonal_top_eigenpairs(const double* alpha, const
   const double pivot_min = DBL_MIN * fmax(1.0, max_beta2);
   const double tiny = DBL_EPSILON * fmax(norm, DBL_MIN);
   const int pairs = n < k ? n : k;
+  top_eigenvalues(alpha, beta, n, pairs, lower, upper, pivot_min, theta);
   for (int r = 0; r < pairs; ++r) {
-    theta[r] = bisect_eigenvalue(alpha, beta, n, n - 1 - r, lower, upper, pivot_min);
     double* v = vectors + r * n;
     for (int i = 0; i < n; ++i) v[i] = 1.0;
     for (int iteration = 0; iteration < kInverseIterations; ++iteration) {
@@ -183,9 +212,14 @@ ROBUSTDROP_HOST_DEVICE bool ritz_pairs_converged(double beta, const double* thet
   return true;
 }
 
-// When Lanczos should check convergence after step j (1-based) of at most m.
+// When Lanczos checks convergence after step j (1-based) of at most m: at
+// step m, and from step kFirstCheck (or dims) on every kCheckEvery steps,
+// every 2 * kCheckEvery steps past 32 (a check costs O(j) Sturm passes, so
+// sparser checks keep its share of the work small as j grows).
 ROBUSTDROP_HOST_DEVICE bool check_after_step(int j, int m, int dims) {
-  return j == m || (j >= dims && j % kCheckEvery == 0);
+  if (j == m) return true;
+  if (j < kFirstCheck || j < dims) return false;
+  return j % (j < 32 ? kCheckEvery : 2 * kCheckEvery) == 0;
 }
 
 }  // namespace lanczos

@@ -4,21 +4,20 @@
 // Shapes: x (N, C, H, W) with D = H*W, or x (N, F) (F as C, D = 1, no PCA);
 // m = min(C, D); G = grids**dims cells.
 //
-// Four passes, two of which read x-sized data:
-//   1. Centre (reads x once, writes Xc = x[n] - mean over channels as float32
-//      (N, C, D), and each sample's trace(Xc Xc^T)).
-//   2. The small matrix M (N, m, m) with one batched float32 GEMM: Xc Xc^T
-//      (the Gram side) when C < D, else Xc^T Xc (the covariance side).
-//   3. Per sample (parallel over samples; reads Xc once more): Lanczos on M
-//      for the top `dims` eigenpairs (csrc/lanczos.h states the stopping
-//      rule), orientation, coordinates, binning, counts, per-cell drop
-//      probability, the Philox Bernoulli per channel, the mask bits and scale.
-//      The orientation needs the axis in R^D, so Xc is read again: on the
-//      Gram side to form Xc^T y, on the covariance side to project.
-//   4. Apply (reads x once, writes y once): y = keep ? x * scale : 0.
-// The PCA needs every channel of a sample before any channel can be binned,
-// and the apply needs the mask, so x is read twice; Xc is the float32 copy
-// that the GEMM wants.
+// Per sample (parallel over samples), in buffers of the thread that owns it:
+//   1. Centre: Xc = x[n] - mean over channels (float32, C x D) and its sum of
+//      squares, which decides whether the sample has any axes at all.
+//   2. The small matrix M (m x m) by one float32 GEMM: Xc Xc^T (the Gram
+//      side) when C < D, else Xc^T Xc (the covariance side).
+//   3. Lanczos on M for the top `dims` eigenpairs (csrc/lanczos.h states the
+//      stopping rule); orientation and coordinates, which read Xc once more
+//      (on the Gram side to form Xc^T y, on the covariance side to project);
+//      binning and counts.
+// Then, for the whole batch: per-cell drop probabilities, the Philox
+// Bernoulli per channel, the mask bits and scales, and the apply (reads x
+// once more, writes y once). The PCA needs every channel of a sample before
+// any channel can be binned, so x is read twice; Xc stays in the cache of the
+// thread between steps 1 and 3.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -32,6 +31,7 @@
 #include "../checks.h"
 #include "../lanczos.h"
 #include "../philox.h"
+#include "philox_cpu.h"
 
 namespace robustdrop {
 namespace {
@@ -63,42 +63,83 @@ at::Tensor channel_rows(const at::Tensor& x, const DensityShape& s) {
   return x.to(at::kFloat).contiguous().view({s.N, s.C, s.D});
 }
 
-// ---------------------------------------------------------------- pass 1: centre
+// ---------------------------------------------------------------- centre and M
 
-// Xc[n] = X[n] - mean over channels; returns each sample's sum of squares (double),
-// 0 when it is within rounding of nothing.
-std::vector<double> centre_channels(const at::Tensor& rows, at::Tensor& centred, const DensityShape& s) {
-  std::vector<double> trace(s.N, 0.0);
-  const float* in = rows.data_ptr<float>();
-  float* out = centred.data_ptr<float>();
-  at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> mean(s.D);
-    for (int64_t n = begin; n < end; ++n) {
-      const float* sample = in + n * s.C * s.D;
-      float* centred_sample = out + n * s.C * s.D;
-      std::fill(mean.begin(), mean.end(), 0.0f);
-      for (int64_t c = 0; c < s.C; ++c) {
-        for (int64_t d = 0; d < s.D; ++d) mean[d] += sample[c * s.D + d];
-      }
-      for (int64_t d = 0; d < s.D; ++d) mean[d] /= static_cast<float>(s.C);
-      double sum = 0.0, energy = 0.0;
-      for (int64_t c = 0; c < s.C; ++c) {
-        float local = 0.0f, local_energy = 0.0f;
-        for (int64_t d = 0; d < s.D; ++d) {
-          const float value = sample[c * s.D + d] - mean[d];
-          centred_sample[c * s.D + d] = value;
-          local += value * value;
-          local_energy += sample[c * s.D + d] * sample[c * s.D + d];
-        }
-        sum += local;
-        energy += local_energy;
-      }
-      // A sample whose channels are equal up to float32 rounding has no axes:
-      // its trace counts as 0 (see lanczos::kDegenerateTolerance).
-      trace[n] = sum > lanczos::kDegenerateTolerance * energy ? sum : (std::isfinite(sum) ? 0.0 : sum);
+// a . b in float32 with eight partial sums: vectorisable without reassociating
+// one long chain, and as accurate as the float32 vectors it reads.
+float dot(const float* __restrict a, const float* __restrict b, int64_t length) {
+  float partial[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  int64_t i = 0;
+  for (; i + 8 <= length; i += 8) {
+    for (int lane = 0; lane < 8; ++lane) partial[lane] += a[i + lane] * b[i + lane];
+  }
+  float sum = 0.0f;
+  for (; i < length; ++i) sum += a[i] * b[i];
+  for (int lane = 0; lane < 8; ++lane) sum += partial[lane];
+  return sum;
+}
+
+
+// centred = sample - mean over channels, for one sample (C, D). Returns the
+// centred sum of squares, or 0 when that is within rounding of nothing
+// (lanczos::kDegenerateTolerance): channels equal up to float32 rounding.
+double centre_sample(const float* sample, const DensityShape& s, float* mean, float* centred) {
+  std::fill(mean, mean + s.D, 0.0f);
+  for (int64_t c = 0; c < s.C; ++c) {
+    for (int64_t d = 0; d < s.D; ++d) mean[d] += sample[c * s.D + d];
+  }
+  for (int64_t d = 0; d < s.D; ++d) mean[d] /= static_cast<float>(s.C);
+  double sum = 0.0, energy = 0.0;
+  for (int64_t c = 0; c < s.C; ++c) {
+    float local = 0.0f, local_energy = 0.0f;
+    for (int64_t d = 0; d < s.D; ++d) {
+      const float value = sample[c * s.D + d];
+      const float deviation = value - mean[d];
+      centred[c * s.D + d] = deviation;
+      local += deviation * deviation;
+      local_energy += value * value;
     }
-  });
-  return trace;
+    sum += local;
+    energy += local_energy;
+  }
+  if (!std::isfinite(sum)) return sum;
+  return sum > lanczos::kDegenerateTolerance * energy ? sum : 0.0;
+}
+
+// Below this size M is summed here; above it one GEMM call is faster than its overhead.
+constexpr int64_t kGemmMinSize = 64;
+
+// The m x m matrix M of one sample: Xc Xc^T (C < D, the Gram side) or Xc^T Xc.
+void small_matrix(float* centred, const DensityShape& s, float* matrix) {
+  const int64_t m = std::min(s.C, s.D);
+  if (m >= kGemmMinSize) {
+    const at::Tensor rows = at::from_blob(centred, {s.C, s.D}, at::kFloat);
+    at::Tensor out = at::from_blob(matrix, {m, m}, at::kFloat);
+    if (s.C < s.D) {
+      at::mm_out(out, rows, rows.t());
+    } else {
+      at::mm_out(out, rows.t(), rows);
+    }
+    return;
+  }
+  if (s.C < s.D) {  // M[a][b] = row a . row b
+    for (int64_t a = 0; a < m; ++a) {
+      for (int64_t b = 0; b <= a; ++b) matrix[a * m + b] = dot(centred + a * s.D, centred + b * s.D, s.D);
+    }
+  } else {  // M += outer(row, row) for every row, lower triangle
+    std::fill(matrix, matrix + m * m, 0.0f);
+    for (int64_t c = 0; c < s.C; ++c) {
+      const float* row = centred + c * s.D;
+      for (int64_t a = 0; a < m; ++a) {
+        const float weight = row[a];
+        float* out = matrix + a * m;
+        for (int64_t b = 0; b <= a; ++b) out[b] += weight * row[b];
+      }
+    }
+  }
+  for (int64_t a = 0; a < m; ++a) {
+    for (int64_t b = 0; b < a; ++b) matrix[b * m + a] = matrix[a * m + b];
+  }
 }
 
 // ---------------------------------------------------------------- pass 3: axes
@@ -107,7 +148,7 @@ std::vector<double> centre_channels(const at::Tensor& rows, at::Tensor& centred,
 struct LanczosScratch {
   std::vector<float> basis;     // (m + 1, m): q_0 .. q_m
   std::vector<float> residual;  // (m)
-  std::vector<double> projections;  // (m) Q^T w of the re-orthogonalisation
+  std::vector<float> projections;  // (m) Q^T w of the re-orthogonalisation
   std::vector<double> alpha, beta;  // (m) the tridiagonal T
   std::vector<double> vectors;      // (kMaxDims, m) top eigenvectors of T
   std::vector<double> work;         // (4m)
@@ -118,7 +159,7 @@ struct LanczosScratch {
   void resize(int64_t m) {
     basis.assign((m + 1) * m, 0.0f);
     residual.assign(m, 0.0f);
-    projections.assign(m, 0.0);
+    projections.assign(m, 0.0f);
     alpha.assign(m, 0.0);
     beta.assign(m, 0.0);
     vectors.assign(kMaxDims * m, 0.0);
@@ -127,17 +168,11 @@ struct LanczosScratch {
   }
 };
 
-double dot(const float* a, const float* b, int64_t length) {
-  double sum = 0.0;
-  for (int64_t i = 0; i < length; ++i) sum += static_cast<double>(a[i]) * b[i];
-  return sum;
-}
-
 // w -= Q_j (Q_j^T w) with Q_j the first `steps` basis vectors.
-void reorthogonalize(const float* basis, int64_t steps, int64_t m, float* w, double* projections) {
+void reorthogonalize(const float* basis, int64_t steps, int64_t m, float* w, float* projections) {
   for (int64_t i = 0; i < steps; ++i) projections[i] = dot(basis + i * m, w, m);
   for (int64_t i = 0; i < steps; ++i) {
-    const float h = static_cast<float>(projections[i]);
+    const float h = projections[i];
     const float* q = basis + i * m;
     for (int64_t k = 0; k < m; ++k) w[k] -= h * q[k];
   }
@@ -159,14 +194,14 @@ void top_eigenpairs(const float* matrix, int64_t m, int dims, double trace, Lanc
   int pairs = 0;
   for (int64_t j = 0; j < m; ++j) {
     const float* q = basis + j * m;
-    for (int64_t i = 0; i < m; ++i) w[i] = static_cast<float>(dot(matrix + i * m, q, m));
+    for (int64_t i = 0; i < m; ++i) w[i] = dot(matrix + i * m, q, m);
     const double a = dot(q, w, m);
     const float previous_beta = j > 0 ? static_cast<float>(scratch.beta[j - 1]) : 0.0f;
     for (int64_t i = 0; i < m; ++i) {
       w[i] -= static_cast<float>(a) * q[i] + (j > 0 ? previous_beta * basis[(j - 1) * m + i] : 0.0f);
     }
     for (int pass = 0; pass < 2; ++pass) reorthogonalize(basis, j + 1, m, w, scratch.projections.data());
-    const double b = std::sqrt(dot(w, w, m));
+    const double b = std::sqrt(static_cast<double>(dot(w, w, m)));
     scratch.alpha[j] = a;
     scratch.beta[j] = b;
     steps = j + 1;
@@ -232,7 +267,7 @@ void principal_coordinates(const float* centred, const DensityShape& s, const La
     } else {
       const float sign = orientation(y, s.D);
       for (int64_t c = 0; c < s.C; ++c) {
-        coordinates[c * s.dims + r] = sign * static_cast<float>(dot(centred + c * s.D, y, s.D));
+        coordinates[c * s.dims + r] = sign * dot(centred + c * s.D, y, s.D);
       }
     }
   }
@@ -261,22 +296,38 @@ void bin_channels(const float* coordinates, const DensityShape& s, int64_t* cell
   for (int64_t c = 0; c < s.C; ++c) counts[cell[c]] += 1;
 }
 
-// One sample's coordinates (C, dims); false when the sample is degenerate
-// (every channel then goes to cell 0).
-bool sample_coordinates(const float* rows, const float* centred, const float* matrix, double trace,
-                        const DensityShape& s, LanczosScratch& scratch, float* coordinates) {
+// Buffers of one thread, reused from sample to sample.
+struct SampleScratch {
+  std::vector<float> mean, centred, matrix, coordinates;
+  LanczosScratch lanczos;
+
+  explicit SampleScratch(const DensityShape& s) : coordinates(s.C * s.dims) {
+    if (s.features || s.D == 0) return;
+    const int64_t m = std::min(s.C, s.D);
+    mean.resize(s.D);
+    centred.resize(s.C * s.D);
+    matrix.resize(m * m);
+    lanczos.resize(m);
+  }
+};
+
+// One sample's coordinates (C, dims) into scratch.coordinates; false when the
+// sample is degenerate (every channel then goes to cell 0).
+bool sample_coordinates(const float* sample, const DensityShape& s, SampleScratch& scratch) {
+  float* coordinates = scratch.coordinates.data();
   if (s.features) {
     for (int64_t c = 0; c < s.C; ++c) {
-      if (!std::isfinite(rows[c])) return false;
-      coordinates[c] = rows[c];
+      if (!std::isfinite(sample[c])) return false;
+      coordinates[c] = sample[c];
     }
     return true;
   }
-  if (s.D == 0 || !(trace > 0.0) || !std::isfinite(trace)) return false;
-  const int64_t m = std::min(s.C, s.D);
-  scratch.resize(m);
-  top_eigenpairs(matrix, m, s.dims, trace, scratch);
-  principal_coordinates(centred, s, scratch, coordinates);
+  if (s.D == 0) return false;
+  const double trace = centre_sample(sample, s, scratch.mean.data(), scratch.centred.data());
+  if (!(trace > 0.0) || !std::isfinite(trace)) return false;
+  small_matrix(scratch.centred.data(), s, scratch.matrix.data());
+  top_eigenpairs(scratch.matrix.data(), std::min(s.C, s.D), s.dims, trace, scratch.lanczos);
+  principal_coordinates(scratch.centred.data(), s, scratch.lanczos, coordinates);
   return true;
 }
 
@@ -284,26 +335,13 @@ bool sample_coordinates(const float* rows, const float* centred, const float* ma
 void density_cells(const at::Tensor& rows, const DensityShape& s, at::Tensor& cell, at::Tensor& counts) {
   counts.zero_();
   if (s.N == 0 || s.C == 0) return;
-  at::Tensor centred, matrices;
-  std::vector<double> trace;
-  if (!s.features && s.D > 0) {
-    centred = at::empty_like(rows);
-    trace = centre_channels(rows, centred, s);
-    matrices = s.C < s.D ? at::bmm(centred, centred.transpose(1, 2)) : at::bmm(centred.transpose(1, 2), centred);
-  }
-  const int64_t m = std::min(s.C, s.D);
   at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
-    LanczosScratch scratch;
-    std::vector<float> coordinates(s.C * s.dims);
+    SampleScratch scratch(s);
     for (int64_t n = begin; n < end; ++n) {
-      const float* centred_sample = centred.defined() ? centred.data_ptr<float>() + n * s.C * s.D : nullptr;
-      const float* matrix = matrices.defined() ? matrices.data_ptr<float>() + n * m * m : nullptr;
-      const double sample_trace = trace.empty() ? 0.0 : trace[n];
       int64_t* cell_row = cell.data_ptr<int64_t>() + n * s.C;
       int64_t* counts_row = counts.data_ptr<int64_t>() + n * s.cells;
-      const float* row = rows.data_ptr<float>() + n * s.C * s.D;
-      if (sample_coordinates(row, centred_sample, matrix, sample_trace, s, scratch, coordinates.data())) {
-        bin_channels(coordinates.data(), s, cell_row, counts_row);
+      if (sample_coordinates(rows.data_ptr<float>() + n * s.C * s.D, s, scratch)) {
+        bin_channels(scratch.coordinates.data(), s, cell_row, counts_row);
       } else {
         std::fill(cell_row, cell_row + s.C, 0);
         counts_row[0] = s.C;
@@ -328,14 +366,16 @@ void channel_masks(const at::Tensor& cell, const at::Tensor& counts, const Densi
   mask.zero_();
   const int64_t row_bytes = mask.size(1);
   at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> uniforms(s.C);
     for (int64_t n = begin; n < end; ++n) {
+      uniform_floats(seed, static_cast<uint64_t>(n * s.C), s.C, uniforms.data());
       const int64_t* cell_row = cell.data_ptr<int64_t>() + n * s.C;
       const int64_t* counts_row = counts.data_ptr<int64_t>() + n * s.cells;
       const int64_t largest = std::max<int64_t>(1, *std::max_element(counts_row, counts_row + s.cells));
       uint8_t* mask_row = mask.data_ptr<uint8_t>() + n * row_bytes;
       for (int64_t c = 0; c < s.C; ++c) {
         const float p = drop_probability(counts_row[cell_row[c]], largest, kappa, alpha);
-        const bool keep = !(philox_uniform(seed, static_cast<uint64_t>(n * s.C + c)) < p);
+        const bool keep = !(uniforms[c] < p);
         if (keep) mask_row[c >> 3] |= static_cast<uint8_t>(1u << (c & 7));
         if (rescale) {
           scale.data_ptr<float>()[n * s.C + c] = keep ? static_cast<float>(1.0 / (1.0 - static_cast<double>(p))) : 0.0f;
@@ -359,7 +399,7 @@ void apply_channel_mask(const at::Tensor& in, const at::Tensor& mask, const at::
   scalar_t* dst = out.data_ptr<scalar_t>();
   const uint8_t* bits = mask.data_ptr<uint8_t>();
   const float* scale_ptr = scale.data_ptr<float>();
-  const bool per_channel = scale.dim() == 2;
+  const bool per_channel = scale.numel() != 1;
   auto factor = [&](int64_t n, int64_t c) -> opmath_t {
     if (!channel_kept(bits + n * row_bytes, c)) return opmath_t(0);
     return static_cast<opmath_t>(per_channel ? scale_ptr[n * C + c] : scale_ptr[0]);
@@ -384,17 +424,18 @@ void apply_channel_mask(const at::Tensor& in, const at::Tensor& mask, const at::
     });
     return;
   }
-  at::parallel_for(0, N * C, std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1)), [&](int64_t begin, int64_t end) {
-    for (int64_t plane = begin; plane < end; ++plane) {
-      const int64_t n = plane / C, c = plane % C;
-      const scalar_t* x = src + plane * D;
-      scalar_t* y = dst + plane * D;
-      if (!channel_kept(bits + n * row_bytes, c)) {
-        std::fill(y, y + D, scalar_t(0));
-        continue;
+  at::parallel_for(0, N, std::max<int64_t>(1, 32768 / std::max<int64_t>(C * D, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t* x = src + (n * C + c) * D;
+        scalar_t* y = dst + (n * C + c) * D;
+        if (!channel_kept(bits + n * row_bytes, c)) {
+          std::fill(y, y + D, scalar_t(0));
+          continue;
+        }
+        const opmath_t s = factor(n, c);
+        for (int64_t d = 0; d < D; ++d) y[d] = static_cast<scalar_t>(static_cast<opmath_t>(x[d]) * s);
       }
-      const opmath_t s = factor(n, c);
-      for (int64_t d = 0; d < D; ++d) y[d] = static_cast<scalar_t>(static_cast<opmath_t>(x[d]) * s);
     }
   });
 }

@@ -81,9 +81,10 @@ inline void philox_lanes(uint64_t seed, uint64_t first_group, uint32_t* words) {
   philox_lanes_scalar(seed, first_group, words);
 }
 
-// out[k] = 1 if uniform(seed, first + k) < threshold else 0, for k < count,
-// with folded_cut = folded_threshold(threshold).
-inline void bernoulli_bytes(uint64_t seed, uint64_t first, int64_t count, uint32_t folded_cut, uint8_t* out) {
+// Calls visit(k, word) with the Philox word of element index first + k, for
+// every k < count, drawing kPhiloxLanes blocks at a time.
+template <typename Visit>
+inline void for_each_philox_word(uint64_t seed, uint64_t first, int64_t count, Visit&& visit) {
   uint32_t words[4 * kPhiloxLanes];
   const uint64_t end = first + static_cast<uint64_t>(count);
   uint64_t group = first >> 2;
@@ -93,11 +94,20 @@ inline void bernoulli_bytes(uint64_t seed, uint64_t first, int64_t count, uint32
     const uint64_t lo = block_first < first ? first : block_first;
     const uint64_t block_end = block_first + 4 * kPhiloxLanes;
     const uint64_t hi = block_end < end ? block_end : end;
-    for (uint64_t index = lo; index < hi; ++index) {
-      out[index - first] = fold_word(words[index - block_first]) < folded_cut;
-    }
+    for (uint64_t index = lo; index < hi; ++index) visit(index - first, words[index - block_first]);
     group += kPhiloxLanes;
   }
+}
+
+// out[k] = 1 if uniform(seed, first + k) < threshold else 0, for k < count,
+// with folded_cut = folded_threshold(threshold).
+inline void bernoulli_bytes(uint64_t seed, uint64_t first, int64_t count, uint32_t folded_cut, uint8_t* out) {
+  for_each_philox_word(seed, first, count, [&](uint64_t k, uint32_t word) { out[k] = fold_word(word) < folded_cut; });
+}
+
+// out[k] = uniform(seed, first + k), for k < count.
+inline void uniform_floats(uint64_t seed, uint64_t first, int64_t count, float* out) {
+  for_each_philox_word(seed, first, count, [&](uint64_t k, uint32_t word) { out[k] = word_to_uniform(word); });
 }
 
 }  // namespace robustdrop

@@ -1,0 +1,38 @@
+"""Feature-density dropout benchmark cases (DESIGN.md 4.3):
+``robustdrop.feature_density_dropout`` against the naive baseline
+``robustdrop.reference.feature_density.naive_feature_density_dropout``: a
+per-sample loop of float64 ``torch.linalg.eigh`` on the (H*W x H*W)
+covariance (the PCA the paper describes, O((H*W)**3) per sample), binning and
+counting with torch ops, and ``torch.bernoulli``. No outside library ships
+FDD, so the only anchor is ``torch.compile`` of the naive baseline.
+
+The issue's targets are forward times at 64x512x4x4 (ResNet-18's last map on
+CIFAR) and 64x128x16x16; the inputs are random normal, the hardest case for
+the Lanczos iteration (a flat spectrum with small gaps between its top
+eigenvalues).
+"""
+import robustdrop
+from robustdrop.benchmark import BenchConfig, Case
+from robustdrop.reference.feature_density import naive_feature_density_dropout
+
+OP = "feature_density_dropout"
+
+# (shape, dims)
+TARGETS = [((64, 512, 4, 4), 2), ((64, 128, 16, 16), 2)]
+TYPICAL = [((64, 512, 4, 4), 3), ((64, 512), 1)]  # FDD-3D, and FDD-1D on ResNet-18's FC features
+QUICK = [((4, 32, 4, 4), 2), ((3, 12, 5, 7), 3), ((8, 40), 1)]  # --quick: small, odd sizes
+
+
+def cases(config: BenchConfig) -> list[Case]:
+    settings = QUICK if config.quick else [*TARGETS, *TYPICAL]
+    return [_case(shape, dims) for shape, dims in settings]
+
+
+def _case(shape, dims) -> Case:
+    def naive(x):
+        return naive_feature_density_dropout(x, dims)
+
+    def ours(x, backend):
+        return robustdrop.feature_density_dropout(x, dims, backend=backend)
+
+    return Case(op=OP, params=f"dims={dims}", shape=shape, naive=naive, robustdrop=ours)
