@@ -63,26 +63,30 @@ import triton.language as tl
 from . import block_mask
 from .philox import launch, register_op, uniform
 
-# Axis lanes: dims <= 3, padded to a power of two.
-_LANES = 4
+# Axis lanes: dims <= 3, padded to a power of two (kernels and host alike).
+_LANES = tl.constexpr(4)
 _MAX_CELLS = 1 << 16
-# Lanczos constants of the contract.
-_DEGENERATE_TOLERANCE = 1e-10
-_ABSENT_AXIS_TOLERANCE = 1e-5
-_RESIDUAL_TOLERANCE = 1e-6
-_EXHAUSTED_TOLERANCE = 1e-6
-_CHECK_EVERY = 4
+# The contract's tolerances (csrc/lanczos.h has the same).
+_DEGENERATE_TOLERANCE = tl.constexpr(1e-10)
+_ABSENT_AXIS_TOLERANCE = tl.constexpr(1e-5)
+_RESIDUAL_TOLERANCE = tl.constexpr(1e-6)
+_EXHAUSTED_TOLERANCE = tl.constexpr(1e-6)
+_CHECK_EVERY = tl.constexpr(4)
+_INVERSE_ITERATIONS = tl.constexpr(2)
+_DBL_EPSILON = tl.constexpr(2.220446049250313e-16)
+_DBL_MIN = tl.constexpr(2.2250738585072014e-308)
+_DBL_MAX = tl.constexpr(1.7976931348623157e308)
 # Multisection: SHIFTS evenly spaced shifts per round cut the interval into
-# SHIFTS parts (log2(SHIFTS) halvings); ROUNDS rounds make 100 halvings.
-_SHIFTS = 32
-_ROUNDS = 20
-_INVERSE_ITERATIONS = 2
-_DBL_EPSILON = 2.220446049250313e-16
-_DBL_MIN = 2.2250738585072014e-308
-_DBL_MAX = 1.7976931348623157e308
+# SHIFTS parts (log2(SHIFTS) = 7 halvings); ROUNDS rounds make >= 100 halvings.
+# Few wide rounds suit both the GPU (the Sturm recurrence is a serial chain)
+# and the interpreter (one numpy op per step, whatever its width).
+_SHIFTS = 128
+_ROUNDS = 15
 # Tiles: at most this many elements per block of registers.
 _TILE = 4096
 _GRAM_BLOCK = 64
+_GRAM_BLOCK_K = 32
+_GRAM_WARPS = 8
 _APPLY_BLOCK = 2048
 _APPLY_WARPS = 8
 
@@ -243,10 +247,10 @@ def _bisect(alpha, beta, j, pairs, lower, upper, pivot_min, SHIFTS: tl.constexpr
     part where the count crosses index j - 1 - r, until the width is at the
     level of float64 rounding or ROUNDS * log2(SHIFTS) halvings are done.
     """
-    lanes = tl.arange(0, 4)
+    lanes = tl.arange(0, _LANES)
     index = j - 1 - lanes
-    lo = tl.zeros((4,), dtype=tl.float64) + lower
-    hi = tl.zeros((4,), dtype=tl.float64) + upper
+    lo = tl.zeros((_LANES,), dtype=tl.float64) + lower
+    hi = tl.zeros((_LANES,), dtype=tl.float64) + upper
     fraction = tl.arange(0, SHIFTS).to(tl.float64) / SHIFTS
     rounds = tl.full((), 0, dtype=tl.int32)
     go = pairs > 0
@@ -257,7 +261,7 @@ def _bisect(alpha, beta, j, pairs, lower, upper, pivot_min, SHIFTS: tl.constexpr
         lo = tl.maximum(lo, tl.max(tl.where(below, shift, -float("inf")), axis=1))
         hi = tl.minimum(hi, tl.min(tl.where(below, float("inf"), shift), axis=1))
         rounds += 1
-        wide = hi - lo > 2.0 * 2.220446049250313e-16 * tl.maximum(tl.abs(lo), tl.abs(hi)) + pivot_min
+        wide = hi - lo > 2.0 * _DBL_EPSILON * tl.maximum(tl.abs(lo), tl.abs(hi)) + pivot_min
         go = (rounds < ROUNDS) & (tl.sum((wide & (lanes < pairs)).to(tl.int32)) > 0)
     return 0.5 * (lo + hi)
 
@@ -272,8 +276,9 @@ def _shifted_solve(alpha, beta, vectors, elim, j, theta, tiny, BLOCK_M: tl.const
     wants. vectors: (L, BLOCK_M) float64; elim: (4, BLOCK_M, L) float64, the
     eliminated rows (diagonal, upper, second upper, right-hand side).
     """
-    lanes = tl.arange(0, 4)
-    zero = tl.zeros((4,), dtype=tl.float64)
+    lanes = tl.arange(0, _LANES)
+    field = BLOCK_M * _LANES  # elim holds field f of row i, lane r at (f * BLOCK_M + i) * L + r
+    zero = tl.zeros((_LANES,), dtype=tl.float64)
     d = tl.load(alpha) - theta
     u = zero + tl.load(beta, mask=j > 1, other=0.0)
     z = tl.load(vectors + lanes * BLOCK_M)
@@ -286,27 +291,27 @@ def _shifted_solve(alpha, beta, vectors, elim, j, theta, tiny, BLOCK_M: tl.const
         pivot = tl.where(tl.abs(d) < tiny, tiny, d)
         keep_factor = sub / pivot
         swap_factor = d / tl.where(sub == 0.0, 1.0, sub)
-        row = elim + i * 4 + lanes
+        row = elim + i * _LANES + lanes
         tl.store(row, tl.where(swap, sub, pivot))
-        tl.store(row + BLOCK_M * 4, tl.where(swap, c, u))
-        tl.store(row + 2 * BLOCK_M * 4, tl.where(swap, e, 0.0))
-        tl.store(row + 3 * BLOCK_M * 4, tl.where(swap, z_next, z))
+        tl.store(row + field, tl.where(swap, c, u))
+        tl.store(row + 2 * field, tl.where(swap, e, 0.0))
+        tl.store(row + 3 * field, tl.where(swap, z_next, z))
         next_d = tl.where(swap, u - swap_factor * c, c - keep_factor * u)
         u = tl.where(swap, -swap_factor * e, e)
         z = tl.where(swap, z - swap_factor * z_next, z_next - keep_factor * z)
         d = next_d
-    row = elim + (j - 1) * 4 + lanes
+    row = elim + (j - 1) * _LANES + lanes
     tl.store(row, tl.where(tl.abs(d) < tiny, tiny, d))
-    tl.store(row + BLOCK_M * 4, zero)
-    tl.store(row + 2 * BLOCK_M * 4, zero)
-    tl.store(row + 3 * BLOCK_M * 4, z)
+    tl.store(row + field, zero)
+    tl.store(row + 2 * field, zero)
+    tl.store(row + 3 * field, z)
     tl.debug_barrier()
     z1 = zero
     z2 = zero
     for step in range(0, j):
         i = j - 1 - step
-        row = elim + i * 4 + lanes
-        value = tl.load(row + 3 * BLOCK_M * 4) - tl.load(row + BLOCK_M * 4) * z1 - tl.load(row + 2 * BLOCK_M * 4) * z2
+        row = elim + i * _LANES + lanes
+        value = tl.load(row + 3 * field) - tl.load(row + field) * z1 - tl.load(row + 2 * field) * z2
         value = value / tl.load(row)
         tl.store(vectors + lanes * BLOCK_M + i, value)
         z2 = z1
@@ -320,24 +325,24 @@ def _lane(block, lanes, r):
 
 
 @triton.jit
-def _orthonormalise(vectors, j, pairs, BLOCK_M: tl.constexpr):
+def _orthonormalise(vectors, j, pairs, DIMS: tl.constexpr, BLOCK_M: tl.constexpr):
     """Normalises vectors[r, :j] in order of r, each after removing the earlier lanes.
 
     Nearly equal eigenvalues give inverse iteration nearly equal vectors;
-    this keeps their Ritz vectors orthogonal. Lanes past pairs, or a vector
-    that cannot be normalised, become e_0.
+    this keeps their Ritz vectors orthogonal. Lanes from pairs to DIMS, or a
+    vector that cannot be normalised, become e_0; lanes past DIMS stay 0.
     """
-    lanes = tl.arange(0, 4)
+    lanes = tl.arange(0, _LANES)
     idx = tl.arange(0, BLOCK_M)
     ptrs = vectors + lanes[:, None] * BLOCK_M + idx[None, :]
     block = tl.load(ptrs, mask=(lanes < pairs)[:, None] & (idx < j)[None, :], other=0.0)
-    for r in tl.static_range(4):
+    for r in tl.static_range(DIMS):  # lanes past DIMS are never used
         v = _lane(block, lanes, r)
         for p in tl.static_range(r):
             u = _lane(block, lanes, p)
             v -= tl.sum(u * v) * u
         norm = tl.sqrt(tl.sum(v * v))
-        good = (norm > 0.0) & (norm <= 1.7976931348623157e308)
+        good = (norm > 0.0) & (norm <= _DBL_MAX)
         v = tl.where(good, v / tl.where(good, norm, 1.0), tl.where(idx == 0, 1.0, 0.0))
         block = tl.where(lanes[:, None] == r, v[None, :], block)
     tl.store(ptrs, block, mask=(idx < j)[None, :])
@@ -352,7 +357,7 @@ def _tridiagonal_top(alpha, beta, theta_out, vectors, elim, j, pairs, residual, 
     every r < pairs, residual being beta_j (the next Lanczos residual norm).
     """
     idx = tl.arange(0, BLOCK_M)
-    lanes = tl.arange(0, 4)
+    lanes = tl.arange(0, _LANES)
     on = idx < j
     a = tl.load(alpha + idx, mask=on, other=0.0)
     b_next = tl.load(beta + idx, mask=idx < j - 1, other=0.0)
@@ -361,26 +366,26 @@ def _tridiagonal_top(alpha, beta, theta_out, vectors, elim, j, pairs, residual, 
     lower = tl.min(tl.where(on, a - radius, float("inf")))
     upper = tl.max(tl.where(on, a + radius, -float("inf")))
     norm = tl.max(tl.where(on, tl.abs(a) + radius, 0.0))
-    pivot_min = 2.2250738585072014e-308 * tl.maximum(tl.max(b_next * b_next), 1.0)
-    tiny = 2.220446049250313e-16 * tl.maximum(norm, 2.2250738585072014e-308)
+    pivot_min = _DBL_MIN * tl.maximum(tl.max(b_next * b_next), 1.0)
+    tiny = _DBL_EPSILON * tl.maximum(norm, _DBL_MIN)
     theta = _bisect(alpha, beta, j, pairs, lower, upper, pivot_min, SHIFTS, ROUNDS)
     tl.store(theta_out + lanes, theta)
-    tl.store(vectors + lanes[:, None] * BLOCK_M + idx[None, :], tl.zeros((4, BLOCK_M), dtype=tl.float64) + 1.0)
-    for _ in tl.static_range(2):
+    tl.store(vectors + lanes[:, None] * BLOCK_M + idx[None, :], tl.zeros((_LANES, BLOCK_M), dtype=tl.float64) + 1.0)
+    for _ in tl.static_range(_INVERSE_ITERATIONS):
         tl.debug_barrier()
         _shifted_solve(alpha, beta, vectors, elim, j, theta, tiny, BLOCK_M)
         tl.debug_barrier()
-        _orthonormalise(vectors, j, pairs, BLOCK_M)
+        _orthonormalise(vectors, j, pairs, DIMS, BLOCK_M)
     tl.debug_barrier()
     last = tl.load(vectors + lanes * BLOCK_M + j - 1)
     theta0 = tl.sum(tl.where(lanes == 0, theta, 0.0))
-    small = (residual * tl.abs(last) <= 1e-6 * tl.abs(theta0)) | (lanes >= pairs)
-    return (j >= DIMS) & (tl.sum(small.to(tl.int32)) == 4)
+    small = (residual * tl.abs(last) <= _RESIDUAL_TOLERANCE * tl.abs(theta0)) | (lanes >= pairs)
+    return (j >= DIMS) & (tl.sum(small.to(tl.int32)) == _LANES)
 
 
 @triton.jit
-def _ritz_vectors(basis, vectors, theta_in, axes, theta_out, j, pairs, m, BLOCK_M: tl.constexpr,
-                  ROWS: tl.constexpr):
+def _ritz_vectors(basis, vectors, theta_in, axes, theta_out, j, pairs, m, DIMS: tl.constexpr,
+                  BLOCK_M: tl.constexpr, ROWS: tl.constexpr):
     """axes[r] = Q_j s_r / ||Q_j s_r|| and theta_out[r] = theta_r on present axes, 0 elsewhere.
 
     Present: r < pairs and theta_r > 1e-5 * theta_0. axes: (L, m) float32;
@@ -388,16 +393,16 @@ def _ritz_vectors(basis, vectors, theta_in, axes, theta_out, j, pairs, m, BLOCK_
     """
     idx = tl.arange(0, BLOCK_M)
     inside = idx < m
-    lanes = tl.arange(0, 4)
+    lanes = tl.arange(0, _LANES)
     theta = tl.load(theta_in + lanes, mask=lanes < pairs, other=0.0)
     theta0 = tl.sum(tl.where(lanes == 0, theta, 0.0))
-    present = (lanes < pairs) & (theta > 1e-5 * theta0)
-    ritz = tl.zeros((4, BLOCK_M), dtype=tl.float32)
+    present = (lanes < pairs) & (theta > _ABSENT_AXIS_TOLERANCE * theta0)
+    ritz = tl.zeros((_LANES, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, j, ROWS):
         k = k0 + tl.arange(0, ROWS)
         k_ok = k < j
         q = tl.load(basis + k[:, None] * m + idx[None, :], mask=k_ok[:, None] & inside[None, :], other=0.0)
-        for r in tl.static_range(3):
+        for r in tl.static_range(DIMS):
             s = tl.load(vectors + r * BLOCK_M + k, mask=k < tl.where(r < pairs, j, 0), other=0.0).to(tl.float32)
             ritz = tl.where(lanes[:, None] == r, ritz + tl.sum(s[:, None] * q, axis=0)[None, :], ritz)
     norm = tl.sqrt_rn(tl.sum(ritz * ritz, axis=1))
@@ -427,9 +432,9 @@ def _lanczos_kernel(
     basis = basis_ptr + n * m * m
     alpha = tri_ptr + n * 2 * BLOCK_M
     beta = alpha + BLOCK_M
-    theta_work = theta_work_ptr + n * 4
-    vectors = vectors_ptr + n * 4 * BLOCK_M
-    elim = elim_ptr + n * 16 * BLOCK_M
+    theta_work = theta_work_ptr + n * _LANES
+    vectors = vectors_ptr + n * _LANES * BLOCK_M
+    elim = elim_ptr + n * 4 * BLOCK_M * _LANES
     idx = tl.arange(0, BLOCK_M)
     inside = idx < m
 
@@ -439,7 +444,7 @@ def _lanczos_kernel(
         d = d0 + tl.arange(0, BLOCK_E)
         energy += tl.load(energy_ptr + n * D + d, mask=d < D, other=0.0)
     # NaN fails both comparisons; an infinite trace fails the first.
-    regular = (tl.abs(trace) < float("inf")) & (trace.to(tl.float64) > 1e-10 * tl.sum(energy))
+    regular = (tl.abs(trace) < float("inf")) & (trace.to(tl.float64) > _DEGENERATE_TOLERANCE * tl.sum(energy))
 
     q = _start_vector(idx, inside)
     tl.store(basis + idx, q, mask=inside)
@@ -459,9 +464,9 @@ def _lanczos_kernel(
         b = tl.sqrt_rn(tl.sum(w * w))
         tl.store(alpha + j - 1, a.to(tl.float64))
         tl.store(beta + j - 1, b.to(tl.float64))
-        exhausted = b <= 1e-6 * trace
+        exhausted = b <= _EXHAUSTED_TOLERANCE * trace
         converged = j < 0
-        if (j == m) | exhausted | ((j >= DIMS) & (j % 4 == 0)):
+        if (j == m) | exhausted | ((j >= DIMS) & (j % _CHECK_EVERY == 0)):
             tl.debug_barrier()
             pairs = tl.minimum(j, DIMS)
             converged = _tridiagonal_top(alpha, beta, theta_work, vectors, elim, j, pairs, b.to(tl.float64),
@@ -473,7 +478,7 @@ def _lanczos_kernel(
         tl.store(basis + j * m + idx, q, mask=idx < tl.where(go, m, 0))
         beta_prev = b
     tl.debug_barrier()
-    _ritz_vectors(basis, vectors, theta_work, axes_ptr + n * 4 * m, theta_ptr + n * 4, j, pairs, m, BLOCK_M, ROWS)
+    _ritz_vectors(basis, vectors, theta_work, axes_ptr + n * _LANES * m, theta_ptr + n * _LANES, j, pairs, m, DIMS, BLOCK_M, ROWS)
 
 
 # --------------------------------------------------------------------------
@@ -490,17 +495,17 @@ def _project_kernel(x_ptr, mu_ptr, axes_ptr, out_ptr, m, K, D, stride_n, stride_
     """
     n = tl.program_id(0).to(tl.int64)
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    lanes = tl.arange(0, 4)
+    lanes = tl.arange(0, _LANES)
     sample = x_ptr + n * stride_n
     mu = mu_ptr + n * D
-    axes = axes_ptr + n * 4 * m
-    acc = tl.zeros((4, BLOCK_K), dtype=tl.float32)
+    axes = axes_ptr + n * _LANES * m
+    acc = tl.zeros((_LANES, BLOCK_K), dtype=tl.float32)
     for i0 in range(0, m, BLOCK_I):
         i = i0 + tl.arange(0, BLOCK_I)
         a = _centred_tile(sample, mu, i, k, m, K, stride_i, stride_k, MU_ON_ROWS)
         y = tl.load(axes + lanes[:, None] * m + i[None, :], mask=(i < m)[None, :], other=0.0)
         acc += tl.sum(y[:, :, None] * a[None, :, :], axis=1)
-    tl.store(out_ptr + n * 4 * K + lanes[:, None] * K + k[None, :], acc, mask=(k < K)[None, :])
+    tl.store(out_ptr + n * _LANES * K + lanes[:, None] * K + k[None, :], acc, mask=(k < K)[None, :])
 
 
 @triton.jit
@@ -511,18 +516,18 @@ def _orientation(vec, length, NORMALISE: tl.constexpr, BLOCK: tl.constexpr):
     NORMALISE (the contract orients v_r = w_r / ||w_r||; float32 rounding of
     the quotient can merge or split ties, so it is formed explicitly).
     """
-    lanes = tl.arange(0, 4)
-    norm = tl.zeros((4,), dtype=tl.float32) + 1.0
+    lanes = tl.arange(0, _LANES)
+    norm = tl.zeros((_LANES,), dtype=tl.float32) + 1.0
     if NORMALISE:
-        squares = tl.zeros((4,), dtype=tl.float32)
+        squares = tl.zeros((_LANES,), dtype=tl.float32)
         for t0 in range(0, length, BLOCK):
             t = t0 + tl.arange(0, BLOCK)
             v = tl.load(vec + lanes[:, None] * length + t[None, :], mask=(t < length)[None, :], other=0.0)
             squares += tl.sum(v * v, axis=1)
         norm = tl.sqrt_rn(squares)
         norm = tl.where(norm > 0.0, norm, 1.0)
-    best = tl.zeros((4,), dtype=tl.float32) - 1.0
-    sign = tl.zeros((4,), dtype=tl.float32) + 1.0
+    best = tl.zeros((_LANES,), dtype=tl.float32) - 1.0
+    sign = tl.zeros((_LANES,), dtype=tl.float32) + 1.0
     for t0 in range(0, length, BLOCK):
         t = t0 + tl.arange(0, BLOCK)
         ok = (t < length)[None, :]
@@ -547,8 +552,8 @@ def _coordinates(x_row, stride_c, axes, proj, weight, c, C, m, K, MODE: tl.const
     weight_r * y_r[c], weight = o_r * sqrt(theta_r). 3 (covariance side):
     weight_r * P[r, c], weight = o_r.
     """
-    lanes = tl.arange(0, 4)
-    ok = (lanes < 4)[:, None] & (c < C)[None, :]
+    lanes = tl.arange(0, _LANES)
+    ok = (lanes < _LANES)[:, None] & (c < C)[None, :]
     if MODE == 1:
         v = tl.load(x_row + c * stride_c, mask=c < C, other=0.0).to(tl.float32)
         f = tl.where((lanes == 0)[:, None], v[None, :], 0.0)
@@ -557,7 +562,7 @@ def _coordinates(x_row, stride_c, axes, proj, weight, c, C, m, K, MODE: tl.const
     elif MODE == 3:
         f = weight[:, None] * tl.load(proj + lanes[:, None] * K + c[None, :], mask=ok, other=0.0)
     else:
-        f = tl.zeros((4, BLOCK_C), dtype=tl.float32)
+        f = tl.zeros((_LANES, BLOCK_C), dtype=tl.float32)
     return tl.where(ok, f, 0.0)
 
 
@@ -572,19 +577,19 @@ def _bins_kernel(x_ptr, axes_ptr, theta_ptr, proj_ptr, cell_ptr, counts_ptr,
     Two sweeps over the channels: lo/hi (and, for 2-D x, finiteness), then bins.
     """
     n = tl.program_id(0).to(tl.int64)
-    lanes = tl.arange(0, 4)
-    axes = axes_ptr + n * 4 * m
-    proj = proj_ptr + n * 4 * K
+    lanes = tl.arange(0, _LANES)
+    axes = axes_ptr + n * _LANES * m
+    proj = proj_ptr + n * _LANES * K
     x_row = x_ptr + n * stride_n
-    weight = tl.zeros((4,), dtype=tl.float32)
+    weight = tl.zeros((_LANES,), dtype=tl.float32)
     if MODE == 2:
-        theta = tl.load(theta_ptr + n * 4 + lanes)
+        theta = tl.load(theta_ptr + n * _LANES + lanes)
         weight = _orientation(proj, K, True, BLOCK_O) * tl.sqrt(theta).to(tl.float32)
     elif MODE == 3:
         weight = _orientation(axes, m, False, BLOCK_O)
 
-    lo = tl.zeros((4,), dtype=tl.float32) + float("inf")
-    hi = tl.zeros((4,), dtype=tl.float32) - float("inf")
+    lo = tl.zeros((_LANES,), dtype=tl.float32) + float("inf")
+    hi = tl.zeros((_LANES,), dtype=tl.float32) - float("inf")
     bad = tl.sum(lanes * 0)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
@@ -636,14 +641,14 @@ def _drop_kernel(cell_ptr, counts_ptr, mask_ptr, scale_ptr, C, G, row_bytes, see
         c = c0 + tl.arange(0, BLOCK_C)
         count = tl.load(counts + tl.load(cells + c, mask=c < C, other=0), mask=c < C, other=0)
         largest = tl.maximum(largest, count)
-    largest = tl.max(largest).to(tl.float64)
+    max_count = tl.max(largest).to(tl.float64)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         c_ok = c < C
         count = tl.load(counts + tl.load(cells + c, mask=c_ok, other=0), mask=c_ok, other=0)
         # Three separately rounded float64 steps, then one rounding to float32.
         t = count.to(tl.float64) * kappa
-        t = t / largest
+        t = t / max_count
         t = t + alpha
         p = tl.minimum(tl.maximum(t, 0.0), 1.0).to(tl.float32)
         keep = (uniform(seed, n * C + c) >= p) & c_ok
@@ -792,10 +797,10 @@ def _principal_axes(src, stride_c, stride_p, dims):
 
     mat = torch.empty((N, m, m), dtype=torch.float32, device=device)
     block = min(_GRAM_BLOCK, max(16, _pow2(m)))
-    block_k = min(_GRAM_BLOCK, max(16, _pow2(K)))
+    block_k = min(_GRAM_BLOCK_K, max(16, _pow2(K)))
     tiles = triton.cdiv(m, block)
     launch(_gram_kernel, (N, tiles * tiles), src, mu, mat, m, K, D, tiles, src.stride(0), stride_i, stride_k,
-           MU_ON_ROWS=mu_on_rows, BLOCK=block, BLOCK_K=block_k)
+           MU_ON_ROWS=mu_on_rows, BLOCK=block, BLOCK_K=block_k, num_warps=_GRAM_WARPS)
 
     block_m = _pow2(m)
     basis = torch.empty((N, m, m), dtype=torch.float32, device=device)
@@ -807,7 +812,9 @@ def _principal_axes(src, stride_c, stride_p, dims):
     theta = torch.empty((N, _LANES), dtype=torch.float64, device=device)
     launch(_lanczos_kernel, (N,), mat, energy, basis, tri, theta_work, vectors, elim, axes, theta, m, D,
            DIMS=dims, BLOCK_M=block_m, ROWS=max(1, min(block_m, _TILE // block_m)),
-           BLOCK_E=min(_pow2(D), 1024), SHIFTS=_SHIFTS, ROUNDS=_ROUNDS)
+           BLOCK_E=min(_pow2(D), 1024), SHIFTS=_SHIFTS, ROUNDS=_ROUNDS,
+           # Wide vectors (and the (L, BLOCK_M) float64 block) need more threads to stay in registers.
+           num_warps=min(16, max(4, block_m // 128)))
 
     proj = torch.empty((N, _LANES, K), dtype=torch.float32, device=device)
     block_k = min(_pow2(K), 128)
