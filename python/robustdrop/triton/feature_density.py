@@ -545,15 +545,17 @@ def _orientation(vec, length, NORMALISE: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _coordinates(x_row, stride_c, axes, proj, weight, c, C, m, K, MODE: tl.constexpr, BLOCK_C: tl.constexpr):
-    """f (L, BLOCK_C) float32 of channels c (0 for c >= C and absent axes).
+def _coordinates(x_row, stride_c, axes, proj, weight, live, c, C, m, K, MODE: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
+    """f (L, BLOCK_C) float32 of channels c: 0 for c >= C and on lanes that are not live.
 
     MODE 0: all 0 (D = 0). 1: 2-D x, lane 0 = float32(x). 2 (Gram side):
     weight_r * y_r[c], weight = o_r * sqrt(theta_r). 3 (covariance side):
-    weight_r * P[r, c], weight = o_r.
+    weight_r * P[r, c], weight = o_r. Masking by live (not multiplying by a
+    zero weight) keeps a degenerate sample's NaN projections out.
     """
     lanes = tl.arange(0, _LANES)
-    ok = (lanes < _LANES)[:, None] & (c < C)[None, :]
+    ok = live[:, None] & (c < C)[None, :]
     if MODE == 1:
         v = tl.load(x_row + c * stride_c, mask=c < C, other=0.0).to(tl.float32)
         f = tl.where((lanes == 0)[:, None], v[None, :], 0.0)
@@ -581,19 +583,26 @@ def _bins_kernel(x_ptr, axes_ptr, theta_ptr, proj_ptr, cell_ptr, counts_ptr,
     axes = axes_ptr + n * _LANES * m
     proj = proj_ptr + n * _LANES * K
     x_row = x_ptr + n * stride_n
+    # Live lanes: the present axes (theta > 0), the values' lane for 2-D x, none for D = 0.
     weight = tl.zeros((_LANES,), dtype=tl.float32)
-    if MODE == 2:
+    if MODE == 1:
+        live = lanes == 0
+    elif MODE == 2:
         theta = tl.load(theta_ptr + n * _LANES + lanes)
+        live = theta > 0.0
         weight = _orientation(proj, K, True, BLOCK_O) * tl.sqrt(theta).to(tl.float32)
     elif MODE == 3:
+        live = tl.load(theta_ptr + n * _LANES + lanes) > 0.0
         weight = _orientation(axes, m, False, BLOCK_O)
+    else:
+        live = lanes < 0
 
     lo = tl.zeros((_LANES,), dtype=tl.float32) + float("inf")
     hi = tl.zeros((_LANES,), dtype=tl.float32) - float("inf")
     bad = tl.sum(lanes * 0)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        f = _coordinates(x_row, stride_c, axes, proj, weight, c, C, m, K, MODE, BLOCK_C)
+        f = _coordinates(x_row, stride_c, axes, proj, weight, live, c, C, m, K, MODE, BLOCK_C)
         ok = (c < C)[None, :]
         lo = tl.minimum(lo, tl.min(tl.where(ok, f, float("inf")), axis=1))
         hi = tl.maximum(hi, tl.max(tl.where(ok, f, -float("inf")), axis=1))
@@ -607,7 +616,7 @@ def _bins_kernel(x_ptr, axes_ptr, theta_ptr, proj_ptr, cell_ptr, counts_ptr,
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         c_ok = c < C
-        f = _coordinates(x_row, stride_c, axes, proj, weight, c, C, m, K, MODE, BLOCK_C)
+        f = _coordinates(x_row, stride_c, axes, proj, weight, live, c, C, m, K, MODE, BLOCK_C)
         position = tl.floor(tl.div_rn(f - lo[:, None], tl.zeros_like(f) + width[:, None]))
         # NaN fails both comparisons and lands in bin 0.
         b = tl.where(position >= top[:, None], top[:, None], tl.where(position > 0.0, position, 0.0)).to(tl.int64)
