@@ -26,7 +26,9 @@ dims = 1 (F plays C, D = 1); m = min(C, D); G = grids**dims; L = 4 axis lanes
     scale  = 1 (0-d), or with rescale keep ? float32(1 / (1 - float64(p32))) : 0 (N, C)
     y      = keep ? x * scale : 0                    (float32 maths; float64 for float64 x)
 
-Launches, none of which waits for the host (4-D x; 2-D x skips 1-4):
+Launches, none of which waits for the host (4-D x; 2-D x skips 1-4), besides
+torch's fill of the (N, G) counts with zeros (and of the 0-d scale with 1.0
+when rescale is False):
 
 1. ``_mean_kernel``, grid (N, D tiles): mu and the per-column energy sum_c X**2.
 2. ``_gram_kernel``, grid (N, T*T): the upper tiles of M = A A^T by ``tl.dot``
@@ -46,12 +48,15 @@ Launches, none of which waits for the host (4-D x; 2-D x skips 1-4):
 7. ``_apply_kernel``, grid (row tiles, column tiles): y = keep ? x * s : 0; the
    backward pass is the same kernel on grad_y.
 
+So feature_density is 6 launches (2-D x: 2), the forward 8 or 9 (2-D x: 4 or
+5) and the backward 1. Scratch: M and the Lanczos basis, 2 * N * m * m float32.
+
 Passes over x (forward, 4-D): launches 1, 2, 4 and 7 read x, 7 writes y, so four
-reads and one write when M fits one Gram tile (m <= 64; otherwise launch 2 reads
-each panel once per tile of its row or column). The axes depend on every channel
-and every position of a sample, and the drop on every channel's cell, so none of
-these reads can be fused into the apply. 2-D x: the bins kernel and the apply
-read x, the apply writes y.
+reads and one write when M is one Gram tile (m <= 64); with T = ceil(m / 64)
+tiles per side launch 2 reads x T times (each panel once per tile of its tile
+row and column). The axes depend on every channel and position of a sample,
+and the drop on every channel's cell, so none of these reads can be fused into
+the apply. 2-D x: the bins kernel and the apply read x, the apply writes y.
 """
 
 import struct
@@ -159,7 +164,10 @@ def _gram_kernel(x_ptr, mu_ptr, mat_ptr, m, K, D, tiles, stride_n, stride_i, str
     for k0 in range(0, tl.where(upper, K, 0), BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         a = _centred_tile(sample, mu, i, k, m, K, stride_i, stride_k, MU_ON_ROWS)
-        b = _centred_tile(sample, mu, j, k, m, K, stride_i, stride_k, MU_ON_ROWS)
+        if ti == tj:  # a diagonal tile reads its panel once
+            b = a
+        else:
+            b = _centred_tile(sample, mu, j, k, m, K, stride_i, stride_k, MU_ON_ROWS)
         acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
     # On a diagonal tile i and j are the same indices: keep the upper triangle.
     acc = tl.where(ti < tj, acc, tl.where(i[:, None] <= j[None, :], acc, tl.trans(acc)))
