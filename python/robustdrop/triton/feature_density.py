@@ -620,7 +620,8 @@ def _bins_kernel(x_ptr, axes_ptr, theta_ptr, proj_ptr, cell_ptr, counts_ptr,
     width = tl.div_rn(hi - lo, tl.zeros_like(hi) + grids)
     width = tl.where(split, width, 1.0)
     top = tl.zeros_like(hi) + (grids - 1)
-    power = tl.where(lanes == 0, 1, tl.where(lanes == 1, grids, tl.where(lanes == 2, grids * grids, 0))).to(tl.int64)
+    g = tl.zeros((_LANES,), dtype=tl.int64) + grids  # grids**2 can pass int32 (dims 1 and grids 65536)
+    power = tl.where(lanes == 0, 1, tl.where(lanes == 1, g, tl.where(lanes == 2, g * g, 0)))
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         c_ok = c < C
