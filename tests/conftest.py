@@ -36,6 +36,27 @@ def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor):
     assert torch.equal(actual.cpu(), expected.cpu())
 
 
+def memory_layouts(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """x (N, C, H, W) with the same values in three layouts the kernels must handle."""
+    return {
+        "channels_last": x.contiguous(memory_format=torch.channels_last),
+        "strided": torch.stack([x, -x], dim=-1)[..., 0],
+        "transposed": x.transpose(2, 3).contiguous().transpose(2, 3),
+    }
+
+
+def assert_compiled_matches_eager(step, x: torch.Tensor, *args, seeds=(3, 4)):
+    """torch.compile(step, fullgraph=True)(x, *args, seed) gives eager's loss and gradient for each seed."""
+    compiled = torch.compile(step, fullgraph=True)
+    for seed in seeds:
+        loss = compiled(x, *args, seed)
+        (grad,) = torch.autograd.grad(loss, x)
+        loss_eager = step(x, *args, seed)
+        (grad_eager,) = torch.autograd.grad(loss_eager, x)
+        assert torch.equal(grad, grad_eager)
+        torch.testing.assert_close(loss, loss_eager)
+
+
 @pytest.fixture(autouse=True)
 def _no_backend_override(monkeypatch):
     """Tests choose backends explicitly; a ROBUSTDROP_BACKEND in the shell must not leak in."""

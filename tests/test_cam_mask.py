@@ -10,7 +10,8 @@ from robustdrop import _seed
 from robustdrop.nn import CamDrop2d, cam_targets, set_cam_targets
 from robustdrop.reference import block_mask as block_reference
 from robustdrop.reference import cam_mask as reference
-from conftest import DEVICE_BACKENDS, DEVICES, KERNEL_BACKENDS, assert_same_bits
+from conftest import (DEVICE_BACKENDS, DEVICES, KERNEL_BACKENDS, assert_compiled_matches_eager, assert_same_bits,
+                      memory_layouts)
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -185,12 +186,7 @@ def test_dtypes_forward_and_backward_match_reference(device, backend, dtype):
 def test_channels_last_and_non_contiguous(device, backend):
     generator = torch.Generator().manual_seed(6)
     x, weight, target = integer_inputs((2, 5, 9, 12), 3, 1, generator, device)
-    layouts = {
-        "channels_last": x.contiguous(memory_format=torch.channels_last),
-        "strided": torch.stack([x, -x], dim=-1)[..., 0],
-        "transposed": x.transpose(2, 3).contiguous().transpose(2, 3),
-    }
-    for name, layout in layouts.items():
+    for name, layout in memory_layouts(x).items():
         kwargs = dict(p=0.5, block_size=3, spatial_topk=15, channel_topk=2, seed=13)
         y = robustdrop.cam_drop2d(layout, weight, target, backend=backend, **kwargs)
         y_ref = robustdrop.cam_drop2d(layout.contiguous(), weight, target, backend="reference", **kwargs)
@@ -255,14 +251,7 @@ def test_torch_compile_fullgraph_forward_and_backward(device, backend):
                                   backend=backend)
         return (y * y).sum()
 
-    compiled = torch.compile(step, fullgraph=True)
-    for seed in (3, 4):
-        loss = compiled(x, target, seed)
-        (grad,) = torch.autograd.grad(loss, x)
-        loss_eager = step(x, target, seed)
-        (grad_eager,) = torch.autograd.grad(loss_eager, x)
-        assert torch.equal(grad, grad_eager)
-        torch.testing.assert_close(loss, loss_eager)
+    assert_compiled_matches_eager(step, x, target)
 
 
 @pytest.mark.parametrize("device,backend", [(d, b) for d, b in DEVICE_BACKENDS if b != "triton" or d == "cuda"])

@@ -12,7 +12,7 @@ import torch
 import robustdrop
 from robustdrop.nn import FeatureDensityDropout1d, FeatureDensityDropout2d
 from robustdrop.reference import feature_density as reference
-from conftest import DEVICE_BACKENDS, KERNEL_BACKENDS, assert_same_bits
+from conftest import DEVICE_BACKENDS, KERNEL_BACKENDS, assert_compiled_matches_eager, assert_same_bits, memory_layouts
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 EDGE_BOUND = 1e-4  # DESIGN.md 4.3
@@ -268,12 +268,7 @@ def test_dtypes_forward_and_backward_match_reference(device, backend, dtype):
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_channels_last_and_non_contiguous(device, backend):
     x = margin_input((2, 12, 5, 5), 2, 5, 120).to(device)
-    layouts = {
-        "channels_last": x.contiguous(memory_format=torch.channels_last),
-        "strided": torch.stack([x, -x], dim=-1)[..., 0],
-        "transposed": x.transpose(2, 3).contiguous().transpose(2, 3),
-    }
-    for name, layout in layouts.items():
+    for name, layout in memory_layouts(x).items():
         y = robustdrop.feature_density_dropout(layout, 2, 5, kappa=0.0, alpha=0.5, seed=13, backend=backend)
         y_ref = robustdrop.feature_density_dropout(layout.contiguous(), 2, 5, kappa=0.0, alpha=0.5, seed=13,
                                                    backend="reference")
@@ -341,14 +336,7 @@ def test_torch_compile_fullgraph_forward_and_backward(device, backend):
         y = robustdrop.feature_density_dropout(x, 2, 5, rescale=True, seed=seed, backend=backend)
         return (y * y).sum()
 
-    compiled = torch.compile(step, fullgraph=True)
-    for seed in (3, 4):
-        loss = compiled(x, seed)
-        (grad,) = torch.autograd.grad(loss, x)
-        loss_eager = step(x, seed)
-        (grad_eager,) = torch.autograd.grad(loss_eager, x)
-        assert torch.equal(grad, grad_eager)
-        torch.testing.assert_close(loss, loss_eager)
+    assert_compiled_matches_eager(step, x)
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../feature_density.h"
 #include "../lanczos.h"
 #include "../philox.h"
 #include "philox_cpu.h"
@@ -38,36 +39,24 @@ namespace {
 
 using lanczos::kMaxDims;
 
-struct DensityShape {
-  int64_t N, C, D;  // samples, channels (or features), positions per channel (1 for (N, F))
-  int dims, grids;
-  int64_t cells;    // grids**dims
-  bool features;    // x is (N, F): each value is its own coordinate
-};
-
-DensityShape density_shape(const at::Tensor& x, int64_t dims, int64_t grids) {
-  DensityShape s;
-  s.N = x.size(0);
-  s.C = x.size(1);
-  s.features = x.dim() == 2;
-  s.D = s.features ? 1 : x.size(2) * x.size(3);
-  s.dims = static_cast<int>(dims);
-  s.grids = static_cast<int>(grids);
-  s.cells = 1;
-  for (int r = 0; r < s.dims; ++r) s.cells *= grids;
-  return s;
-}
 
 // x as float32 (N, C, D), channel-major, the layout the GEMM and the binning read.
 at::Tensor channel_rows(const at::Tensor& x, const DensityShape& s) {
   return x.to(at::kFloat).contiguous().view({s.N, s.C, s.D});
 }
 
-// ---------------------------------------------------------------- centre and M
+// ---------------------------------------------------------------- vector helpers
+
+// Built for AVX2 and for the baseline; the loader picks one per machine.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define ROBUSTDROP_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define ROBUSTDROP_VECTOR_CLONES
+#endif
 
 // a . b in float32 with eight partial sums: vectorisable without reassociating
 // one long chain, and as accurate as the float32 vectors it reads.
-float dot(const float* __restrict a, const float* __restrict b, int64_t length) {
+ROBUSTDROP_VECTOR_CLONES float dot(const float* __restrict a, const float* __restrict b, int64_t length) {
   float partial[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
   int64_t i = 0;
   for (; i + 8 <= length; i += 8) {
@@ -79,23 +68,34 @@ float dot(const float* __restrict a, const float* __restrict b, int64_t length) 
   return sum;
 }
 
+// y += weight * x.
+ROBUSTDROP_VECTOR_CLONES void axpy(float weight, const float* __restrict x, float* __restrict y, int64_t length) {
+  for (int64_t i = 0; i < length; ++i) y[i] += weight * x[i];
+}
 
-// centred = sample - mean over channels, for one sample (C, D). Returns the
-// centred sum of squares, or 0 when that is within rounding of nothing
-// (lanczos::kDegenerateTolerance): channels equal up to float32 rounding.
+// ---------------------------------------------------------------- centre and M
+
+// The centred sample Xc = X - mean over channels in the layout its matrix
+// wants: rows of M are dot products of rows of this buffer.
+//   Gram side (C < D):        (C, D), M = Xc Xc^T
+//   covariance side (C >= D): (D, C), Xc transposed, M = Xc^T Xc
+inline bool gram_side(const DensityShape& s) { return s.C < s.D; }
+
+// Writes the centred sample and returns its sum of squares, or 0 when that
+// is within rounding of nothing (lanczos::kDegenerateTolerance): channels
+// equal up to float32 rounding.
 double centre_sample(const float* sample, const DensityShape& s, float* mean, float* centred) {
   std::fill(mean, mean + s.D, 0.0f);
-  for (int64_t c = 0; c < s.C; ++c) {
-    for (int64_t d = 0; d < s.D; ++d) mean[d] += sample[c * s.D + d];
-  }
+  for (int64_t c = 0; c < s.C; ++c) axpy(1.0f, sample + c * s.D, mean, s.D);
   for (int64_t d = 0; d < s.D; ++d) mean[d] /= static_cast<float>(s.C);
+  const bool transposed = !gram_side(s);
   double sum = 0.0, energy = 0.0;
   for (int64_t c = 0; c < s.C; ++c) {
     float local = 0.0f, local_energy = 0.0f;
     for (int64_t d = 0; d < s.D; ++d) {
       const float value = sample[c * s.D + d];
       const float deviation = value - mean[d];
-      centred[c * s.D + d] = deviation;
+      centred[transposed ? d * s.C + c : c * s.D + d] = deviation;
       local += deviation * deviation;
       local_energy += value * value;
     }
@@ -109,33 +109,17 @@ double centre_sample(const float* sample, const DensityShape& s, float* mean, fl
 // Below this size M is summed here; above it one GEMM call is faster than its overhead.
 constexpr int64_t kGemmMinSize = 64;
 
-// The m x m matrix M of one sample: Xc Xc^T (C < D, the Gram side) or Xc^T Xc.
+// The m x m matrix M of one sample: the Gram matrix of the centred buffer's rows.
 void small_matrix(float* centred, const DensityShape& s, float* matrix) {
-  const int64_t m = std::min(s.C, s.D);
+  const int64_t m = std::min(s.C, s.D), length = std::max(s.C, s.D);
   if (m >= kGemmMinSize) {
-    const at::Tensor rows = at::from_blob(centred, {s.C, s.D}, at::kFloat);
+    const at::Tensor rows = at::from_blob(centred, {m, length}, at::kFloat);
     at::Tensor out = at::from_blob(matrix, {m, m}, at::kFloat);
-    if (s.C < s.D) {
-      at::mm_out(out, rows, rows.t());
-    } else {
-      at::mm_out(out, rows.t(), rows);
-    }
+    at::mm_out(out, rows, rows.t());
     return;
   }
-  if (s.C < s.D) {  // M[a][b] = row a . row b
-    for (int64_t a = 0; a < m; ++a) {
-      for (int64_t b = 0; b <= a; ++b) matrix[a * m + b] = dot(centred + a * s.D, centred + b * s.D, s.D);
-    }
-  } else {  // M += outer(row, row) for every row, lower triangle
-    std::fill(matrix, matrix + m * m, 0.0f);
-    for (int64_t c = 0; c < s.C; ++c) {
-      const float* row = centred + c * s.D;
-      for (int64_t a = 0; a < m; ++a) {
-        const float weight = row[a];
-        float* out = matrix + a * m;
-        for (int64_t b = 0; b <= a; ++b) out[b] += weight * row[b];
-      }
-    }
+  for (int64_t a = 0; a < m; ++a) {
+    for (int64_t b = 0; b <= a; ++b) matrix[a * m + b] = dot(centred + a * length, centred + b * length, length);
   }
   for (int64_t a = 0; a < m; ++a) {
     for (int64_t b = 0; b < a; ++b) matrix[b * m + a] = matrix[a * m + b];
@@ -153,6 +137,7 @@ struct LanczosScratch {
   std::vector<double> vectors;      // (kMaxDims, m) top eigenvectors of T
   std::vector<double> work;         // (4m)
   std::vector<float> ritz;          // (kMaxDims, m) Ritz vectors y_r
+  std::vector<double> ritz_sum;     // (m) one Ritz vector before rounding
   double theta[kMaxDims];
   int pairs = 0;
 
@@ -165,17 +150,14 @@ struct LanczosScratch {
     vectors.assign(kMaxDims * m, 0.0);
     work.assign(4 * m, 0.0);
     ritz.assign(kMaxDims * m, 0.0f);
+    ritz_sum.assign(m, 0.0);
   }
 };
 
 // w -= Q_j (Q_j^T w) with Q_j the first `steps` basis vectors.
 void reorthogonalize(const float* basis, int64_t steps, int64_t m, float* w, float* projections) {
   for (int64_t i = 0; i < steps; ++i) projections[i] = dot(basis + i * m, w, m);
-  for (int64_t i = 0; i < steps; ++i) {
-    const float h = projections[i];
-    const float* q = basis + i * m;
-    for (int64_t k = 0; k < m; ++k) w[k] -= h * q[k];
-  }
+  for (int64_t i = 0; i < steps; ++i) axpy(-projections[i], basis + i * m, w, m);
 }
 
 // The top `dims` eigenpairs of the m x m matrix (row-major) into scratch.theta,
@@ -221,7 +203,8 @@ void top_eigenpairs(const float* matrix, int64_t m, int dims, double trace, Lanc
   for (int r = 0; r < pairs; ++r) {
     const double* s = scratch.vectors.data() + r * steps;
     float* y = scratch.ritz.data() + r * m;
-    std::vector<double> sum(m, 0.0);
+    double* sum = scratch.ritz_sum.data();
+    std::fill(sum, sum + m, 0.0);
     for (int64_t i = 0; i < steps; ++i) {
       const float* q = basis + i * m;
       for (int64_t k = 0; k < m; ++k) sum[k] += s[i] * q[k];
@@ -243,32 +226,29 @@ float orientation(const float* axis, int64_t length) {
   return axis[best] < 0.0f ? -1.0f : 1.0f;
 }
 
-// Coordinates f (C, dims) of one non-degenerate sample from its eigenpairs.
+// Coordinates f (C, dims) of one non-degenerate sample from its eigenpairs;
+// axis holds max(C, D) floats of scratch.
 void principal_coordinates(const float* centred, const DensityShape& s, const LanczosScratch& scratch,
-                           float* coordinates) {
-  const bool gram_side = s.C < s.D;
-  const int64_t m = gram_side ? s.C : s.D;
+                           float* axis, float* coordinates) {
   std::fill(coordinates, coordinates + s.C * s.dims, 0.0f);
-  std::vector<float> axis(s.D);
   for (int r = 0; r < scratch.pairs; ++r) {
     const double theta = scratch.theta[r];
     if (!(scratch.theta[0] > 0.0) || !(theta > lanczos::kAbsentAxisTolerance * scratch.theta[0])) break;
-    const float* y = scratch.ritz.data() + r * m;
-    if (gram_side) {
-      // The axis in R^D is Xc^T y / sqrt(theta); only its orientation is needed.
-      std::fill(axis.begin(), axis.end(), 0.0f);
-      for (int64_t c = 0; c < s.C; ++c) {
-        const float weight = y[c];
-        const float* row = centred + c * s.D;
-        for (int64_t d = 0; d < s.D; ++d) axis[d] += weight * row[d];
-      }
-      const float length = static_cast<float>(std::sqrt(theta)) * orientation(axis.data(), s.D);
+    if (gram_side(s)) {
+      // y (C) is the coordinate direction; the axis in R^D, Xc^T y / sqrt(theta),
+      // is needed only for its orientation.
+      const float* y = scratch.ritz.data() + r * s.C;
+      std::fill(axis, axis + s.D, 0.0f);
+      for (int64_t c = 0; c < s.C; ++c) axpy(y[c], centred + c * s.D, axis, s.D);
+      const float length = static_cast<float>(std::sqrt(theta)) * orientation(axis, s.D);
       for (int64_t c = 0; c < s.C; ++c) coordinates[c * s.dims + r] = length * y[c];
     } else {
+      // y (D) is the axis; the coordinates are Xc y, summed over the rows of Xc^T.
+      const float* y = scratch.ritz.data() + r * s.D;
       const float sign = orientation(y, s.D);
-      for (int64_t c = 0; c < s.C; ++c) {
-        coordinates[c * s.dims + r] = sign * dot(centred + c * s.D, y, s.D);
-      }
+      std::fill(axis, axis + s.C, 0.0f);
+      for (int64_t d = 0; d < s.D; ++d) axpy(y[d], centred + d * s.C, axis, s.C);
+      for (int64_t c = 0; c < s.C; ++c) coordinates[c * s.dims + r] = sign * axis[c];
     }
   }
 }
@@ -298,13 +278,14 @@ void bin_channels(const float* coordinates, const DensityShape& s, int64_t* cell
 
 // Buffers of one thread, reused from sample to sample.
 struct SampleScratch {
-  std::vector<float> mean, centred, matrix, coordinates;
+  std::vector<float> mean, centred, matrix, axis, coordinates;
   LanczosScratch lanczos;
 
   explicit SampleScratch(const DensityShape& s) : coordinates(s.C * s.dims) {
     if (s.features || s.D == 0) return;
     const int64_t m = std::min(s.C, s.D);
     mean.resize(s.D);
+    axis.resize(std::max(s.C, s.D));
     centred.resize(s.C * s.D);
     matrix.resize(m * m);
     lanczos.resize(m);
@@ -327,7 +308,7 @@ bool sample_coordinates(const float* sample, const DensityShape& s, SampleScratc
   if (!(trace > 0.0) || !std::isfinite(trace)) return false;
   small_matrix(scratch.centred.data(), s, scratch.matrix.data());
   top_eigenpairs(scratch.matrix.data(), std::min(s.C, s.D), s.dims, trace, scratch.lanczos);
-  principal_coordinates(scratch.centred.data(), s, scratch.lanczos, coordinates);
+  principal_coordinates(scratch.centred.data(), s, scratch.lanczos, scratch.axis.data(), coordinates);
   return true;
 }
 
@@ -366,20 +347,20 @@ void channel_masks(const at::Tensor& cell, const at::Tensor& counts, const Densi
   mask.zero_();
   const int64_t row_bytes = mask.size(1);
   at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> uniforms(s.C);
+    std::vector<float> uniforms(s.C), probability(s.cells);
     for (int64_t n = begin; n < end; ++n) {
       uniform_floats(seed, static_cast<uint64_t>(n * s.C), s.C, uniforms.data());
       const int64_t* cell_row = cell.data_ptr<int64_t>() + n * s.C;
       const int64_t* counts_row = counts.data_ptr<int64_t>() + n * s.cells;
       const int64_t largest = std::max<int64_t>(1, *std::max_element(counts_row, counts_row + s.cells));
+      for (int64_t g = 0; g < s.cells; ++g) probability[g] = drop_probability(counts_row[g], largest, kappa, alpha);
       uint8_t* mask_row = mask.data_ptr<uint8_t>() + n * row_bytes;
+      float* scale_row = rescale ? scale.data_ptr<float>() + n * s.C : nullptr;
       for (int64_t c = 0; c < s.C; ++c) {
-        const float p = drop_probability(counts_row[cell_row[c]], largest, kappa, alpha);
+        const float p = probability[cell_row[c]];
         const bool keep = !(uniforms[c] < p);
         if (keep) mask_row[c >> 3] |= static_cast<uint8_t>(1u << (c & 7));
-        if (rescale) {
-          scale.data_ptr<float>()[n * s.C + c] = keep ? static_cast<float>(1.0 / (1.0 - static_cast<double>(p))) : 0.0f;
-        }
+        if (rescale) scale_row[c] = keep ? static_cast<float>(1.0 / (1.0 - static_cast<double>(p))) : 0.0f;
       }
     }
   });

@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <tuple>
 
 namespace robustdrop {
@@ -75,6 +76,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_forward(const at::Tensor& x
 // block 0 stores the derived scale to source.store.
 at::Tensor apply_mask(const at::Tensor& input, const at::Tensor& mask, const ScaleSource& source,
                       cudaStream_t stream);
+
+// Calls launch(std::integral_constant<int, V>{}) with the vector width V in
+// {8, 4, 2, 1} that vec names (1 for anything else): one instantiation per width.
+template <typename Launch>
+void with_vector_width(int vec, Launch&& launch) {
+  switch (vec) {
+    case 8: launch(std::integral_constant<int, 8>{}); break;
+    case 4: launch(std::integral_constant<int, 4>{}); break;
+    case 2: launch(std::integral_constant<int, 2>{}); break;
+    default: launch(std::integral_constant<int, 1>{}); break;
+  }
+}
 
 }  // namespace block_mask_cuda
 }  // namespace robustdrop

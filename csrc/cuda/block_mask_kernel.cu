@@ -589,12 +589,7 @@ void launch_apply_for_layout(const at::Tensor& in, at::Tensor& out, const at::Te
       }
     }
   };
-  switch (vec) {
-    case 8: launch(std::integral_constant<int, 8>{}); break;
-    case 4: launch(std::integral_constant<int, 4>{}); break;
-    case 2: launch(std::integral_constant<int, 2>{}); break;
-    default: launch(std::integral_constant<int, 1>{}); break;
-  }
+  with_vector_width(vec, launch);
 }
 
 // Pass 1 with or without the candidate filter (a template parameter of the kernels).

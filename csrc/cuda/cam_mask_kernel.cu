@@ -394,12 +394,7 @@ void launch_cam(const at::Tensor& x, const float* a, const bool* guided, float* 
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   };
-  switch (vec) {
-    case 8: launch(std::integral_constant<int, 8>{}); break;
-    case 4: launch(std::integral_constant<int, 4>{}); break;
-    case 2: launch(std::integral_constant<int, 2>{}); break;
-    default: launch(std::integral_constant<int, 1>{}); break;
-  }
+  block_mask_cuda::with_vector_width(vec, launch);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cam_mask_forward_cuda(

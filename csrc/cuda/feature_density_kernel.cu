@@ -93,6 +93,7 @@
 #include <type_traits>
 
 #include "../checks.h"
+#include "../feature_density.h"
 #include "../lanczos.h"
 #include "../philox.h"
 #include "block_mask.cuh"  // grid_size
@@ -810,27 +811,6 @@ __global__ void __launch_bounds__(kApplyThreads)
 
 using block_mask_cuda::grid_size;
 
-struct DensityShape {
-  int64_t N, C, D;  // samples, channels (or features), positions (1 for 2-D x)
-  int64_t m;        // min(C, D)
-  int64_t cells;    // grids**dims
-  int dims, grids;
-  bool features;    // x is (N, F): each value is its own coordinate
-};
-
-DensityShape density_shape(const at::Tensor& x, int64_t dims, int64_t grids) {
-  DensityShape s;
-  s.N = x.size(0);
-  s.C = x.size(1);
-  s.features = x.dim() == 2;
-  s.D = s.features ? 1 : x.size(2) * x.size(3);
-  s.m = std::min(s.C, s.D);
-  s.dims = static_cast<int>(dims);
-  s.grids = static_cast<int>(grids);
-  s.cells = 1;
-  for (int r = 0; r < s.dims; ++r) s.cells *= grids;
-  return s;
-}
 
 // Scratch of the PCA, alive until every kernel that reads it is enqueued.
 struct PcaBuffers {
@@ -962,12 +942,7 @@ void launch_apply(const at::Tensor& in, at::Tensor& out, const ChannelMask& mask
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   };
-  switch (vec) {
-    case 8: launch(std::integral_constant<int, 8>{}); break;
-    case 4: launch(std::integral_constant<int, 4>{}); break;
-    case 2: launch(std::integral_constant<int, 2>{}); break;
-    default: launch(std::integral_constant<int, 1>{}); break;
-  }
+  block_mask_cuda::with_vector_width(vec, launch);
 }
 
 // out = keep ? input * scale : 0 per channel, for input (N, C, H, W) (in its
