@@ -849,12 +849,15 @@ def _density(src: torch.Tensor, stride_c: int, stride_p: int, dims: int, grids: 
     counts = torch.zeros((N, grids**dims), dtype=torch.int64, device=src.device)
     cell = torch.empty((N, C), dtype=torch.int64, device=src.device)
     if src.dim() == 2 or D == 0:
-        # No PCA: the values themselves (2-D), or no positions at all (every channel in cell 0).
-        placeholder = torch.empty((N, _LANES, 0), dtype=torch.float32, device=src.device)
-        axes, theta, proj, mode, m, K = placeholder, counts, placeholder, 1 if src.dim() == 2 else 0, 0, 0
+        # No PCA: the values themselves (2-D), or no positions at all (every channel in
+        # cell 0). The axis pointers are never read; cell stands in for them (and for
+        # an empty src, whose data pointer may be null).
+        axes = theta = proj = cell
+        mode, m, K = (1, 0, 0) if src.dim() == 2 else (0, 0, 0)
     else:
         axes, theta, proj, mode, m, K = _principal_axes(src, stride_c, stride_p, dims)
-    launch(_bins_kernel, (N,), src, axes, theta, proj, cell, counts, C, m, K, grids**dims, grids,
+    values = src if mode == 1 else cell  # only 2-D x is read here
+    launch(_bins_kernel, (N,), values, axes, theta, proj, cell, counts, C, m, K, grids**dims, grids,
            src.stride(0), stride_c,
            MODE=mode, BLOCK_C=min(_pow2(C), 1024), BLOCK_O=min(_pow2(max(m, K, 1)), 1024))
     return cell, counts
