@@ -301,8 +301,10 @@ def test_gradcheck_float64(device, backend):
         return robustdrop.feature_density_dropout(inp, 2, 5, kappa=0.0, alpha=0.5, rescale=True, seed=3,
                                                   backend=backend)
 
-    assert torch.autograd.gradcheck(fn, (x,))
-    assert torch.autograd.gradgradcheck(fn, (x,))
+    # The interpreted Triton forward takes about a second: check one random direction there.
+    fast = backend == "triton" and device == "cpu"
+    assert torch.autograd.gradcheck(fn, (x,), fast_mode=fast)
+    assert torch.autograd.gradgradcheck(fn, (x,), fast_mode=fast)
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

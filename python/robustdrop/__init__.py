@@ -32,6 +32,8 @@ def _register_ops() -> None:
     if _backend.triton_error() is None:
         _block_mask.register("block_mask_forward_triton", "block_mask_backward_triton")
         _cam_mask.register("cam_mask_forward_triton", "block_mask_backward_triton")
+        _feature_density.register("feature_density_triton", "feature_density_forward_triton",
+                                  "channel_mask_backward_triton")
 
 
 _register_ops()
