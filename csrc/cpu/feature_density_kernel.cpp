@@ -276,6 +276,9 @@ void bin_channels(const float* coordinates, const DensityShape& s, int64_t* cell
   for (int64_t c = 0; c < s.C; ++c) counts[cell[c]] += 1;
 }
 
+// Elements of x below which splitting samples over threads costs more than it saves.
+constexpr int64_t kSamplesWork = 1 << 15;
+
 // Buffers of one thread, reused from sample to sample.
 struct SampleScratch {
   std::vector<float> mean, centred, matrix, axis, coordinates;
@@ -316,7 +319,9 @@ bool sample_coordinates(const float* sample, const DensityShape& s, SampleScratc
 void density_cells(const at::Tensor& rows, const DensityShape& s, at::Tensor& cell, at::Tensor& counts) {
   counts.zero_();
   if (s.N == 0 || s.C == 0) return;
-  at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+  // Samples per task: enough that a small batch (FC features) stays on one thread.
+  const int64_t grain = std::max<int64_t>(1, kSamplesWork / std::max<int64_t>(1, s.C * s.D * s.dims));
+  at::parallel_for(0, s.N, grain, [&](int64_t begin, int64_t end) {
     SampleScratch scratch(s);
     for (int64_t n = begin; n < end; ++n) {
       int64_t* cell_row = cell.data_ptr<int64_t>() + n * s.C;
@@ -346,7 +351,8 @@ void channel_masks(const at::Tensor& cell, const at::Tensor& counts, const Densi
                    double kappa, double alpha, bool rescale, at::Tensor& mask, at::Tensor& scale) {
   mask.zero_();
   const int64_t row_bytes = mask.size(1);
-  at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, s.N, std::max<int64_t>(1, kSamplesWork / std::max<int64_t>(1, s.C)), [&](int64_t begin,
+                                                                                               int64_t end) {
     std::vector<float> uniforms(s.C), probability(s.cells);
     for (int64_t n = begin; n < end; ++n) {
       uniform_floats(seed, static_cast<uint64_t>(n * s.C), s.C, uniforms.data());
