@@ -36,6 +36,18 @@ def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor):
     assert torch.equal(actual.cpu(), expected.cpu())
 
 
+def assert_backend_matches_reference(call, x: torch.Tensor, backend: str):
+    """call(x, backend_name) -> y gives the reference's y and gradient, to the bit, in x's dtype."""
+    outputs = []
+    for name in (backend, "reference"):
+        y = call(x, name)
+        g = torch.linspace(-2, 3, y.numel(), device=x.device).view(y.shape).to(x.dtype)
+        outputs.append((y.detach(), torch.autograd.grad(y, x, g)[0]))
+    assert outputs[0][0].dtype == x.dtype
+    for actual, expected in zip(*outputs):
+        assert_same_bits(actual, expected)
+
+
 def memory_layouts(x: torch.Tensor) -> dict[str, torch.Tensor]:
     """x (N, C, H, W) with the same values in three layouts the kernels must handle."""
     return {

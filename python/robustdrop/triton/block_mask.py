@@ -240,6 +240,21 @@ def _round_to_bfloat16(value):
     return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
+@triton.jit
+def store_kept(x_ptr, y_ptr, offs, ok, keep, scale, WIDE: tl.constexpr, BFLOAT16: tl.constexpr):
+    """y[offs] = keep ? x[offs] * scale : 0, in float32 (float64 when WIDE), rounded to y's dtype.
+    A select, not a multiply, so NaN and Inf never reach dropped elements."""
+    x = tl.load(x_ptr + offs, mask=ok, other=0)
+    if WIDE:
+        value = x.to(tl.float64) * scale.to(tl.float64)
+    else:
+        value = x.to(tl.float32) * scale
+    y = tl.where(keep, value, 0.0)
+    if BFLOAT16:
+        y = _round_to_bfloat16(y)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
 # These scalars are used once per program; do not let a value of 1 become a constexpr.
 @triton.jit(do_not_specialize=["numel", "kept_per_count", "eps_bits"])
 def _apply_kernel(
@@ -296,16 +311,7 @@ def _apply_kernel(
         if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
             tl.store(scale_ptr, scale)
 
-    offs = row[:, None] * inner + col[None, :]
-    x = tl.load(x_ptr + offs, mask=ok, other=0)
-    if WIDE:
-        value = x.to(tl.float64) * scale.to(tl.float64)
-    else:
-        value = x.to(tl.float32) * scale
-    y = tl.where(keep, value, 0.0)
-    if BFLOAT16:
-        y = _round_to_bfloat16(y)
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
+    store_kept(x_ptr, y_ptr, row[:, None] * inner + col[None, :], ok, keep, scale, WIDE, BFLOAT16)
 
 
 # --------------------------------------------------------------------------

@@ -705,16 +705,7 @@ def _apply_kernel(x_ptr, y_ptr, mask_ptr, scale_ptr, rows, inner, C, D, row_byte
         scale = tl.load(scale_ptr + n * C + c, mask=ok, other=0.0)
     else:
         scale = tl.load(scale_ptr)
-    offs = row[:, None] * inner + col[None, :]
-    x = tl.load(x_ptr + offs, mask=ok, other=0)
-    if WIDE:
-        value = x.to(tl.float64) * scale.to(tl.float64)
-    else:
-        value = x.to(tl.float32) * scale
-    y = tl.where(keep, value, 0.0)
-    if BFLOAT16:
-        y = block_mask._round_to_bfloat16(y)
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
+    block_mask.store_kept(x_ptr, y_ptr, row[:, None] * inner + col[None, :], ok, keep, scale, WIDE, BFLOAT16)
 
 
 # --------------------------------------------------------------------------
