@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 
@@ -29,6 +30,30 @@ inline void check_block_mask_forward_args(const at::Tensor& x, double gamma, int
 // The packed mask holds one bit per element, each row padded to a whole byte.
 inline int64_t mask_row_bytes(int64_t width) { return (width + 7) / 8; }
 
+// The per-sample seed probabilities (N,) float32 and the normalisation groups
+// of block_mask_forward. Values are not read here: that would cost a CUDA
+// tensor a synchronisation, and a negative or NaN probability just draws no seeds.
+inline void check_sample_gamma_args(const at::Tensor& x, const std::optional<at::Tensor>& sample_gamma,
+                                    int64_t normalize_groups) {
+  const int64_t N = x.size(0);
+  if (sample_gamma.has_value()) {
+    TORCH_CHECK_TYPE(sample_gamma->scalar_type() == at::kFloat, "sample_gamma must be float32, got ",
+                     sample_gamma->scalar_type());
+    TORCH_CHECK_VALUE(sample_gamma->dim() == 1 && sample_gamma->size(0) == N, "sample_gamma must have shape (N,) = (",
+                      N, ",), one seed probability per sample, got ", sample_gamma->sizes());
+    TORCH_CHECK_VALUE(sample_gamma->device() == x.device(), "sample_gamma must be on x's device ", x.device(),
+                      ", got ", sample_gamma->device());
+  }
+  TORCH_CHECK_VALUE(normalize_groups >= 1 && (N == 0 || N % normalize_groups == 0),
+                    "normalize_groups must be >= 1 and divide N = ", N, ", got ", normalize_groups);
+}
+
+// How many samples share each value of a block-mask scale: N for one value, N / G
+// for a (G,) scale of normalisation groups.
+inline int64_t samples_per_scale(int64_t N, const at::Tensor& scale) {
+  return scale.numel() <= 1 ? std::max<int64_t>(N, 1) : N / scale.numel();
+}
+
 inline void check_block_mask_backward_args(const at::Tensor& grad_y, const at::Tensor& mask, const at::Tensor& scale) {
   check_float_input(grad_y, "grad_y");
   TORCH_CHECK_VALUE(grad_y.dim() == 4, "grad_y must be 4-D (N, C, H, W), got ", grad_y.dim(), " dimensions");
@@ -39,9 +64,24 @@ inline void check_block_mask_backward_args(const at::Tensor& grad_y, const at::T
                     "mask must have shape (N, 1 or C, H, ceil(W/8)) for grad_y of shape ", grad_y.sizes(),
                     ", got ", mask.sizes());
   TORCH_CHECK_TYPE(scale.scalar_type() == at::kFloat, "scale must be float32, got ", scale.scalar_type());
-  TORCH_CHECK_VALUE(scale.numel() == 1, "scale must hold one value, got ", scale.numel());
+  const int64_t N = grad_y.size(0);
+  TORCH_CHECK_VALUE(scale.numel() == 1 || (scale.dim() == 1 && scale.numel() >= 1 &&
+                                           (N == 0 || N % scale.numel() == 0)),
+                    "scale must hold one value or have shape (G,) with G dividing N = ", N, ", got ", scale.sizes());
   TORCH_CHECK_VALUE(mask.device() == grad_y.device() && scale.device() == grad_y.device(),
                     "grad_y, mask and scale must be on one device");
+}
+
+// Random Mask apply: x (N, C, H, W) and one packed keep mask (C, H, ceil(W/8)) uint8.
+inline void check_fixed_mask_args(const at::Tensor& x, const at::Tensor& mask) {
+  check_float_input(x, "x");
+  TORCH_CHECK_VALUE(x.dim() == 4, "x must be 4-D (N, C, H, W), got ", x.dim(), " dimensions");
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kByte, "mask must be uint8, got ", mask.scalar_type());
+  const int64_t C = x.size(1), H = x.size(2), row_bytes = mask_row_bytes(x.size(3));
+  TORCH_CHECK_VALUE(mask.dim() == 3 && mask.size(0) == C && mask.size(1) == H && mask.size(2) == row_bytes,
+                    "mask must have shape (C, H, ceil(W/8)) = (", C, ", ", H, ", ", row_bytes, ") for x of shape ",
+                    x.sizes(), ", got ", mask.sizes());
+  TORCH_CHECK_VALUE(mask.device() == x.device(), "mask must be on x's device ", x.device(), ", got ", mask.device());
 }
 
 // Shapes, dtypes and devices of CamDrop's inputs (DESIGN.md 4.2). The target

@@ -19,12 +19,15 @@ TORCH_LIBRARY(robustdrop, m) {
   // The raw Philox word behind each uniform, as int64 values in [0, 2**32).
   m.def("philox_words(Tensor index, int seed) -> Tensor");
   // DropBlock forward (DESIGN.md 4.1). block_size is already min(block_size, H, W).
-  // Returns y, the bit-packed keep mask (N, 1 or C, H, ceil(W/8)) uint8 and the
-  // float32 0-d scale.
+  // sample_gamma, when given, is a float32 (N,) seed probability per sample that
+  // replaces gamma. The N samples form normalize_groups consecutive groups, each
+  // normalised by its own kept count. Returns y, the bit-packed keep mask
+  // (N, 1 or C, H, ceil(W/8)) uint8 and the float32 scale: 0-d for one group,
+  // else (normalize_groups,).
   m.def(
       "block_mask_forward(Tensor x, SymInt seed, float gamma, int block_size, bool couple_channels, "
-      "bool normalize, float eps) -> (Tensor, Tensor, Tensor)");
-  // dx = keep ? dy * scale : 0, with the mask and scale of the forward.
+      "bool normalize, float eps, Tensor? sample_gamma=None, int normalize_groups=1) -> (Tensor, Tensor, Tensor)");
+  // dx = keep ? dy * scale[group of n] : 0, with the mask and scale of the forward.
   m.def("block_mask_backward(Tensor grad_y, Tensor mask, Tensor scale) -> Tensor");
   // CamDrop forward (DESIGN.md 4.2): DropBlock whose seeds count only at the
   // spatial_topk largest CAM positions and the channel_topk largest class
@@ -50,4 +53,10 @@ TORCH_LIBRARY(robustdrop, m) {
   // dx[n, c, ...] = keep(n, c) ? dy[n, c, ...] * scale : 0 for dy (N, C, H, W) or (N, C),
   // mask (N, ceil(C/8)) uint8 and scale 0-d or (N, C) float32.
   m.def("channel_mask_backward(Tensor grad_y, Tensor mask, Tensor scale) -> Tensor");
+  // Random Mask apply (DESIGN.md 4.4): y[n, c, h, w] = keep[c, h, w] ? x[n, c, h, w] : 0
+  // for x (N, C, H, W) and one bit-packed keep mask (C, H, ceil(W/8)) uint8 shared by
+  // every sample. Linear and self-adjoint: the backward is the same op on dy.
+  m.def("fixed_mask_apply(Tensor x, Tensor mask) -> Tensor");
+  // The same, written into x.
+  m.def("fixed_mask_apply_(Tensor(a!) x, Tensor mask) -> ()");
 }

@@ -340,3 +340,160 @@ def test_saved_for_backward_is_one_bit_per_element():
         robustdrop.drop_block2d(x, 0.1, 3, seed=1, backend="cpu")
     total_bytes = sum(t.numel() * t.element_size() for t in saved)
     assert total_bytes <= x.numel() // 8 + 4
+
+
+# Per-sample drop rates and normalisation groups (Active DropBlock's batched step).
+SAMPLE_RATES = [0.0, 0.1, 0.35, 0.05, 0.225, 0.6]
+
+
+def sample_gamma(rates, height, width, bs, device):
+    return reference.drop_rate_to_gamma(torch.tensor(rates, device=device), height, width, bs).to(torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("couple_channels", [False, True])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_per_sample_rates_and_groups_match_reference_bit_for_bit(device, backend, couple_channels, normalize):
+    generator = torch.Generator().manual_seed(3)
+    for shape, block_size in [((6, 3, 11, 9), 3), ((6, 2, 7, 16), 4), ((6, 1, 5, 5), 5)]:
+        x = torch.randn(shape, generator=generator).to(device)
+        gamma = sample_gamma(SAMPLE_RATES, shape[2], shape[3], block_size, device)
+        for groups in (1, 2, 3, 6):
+            args = (x, 41 + groups, 0.0, block_size, couple_channels, normalize, 1e-6, gamma, groups)
+            y, mask, scale = forward_op(backend)(*args)
+            y_ref, mask_ref, scale_ref = reference.block_mask_forward(*args)
+            assert_same_bits(mask, mask_ref)
+            assert_same_bits(scale, scale_ref)
+            assert_same_bits(y, y_ref)
+            assert scale.shape == (() if groups == 1 else (groups,))
+            grad_y = torch.randn(shape, generator=generator).to(device)
+            assert_same_bits(backward_op(backend)(grad_y, mask, scale),
+                             reference.block_mask_backward(grad_y, mask_ref, scale_ref))
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_each_sample_gets_the_mask_of_its_own_rate(device, backend):
+    """Sample n of a per-sample call is sample n of a plain call at rate p[n] with the same seed."""
+    x = torch.rand(6, 3, 12, 10, device=device) + 1.0
+    rates = torch.tensor(SAMPLE_RATES, device=device)
+    y = robustdrop.drop_block2d(x, rates, 3, seed=8, normalize="none", backend=backend)
+    for n, rate in enumerate(SAMPLE_RATES):
+        plain = robustdrop.drop_block2d(x, rate, 3, seed=8, normalize="none", backend=backend)
+        assert torch.equal(y[n], plain[n]), n
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_equal_per_sample_rates_are_the_scalar_rate(device, backend):
+    x = torch.randn(4, 3, 9, 11, device=device)
+    for couple in (False, True):
+        scalar = robustdrop.drop_block2d(x, 0.3, 3, seed=12, couple_channels=couple, backend=backend)
+        per_sample = robustdrop.drop_block2d(x, torch.full((4,), 0.3, device=device), 3, seed=12,
+                                             couple_channels=couple, backend=backend)
+        assert_same_bits(per_sample, scalar)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_sample_normalization_scales_each_sample_by_its_own_count(device, backend):
+    x = torch.ones(6, 2, 10, 10, device=device)
+    y = robustdrop.drop_block2d(x, torch.tensor(SAMPLE_RATES, device=device), 3, seed=5, normalize="sample",
+                                backend=backend)
+    for n in range(6):
+        kept = (y[n] != 0).sum().item()
+        expected = torch.tensor(200 / (1e-6 + kept), dtype=torch.float64).float().item()
+        assert torch.equal(y[n][y[n] != 0], torch.full((kept,), expected, device=device)), n
+    plain = robustdrop.drop_block2d(x, 0.2, 3, seed=5, normalize="sample", backend=backend)
+    assert torch.equal(plain != 0, robustdrop.drop_block2d(x, 0.2, 3, seed=5, normalize="none", backend=backend) != 0)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_per_sample_public_api_forward_and_backward_match_reference(device, backend):
+    for dtype in FLOAT_DTYPES:
+        x = torch.randn(6, 3, 8, 9, device=device).to(dtype)
+        for normalize in ("batch", "sample"):
+            kwargs = dict(p=torch.tensor(SAMPLE_RATES, device=device), block_size=3, seed=21, normalize=normalize)
+            y, grad = run_with_grad(x, backend, **kwargs)
+            y_ref, grad_ref = run_with_grad(x, "reference", **kwargs)
+            assert_same_bits(y, y_ref)
+            assert_same_bits(grad, grad_ref)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_per_sample_gradcheck_float64(device, backend):
+    x = torch.randn(4, 2, 5, 6, device=device, dtype=torch.float64, requires_grad=True)
+    rates = torch.tensor([0.1, 0.4, 0.0, 0.3], device=device)
+
+    def fn(inp):
+        return robustdrop.ops.block_mask.block_drop(inp, rates, 3, couple_channels=False, normalize=True, eps=1e-6,
+                                                    normalize_groups=2, seed=9, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (x,))
+    assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+def test_per_sample_opcheck(device, backend):
+    forward, backward = backend_ops(backend)
+    x = torch.randn(4, 3, 9, 10, device=device, requires_grad=True)
+    gamma = sample_gamma([0.1, 0.0, 0.3, 0.2], 9, 10, 3, device)
+    for groups in (1, 2):
+        torch.library.opcheck(forward, (x, 3, 0.0, 3, False, True, 1e-6, gamma, groups))
+    _, mask, scale = forward(x.detach(), 3, 0.0, 3, False, True, 1e-6, gamma, 4)
+    torch.library.opcheck(backward, (torch.randn_like(x), mask, scale))
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+def test_per_sample_torch_compile_fullgraph(device, backend):
+    torch._dynamo.reset()
+    rates = torch.tensor([0.0, 0.1, 0.2, 0.3], device=device)
+
+    def step(x, rates, seed):
+        y = robustdrop.ops.block_mask.block_drop(x, rates, 3, couple_channels=False, normalize=True, eps=1e-6,
+                                                 normalize_groups=2, seed=seed, backend=backend)
+        return (y * y).sum()
+
+    assert_compiled_matches_eager(step, torch.randn(4, 3, 10, 10, device=device, requires_grad=True), rates)
+
+
+@pytest.mark.parametrize("device,backend", [(d, b) for d, b in DEVICE_BACKENDS if b != "triton" or d == "cuda"])
+def test_per_sample_drop_rate_statistics(device, backend):
+    """Each group of samples loses its own rate, within 0.03, as the plain statistics test."""
+    rates = [0.0, 0.1, 0.2, 0.05]
+    x = torch.ones(32, 16, 56, 56, device=device)
+    p = torch.tensor(rates, device=device).repeat_interleave(8)
+    y = robustdrop.drop_block2d(x, p, 5, seed=17, normalize="none", backend=backend)
+    dropped = (y == 0).double().view(4, -1).mean(1).tolist()
+    for rate, fraction in zip(rates, dropped):
+        assert abs(fraction - rate) < 0.03, (rates, dropped)
+
+
+PER_SAMPLE_BAD_CALLS = [
+    (torch.tensor([0.1, 0.2]), ValueError, r"p must be a float or have shape \(N,\) = \(3,\)"),
+    (torch.tensor([[0.1, 0.2, 0.3]]), ValueError, r"p must be a float or have shape \(N,\)"),
+    (torch.tensor([0, 1, 0]), TypeError, "p must be a float or a floating-point tensor"),
+    (torch.tensor([0.1, 1.2, 0.3]), ValueError, r"p must hold drop rates in \[0, 1\]"),
+    (torch.tensor([0.1, float("nan"), 0.3]), ValueError, r"p must hold drop rates in \[0, 1\]"),
+]
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("p,error,message", PER_SAMPLE_BAD_CALLS)
+def test_per_sample_bad_rates_are_clear_errors(device, backend, p, error, message):
+    with pytest.raises(error, match=message):
+        robustdrop.drop_block2d(torch.randn(3, 2, 8, 8, device=device), p.to(device), 3, backend=backend)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+def test_per_sample_ops_called_directly_reject_bad_input(device, backend):
+    forward, backward = backend_ops(backend)
+    x = torch.randn(4, 3, 8, 8, device=device)
+    gamma = torch.full((4,), 0.05, device=device)
+    with pytest.raises(TypeError, match="sample_gamma must be float32"):
+        forward(x, 1, 0.0, 3, False, True, 1e-6, gamma.double(), 1)
+    with pytest.raises(ValueError, match=r"sample_gamma must have shape \(N,\) = \(4,\)"):
+        forward(x, 1, 0.0, 3, False, True, 1e-6, gamma[:3], 1)
+    for groups in (0, 3):
+        with pytest.raises(ValueError, match="normalize_groups must be >= 1 and divide N = 4"):
+            forward(x, 1, 0.0, 3, False, True, 1e-6, gamma, groups)
+    _, mask, _ = forward(x, 1, 0.0, 3, False, True, 1e-6, gamma, 2)
+    with pytest.raises(ValueError, match=r"scale must hold one value or have shape \(G,\) with G dividing N = 4"):
+        backward(x, mask, torch.ones(3, device=device))

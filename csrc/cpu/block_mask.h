@@ -43,6 +43,29 @@ void fill_kept_plane(const PlaneGeometry& g, uint8_t* mask_plane);
 // float32(numel / (eps + kept)) computed in float64, or 1 without normalisation.
 float normalized_scale(int64_t numel, int64_t kept, bool normalize, double eps);
 
+// Where the keep bits of row (n, c, h) of an (N, C, H, W) tensor start in a
+// packed mask: ((n * sample_planes + c * channel_planes) * height + h) * row_bytes.
+// A block mask (N, Cm, H, ceil(W/8)) has sample_planes = Cm and channel_planes 1,
+// or 0 when one plane serves every channel; a fixed mask (C, H, ceil(W/8)) shared
+// by the batch has sample_planes 0. The view does not own the bytes.
+struct PackedMaskView {
+  const uint8_t* bits;
+  int64_t sample_planes, channel_planes, height, row_bytes;
+
+  const uint8_t* row(int64_t n, int64_t c, int64_t h) const {
+    return bits + ((n * sample_planes + c * channel_planes) * height + h) * row_bytes;
+  }
+};
+
+// The view of a contiguous block mask (N, 1 or C, H, ceil(W/8)).
+PackedMaskView block_mask_view(const at::Tensor& mask);
+
+// out = keep ? input * sample_scale[n] : 0 for input (N, C, H, W) contiguous or
+// channels_last, with sample_scale of N values; writes into `out`, which has
+// input's sizes and strides and may be input itself (an in-place apply).
+void apply_mask_into(const at::Tensor& input, const PackedMaskView& mask, const std::vector<float>& sample_scale,
+                     at::Tensor& out);
+
 // keep ? input * scale : 0 for input (N, C, H, W) and mask (N, 1 or C, H, ceil(W/8));
 // the result has input's layout (contiguous or channels_last).
 at::Tensor apply_mask_dispatch(const at::Tensor& input, const at::Tensor& mask, float scale);

@@ -10,7 +10,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <atomic>
+#include <algorithm>
+#include <optional>
 #include <cstring>
 #include <vector>
 
@@ -98,19 +99,21 @@ float normalized_scale(int64_t numel, int64_t kept, bool normalize, double eps) 
 
 namespace {
 
-// Fills mask (planes, H, row_bytes) and returns the kept count over those planes.
-int64_t build_mask(uint64_t seed, float gamma, const PlaneGeometry& g, int64_t planes, uint8_t* mask) {
-  const uint32_t folded_cut = folded_threshold(gamma);
-  std::atomic<int64_t> kept{0};
+// Fills mask (planes, H, row_bytes), planes = N * Cm, and returns each sample's
+// kept count over its Cm planes. Sample n's seeds fall below folded_cuts[n].
+std::vector<int64_t> build_mask(uint64_t seed, const std::vector<uint32_t>& folded_cuts, const PlaneGeometry& g,
+                                int64_t planes_per_sample, int64_t planes, uint8_t* mask) {
+  std::vector<int64_t> plane_kept(planes);
   at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
     PlaneScratch scratch(g);
-    int64_t local = 0;
     for (int64_t p = begin; p < end; ++p) {
-      local += build_plane_mask(seed, folded_cut, p, g, mask + p * g.height * g.row_bytes, scratch);
+      plane_kept[p] = build_plane_mask(seed, folded_cuts[p / planes_per_sample], p, g,
+                                       mask + p * g.height * g.row_bytes, scratch);
     }
-    kept += local;
   });
-  return kept.load();
+  std::vector<int64_t> sample_kept(planes / planes_per_sample, 0);
+  for (int64_t p = 0; p < planes; ++p) sample_kept[p / planes_per_sample] += plane_kept[p];
+  return sample_kept;
 }
 
 // Elements scaled per batch of rows in the contiguous apply.
@@ -148,46 +151,62 @@ void scale_row(const scalar_t* __restrict src, scalar_t* __restrict dst, const u
   }
 }
 
-// out = keep ? in * scale : 0 over an (N, C, H, W) tensor that is contiguous
-// or channels_last (out has in's layout); mask is (N, Cm, H, row_bytes).
+// scale_row written back into its source: __restrict may not promise that
+// source and destination differ.
+template <typename scalar_t, typename opmath_t>
+void scale_row_in_place(scalar_t* data, const uint8_t* __restrict keep, int64_t length, opmath_t scale) {
+  for (int64_t w = 0; w < length; ++w) {
+    const opmath_t scaled = static_cast<opmath_t>(data[w]) * scale;
+    data[w] = static_cast<scalar_t>(keep[w] ? scaled : opmath_t(0));
+  }
+}
+
+// out = keep ? in * scale[n] : 0 over an (N, C, H, W) tensor that is contiguous
+// or channels_last; out has in's layout and may be in itself.
 template <typename scalar_t>
-void apply_mask(const at::Tensor& in, const at::Tensor& mask, float scale, at::Tensor& out) {
+void apply_mask(const at::Tensor& in, const PackedMaskView& mask, const std::vector<float>& sample_scale,
+                at::Tensor& out) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t N = in.size(0), C = in.size(1), H = in.size(2), W = in.size(3);
-  const int64_t mask_channels = mask.size(1), row_bytes = mask.size(3);
   const scalar_t* in_ptr = in.data_ptr<scalar_t>();
   scalar_t* out_ptr = out.data_ptr<scalar_t>();
-  const uint8_t* mask_ptr = mask.data_ptr<uint8_t>();
-  const opmath_t s = static_cast<opmath_t>(scale);
-  auto mask_row = [&](int64_t n, int64_t c, int64_t h) {
-    return mask_ptr + ((n * mask_channels + (mask_channels == 1 ? 0 : c)) * H + h) * row_bytes;
-  };
+  const bool in_place = in_ptr == out_ptr;
   if (!is_channels_last_4d(in)) {
-    // Rows of x are consecutive in memory, so a batch of them is scaled in one
-    // long loop: short maps (W = 7 or 14) would otherwise pay a loop per row.
+    // Rows of x are consecutive in memory, so a batch of them (within one
+    // sample, which has one scale) is scaled in one long loop: short maps
+    // (W = 7 or 14) would otherwise pay a loop per row.
     const int64_t batch_rows = std::max<int64_t>(1, kApplyBatch / std::max<int64_t>(W, 1));
+    const int64_t sample_rows = C * H;
     at::parallel_for(0, N * C * H, std::max<int64_t>(1, 32768 / std::max<int64_t>(W, 1)), [&](int64_t begin, int64_t end) {
       // Each row's keep bytes start W after the previous row's; unpacking writes
       // up to 7 bytes past a row, which the next row overwrites, or the slack.
-      std::vector<uint8_t> keep(batch_rows * W + 8 * row_bytes);
-      for (int64_t first = begin; first < end; first += batch_rows) {
-        const int64_t rows = std::min(batch_rows, end - first);
+      std::vector<uint8_t> keep(batch_rows * W + 8 * mask.row_bytes);
+      for (int64_t first = begin; first < end;) {
+        const int64_t n = first / sample_rows;
+        const int64_t rows = std::min({batch_rows, end - first, (n + 1) * sample_rows - first});
         for (int64_t r = 0; r < rows; ++r) {
-          const int64_t row = first + r, h = row % H, c = (row / H) % C, n = row / (H * C);
-          unpack_row(mask_row(n, c, h), row_bytes, keep.data() + r * W);
+          const int64_t row = first + r, h = row % H, c = (row / H) % C;
+          unpack_row(mask.row(n, c, h), mask.row_bytes, keep.data() + r * W);
         }
-        scale_row(in_ptr + first * W, out_ptr + first * W, keep.data(), rows * W, s);
+        const opmath_t s = static_cast<opmath_t>(sample_scale[n]);
+        if (in_place) {
+          scale_row_in_place(out_ptr + first * W, keep.data(), rows * W, s);
+        } else {
+          scale_row(in_ptr + first * W, out_ptr + first * W, keep.data(), rows * W, s);
+        }
+        first += rows;
       }
     });
   } else {
     at::parallel_for(0, N * H, std::max<int64_t>(1, 32768 / std::max<int64_t>(W * C, 1)), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t h = row % H, n = row / H;
+        const opmath_t s = static_cast<opmath_t>(sample_scale[n]);
         for (int64_t w = 0; w < W; ++w) {
           const scalar_t* src = in_ptr + (row * W + w) * C;
           scalar_t* dst = out_ptr + (row * W + w) * C;
           for (int64_t c = 0; c < C; ++c) {
-            dst[c] = mask_bit(mask_row(n, c, h), w) ? static_cast<scalar_t>(static_cast<opmath_t>(src[c]) * s)
+            dst[c] = mask_bit(mask.row(n, c, h), w) ? static_cast<scalar_t>(static_cast<opmath_t>(src[c]) * s)
                                                     : scalar_t(0);
           }
         }
@@ -198,42 +217,102 @@ void apply_mask(const at::Tensor& in, const at::Tensor& mask, float scale, at::T
 
 }  // namespace
 
-at::Tensor apply_mask_dispatch(const at::Tensor& input, const at::Tensor& mask, float scale) {
-  const at::Tensor in = walkable(input);
-  at::Tensor out = at::empty_like(in);
-  if (in.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "block_mask_apply_cpu",
-                                  [&] { apply_mask<scalar_t>(in, mask.contiguous(), scale, out); });
-  return out;
+PackedMaskView block_mask_view(const at::Tensor& mask) {
+  const int64_t mask_channels = mask.size(1);
+  return {mask.data_ptr<uint8_t>(), mask_channels, mask_channels == 1 ? 0 : 1, mask.size(2), mask.size(3)};
+}
+
+void apply_mask_into(const at::Tensor& input, const PackedMaskView& mask, const std::vector<float>& sample_scale,
+                     at::Tensor& out) {
+  if (input.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "block_mask_apply_cpu",
+                                  [&] { apply_mask<scalar_t>(input, mask, sample_scale, out); });
 }
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> block_mask_forward_cpu(const at::Tensor& x, int64_t seed, double gamma,
-                                                                       int64_t block_size, bool couple_channels,
-                                                                       bool normalize, double eps) {
+// y = keep ? x * scale[n] : 0 for a block mask (N, Cm, H, ceil(W/8)).
+at::Tensor apply_block_mask(const at::Tensor& input, const at::Tensor& mask, const std::vector<float>& sample_scale) {
+  const at::Tensor in = walkable(input);
+  const at::Tensor bits = mask.contiguous();
+  at::Tensor out = at::empty_like(in);
+  apply_mask_into(in, block_mask_view(bits), sample_scale, out);
+  return out;
+}
+
+// The scale of each of the N samples from a block-mask scale of one value or of
+// G groups of N / G consecutive samples.
+std::vector<float> per_sample_scale(const at::Tensor& scale, int64_t N) {
+  const at::Tensor values = scale.reshape({-1}).contiguous();
+  const float* value = values.data_ptr<float>();
+  const int64_t per_value = samples_per_scale(N, scale);
+  std::vector<float> sample_scale(N);
+  for (int64_t n = 0; n < N; ++n) sample_scale[n] = value[n / per_value];
+  return sample_scale;
+}
+
+}  // namespace
+
+at::Tensor apply_mask_dispatch(const at::Tensor& input, const at::Tensor& mask, float scale) {
+  return apply_block_mask(input, mask, std::vector<float>(input.size(0), scale));
+}
+
+namespace {
+
+// Each sample's folded seed threshold: float32(gamma), or sample_gamma[n] when given.
+std::vector<uint32_t> sample_cuts(int64_t N, double gamma, const std::optional<at::Tensor>& sample_gamma) {
+  if (!sample_gamma.has_value()) return std::vector<uint32_t>(N, folded_threshold(static_cast<float>(gamma)));
+  const at::Tensor values = sample_gamma->contiguous();
+  const float* probability = values.data_ptr<float>();
+  std::vector<uint32_t> cuts(N);
+  for (int64_t n = 0; n < N; ++n) cuts[n] = folded_threshold(probability[n]);
+  return cuts;
+}
+
+// scale_g = float32(numel_g / (eps + kept_g)) for G groups of N / G samples, each
+// of numel_g = numel / G elements; or ones without normalisation.
+std::vector<float> group_scales(const std::vector<int64_t>& sample_kept, int64_t numel, int64_t groups,
+                                bool normalize, double eps) {
+  const int64_t per_group = static_cast<int64_t>(sample_kept.size()) / groups;
+  std::vector<float> scales(groups);
+  for (int64_t g = 0; g < groups; ++g) {
+    int64_t kept = 0;
+    for (int64_t n = g * per_group; n < (g + 1) * per_group; ++n) kept += sample_kept[n];
+    scales[g] = normalized_scale(numel / groups, kept, normalize, eps);
+  }
+  return scales;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_mask_forward_cpu(
+    const at::Tensor& x, int64_t seed, double gamma, int64_t block_size, bool couple_channels, bool normalize,
+    double eps, const std::optional<at::Tensor>& sample_gamma, int64_t normalize_groups) {
   check_block_mask_forward_args(x, gamma, block_size, eps);
+  check_sample_gamma_args(x, sample_gamma, normalize_groups);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t mask_channels = couple_channels ? 1 : C;
   // An empty x keeps nothing: its mask (non-empty when only C is 0 and channels are coupled) is zeros.
   at::Tensor mask = at::empty({N, mask_channels, H, mask_row_bytes(W)}, x.options().dtype(at::kByte));
-  int64_t kept = 0;
+  std::vector<int64_t> sample_kept(N, 0);
   if (x.numel() == 0) {
     mask.zero_();
   } else {
-    const PlaneGeometry g = plane_geometry(H, W, block_size);
-    kept = build_mask(static_cast<uint64_t>(seed), static_cast<float>(gamma), g, N * mask_channels,
-                      mask.data_ptr<uint8_t>());
-    if (couple_channels) kept *= C;
+    sample_kept = build_mask(static_cast<uint64_t>(seed), sample_cuts(N, gamma, sample_gamma),
+                             plane_geometry(H, W, block_size), mask_channels, N * mask_channels,
+                             mask.data_ptr<uint8_t>());
+    if (couple_channels) {
+      for (int64_t& kept : sample_kept) kept *= C;
+    }
   }
-  const float scale = normalized_scale(x.numel(), kept, normalize, eps);
-  at::Tensor y = apply_mask_dispatch(x, mask, scale);
-  return {y, mask, at::scalar_tensor(scale, x.options().dtype(at::kFloat))};
+  std::vector<float> scales = group_scales(sample_kept, x.numel(), normalize_groups, normalize, eps);
+  at::Tensor scale = at::from_blob(scales.data(), {normalize_groups}, at::kFloat).clone();
+  if (normalize_groups == 1) scale = scale.reshape({});
+  at::Tensor y = apply_block_mask(x, mask, per_sample_scale(scale, N));
+  return {y, mask, scale};
 }
 
 at::Tensor block_mask_backward_cpu(const at::Tensor& grad_y, const at::Tensor& mask, const at::Tensor& scale) {
   check_block_mask_backward_args(grad_y, mask, scale);
-  return apply_mask_dispatch(grad_y, mask, scale.item<float>());
+  return apply_block_mask(grad_y, mask, per_sample_scale(scale, grad_y.size(0)));
 }
 
 }  // namespace

@@ -100,11 +100,12 @@ def check_topk(value, name: str, size: int, what: str) -> int:
 NORMALIZE_MODES = ("batch", "none")
 
 
-def check_block_drop_args(p, block_size, normalize, eps, seed) -> tuple[float, int, float]:
+def check_block_drop_args(p, block_size, normalize, eps, seed,
+                          normalize_modes: tuple = NORMALIZE_MODES) -> tuple[float, int, float]:
     """The arguments every block-dropping op shares: returns (p, block_size, eps) as float, int, float."""
     p = check_probability(p)
     block_size = check_positive_int(block_size, "block_size")
-    check_choice(normalize, "normalize", NORMALIZE_MODES)
+    check_choice(normalize, "normalize", normalize_modes)
     eps = check_non_negative(eps, "eps")
     check_seed(seed)
     return p, block_size, eps
@@ -145,3 +146,22 @@ def check_finite(value, name: str) -> float:
     if not abs(float(value)) < float("inf"):
         raise ValueError(f"{name} must be finite, got {value}")
     return float(value)
+
+
+def check_sample_rates(p, batch: int, device, name: str = "p") -> torch.Tensor:
+    """Per-sample drop rates: a floating tensor (N,) in [0, 1] on x's device, returned as float64.
+
+    Reads the values: one synchronisation for a CUDA tensor.
+    """
+    if p.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a float or a floating-point tensor of per-sample drop rates, got {p.dtype}")
+    if p.dim() != 1 or p.shape[0] != batch:
+        raise ValueError(f"{name} must be a float or have shape (N,) = ({batch},), one drop rate per sample, "
+                         f"got {tuple(p.shape)}")
+    if p.device != device:
+        raise ValueError(f"{name} must be on x's device {device}, got {p.device}")
+    rates = p.detach().to(torch.float64)
+    if rates.numel() and not bool(((rates >= 0) & (rates <= 1)).all()):
+        raise ValueError(f"{name} must hold drop rates in [0, 1], got values from {rates.min().item()} to "
+                         f"{rates.max().item()}")
+    return rates

@@ -11,9 +11,12 @@ import torch
 from robustdrop import _backend, _checks, _seed
 from robustdrop.reference import block_mask as reference
 
-__all__ = ["drop_block2d"]
+__all__ = ["drop_block2d", "block_drop"]
 
-def drop_block2d(x: torch.Tensor, p: float, block_size: int, *, training: bool = True, couple_channels: bool = False,
+NORMALIZE_MODES = ("batch", "sample", "none")
+
+
+def drop_block2d(x: torch.Tensor, p, block_size: int, *, training: bool = True, couple_channels: bool = False,
                  normalize: str = "batch", eps: float = 1e-6, seed: int | None = None,
                  backend: str = "auto") -> torch.Tensor:
     """DropBlock: drop contiguous bs x bs squares of each feature map.
@@ -22,15 +25,18 @@ def drop_block2d(x: torch.Tensor, p: float, block_size: int, *, training: bool =
     ``gamma = p*H*W / (bs**2 (H-bs+1)(W-bs+1))``, ``bs = min(block_size, H, W)``;
     each seed at (i, j) drops rows i..i+bs-1 and columns j..j+bs-1. With
     ``normalize="batch"`` kept values are scaled by ``numel / (eps + kept)``
-    (torchvision's rule); with ``"none"`` they are left as they are.
+    (torchvision's rule); with ``"sample"`` each sample by its own
+    ``C*H*W / (eps + kept_n)``; with ``"none"`` they are left as they are.
 
     Args:
         x: (N, C, H, W) floating-point input, any memory format.
-        p: drop rate in [0, 1]; ``p == 0`` returns x unchanged.
+        p: drop rate in [0, 1]; ``p == 0`` returns x unchanged. A tensor (N,)
+            gives each sample its own rate (checking its values reads them: one
+            synchronisation for a CUDA tensor).
         block_size: side of the dropped squares, >= 1 (clamped to min(H, W)).
         training: when False, returns x unchanged.
         couple_channels: one mask (N, 1, H, W) shared by all channels.
-        normalize: "batch" or "none".
+        normalize: "batch", "sample" or "none".
         eps: added to the kept count in the scale.
         seed: 64-bit seed of the shared RNG; None draws one from torch's
             default CPU generator (``torch.manual_seed`` makes it repeatable).
@@ -41,24 +47,46 @@ def drop_block2d(x: torch.Tensor, p: float, block_size: int, *, training: bool =
         the same bits for the same seed.
     """
     _checks.check_feature_map(x)
-    p, block_size, eps = _checks.check_block_drop_args(p, block_size, normalize, eps, seed)
+    per_sample = isinstance(p, torch.Tensor)
+    rates = _checks.check_sample_rates(p, x.shape[0], x.device) if per_sample else p
+    _, block_size, eps = _checks.check_block_drop_args(0.0 if per_sample else p, block_size, normalize, eps, seed,
+                                                       normalize_modes=NORMALIZE_MODES)
     name = _backend.resolve_backend(backend, x)
-    if not training or p == 0.0:
+    if not training or (not per_sample and float(p) == 0.0):
         return x
+    groups = x.shape[0] if normalize == "sample" and x.shape[0] > 0 else 1
+    return block_drop(x, rates if per_sample else float(p), block_size, couple_channels=couple_channels,
+                      normalize=normalize != "none", eps=eps, normalize_groups=groups, seed=seed, backend=name)
+
+
+def block_drop(x: torch.Tensor, p, block_size: int, *, couple_channels: bool, normalize: bool, eps: float,
+               normalize_groups: int = 1, seed: int | None, backend: str) -> torch.Tensor:
+    """DropBlock on checked arguments and a resolved backend: the op call behind drop_block2d.
+
+    p is a float or a float tensor (N,) of per-sample drop rates (not checked
+    again). The N samples form ``normalize_groups`` consecutive groups, each
+    normalised by its own kept count (Active DropBlock's batched step gives each
+    policy's copy of the batch its own group).
+    """
     height, width = x.shape[-2:]
     bs = reference.effective_block_size(block_size, height, width)
     if bs == 0:  # an empty map has nothing to drop
         return x.clone()
-    gamma = reference.drop_rate_to_gamma(p, height, width, bs)
-    args = (x, _seed.op_seed(seed), gamma, bs, couple_channels, normalize == "batch", eps)
-    return _FORWARD[name](*args)[0]
+    if isinstance(p, torch.Tensor):
+        sample_gamma = reference.drop_rate_to_gamma(p, height, width, bs).to(torch.float32)
+        gamma = 0.0
+    else:
+        sample_gamma, gamma = None, reference.drop_rate_to_gamma(p, height, width, bs)
+    args = (x, _seed.op_seed(seed), gamma, bs, couple_channels, normalize, eps, sample_gamma, normalize_groups)
+    return _FORWARD[backend](*args)[0]
 
 
 _FORWARD = _backend.forward_table("block_mask_forward", reference.block_mask_forward)
 
 
-def _fake_forward(x, seed, gamma, block_size, couple_channels, normalize, eps):
-    return fake_outputs(x, 1 if couple_channels else x.shape[1])
+def _fake_forward(x, seed, gamma, block_size, couple_channels, normalize, eps, sample_gamma=None,
+                  normalize_groups=1):
+    return fake_outputs(x, 1 if couple_channels else x.shape[1], normalize_groups)
 
 
 def _fake_backward(grad_y, mask, scale):
@@ -91,7 +119,7 @@ def _make_backward(backward_op, num_inputs: int):
 def register(forward_name: str, backward_name: str) -> None:
     """Fake implementations and autograd for DropBlock's (forward, backward) op pair."""
     register_backward(backward_name)
-    register_forward(forward_name, backward_name, _fake_forward, num_inputs=7)
+    register_forward(forward_name, backward_name, _fake_forward, num_inputs=9)
 
 
 def register_forward(forward_name: str, backward_name: str, fake_forward, *, num_inputs: int) -> None:
@@ -115,12 +143,13 @@ def register_backward(backward_name: str) -> None:
                                     setup_context=_setup_backward_context)
 
 
-def fake_outputs(x, mask_channels: int):
+def fake_outputs(x, mask_channels: int, normalize_groups: int = 1):
     """Fake (y, mask, scale) of a block-mask forward on x (N, C, H, W)."""
     n, _, h, w = x.shape
     mask = x.new_empty((n, mask_channels, h, (w + 7) // 8), dtype=torch.uint8)
     y = torch.empty_like(x, memory_format=_memory_format(x))
-    return y, mask, x.new_empty((), dtype=torch.float32)
+    scale_shape = () if normalize_groups == 1 else (normalize_groups,)
+    return y, mask, x.new_empty(scale_shape, dtype=torch.float32)
 
 
 def _setup_backward_context(ctx, inputs, output):

@@ -1,0 +1,47 @@
+// Random Mask's apply on the CPU (DESIGN.md 4.4): y = keep[c, h, w] ? x : 0 with
+// one packed keep mask (C, H, ceil(W/8)) for every sample. It is the block
+// mask's apply pass with a mask that does not advance with n and a scale of 1
+// (x * 1 is x exactly in every dtype, and the select keeps NaN out of dropped
+// positions), out of place or written back into x.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../checks.h"
+#include "block_mask.h"
+
+namespace robustdrop {
+namespace {
+
+// The view of a (C, H, ceil(W/8)) mask shared by every sample.
+PackedMaskView fixed_mask_view(const at::Tensor& mask) {
+  return {mask.data_ptr<uint8_t>(), 0, 1, mask.size(1), mask.size(2)};
+}
+
+at::Tensor fixed_mask_apply_cpu(const at::Tensor& x, const at::Tensor& mask) {
+  check_fixed_mask_args(x, mask);
+  const at::Tensor in = walkable(x);
+  const at::Tensor bits = mask.contiguous();
+  at::Tensor out = at::empty_like(in);
+  apply_mask_into(in, fixed_mask_view(bits), std::vector<float>(in.size(0), 1.0f), out);
+  return out;
+}
+
+void fixed_mask_apply_in_place_cpu(at::Tensor& x, const at::Tensor& mask) {
+  check_fixed_mask_args(x, mask);
+  const at::Tensor bits = mask.contiguous();
+  // Layouts the kernel does not walk are masked in a contiguous copy, written back.
+  at::Tensor target = walkable(x);
+  apply_mask_into(target, fixed_mask_view(bits), std::vector<float>(x.size(0), 1.0f), target);
+  if (!target.is_same(x)) x.copy_(target);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(robustdrop, CPU, m) {
+  m.impl("fixed_mask_apply", &fixed_mask_apply_cpu);
+  m.impl("fixed_mask_apply_", &fixed_mask_apply_in_place_cpu);
+}
+
+}  // namespace robustdrop
