@@ -355,9 +355,11 @@ __global__ void __launch_bounds__(kSelectThreads)
 using block_mask_cuda::apply_mask;
 using block_mask_cuda::CandidateFilter;
 using block_mask_cuda::grid_size;
+using block_mask_cuda::KeptCounter;
 using block_mask_cuda::launch_mask;
 using block_mask_cuda::MaskGeometry;
 using block_mask_cuda::ScaleSource;
+using block_mask_cuda::SeedRate;
 using block_mask_cuda::empty_forward;
 
 // The widest vector (16 bytes at most) that divides `inner` and fits x's alignment.
@@ -458,12 +460,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cam_mask_forward_cuda(
   // Mask and count: DropBlock's seeds (couple_channels=False), filtered.
   const MaskGeometry g{N * C, H, W, block_size, H - block_size + 1, W - block_size + 1, mask_row_bytes(W)};
   const CandidateFilter filter{spatial_ptr, channel_ptr, C};
-  launch_mask(g, static_cast<uint64_t>(seed), static_cast<float>(gamma), mask.data_ptr<uint8_t>(),
-              normalize ? kept_ptr : nullptr, options, stream, &filter);
+  const KeptCounter counter{normalize ? kept_ptr : nullptr, g.planes};  // one batch-wide count
+  launch_mask(g, static_cast<uint64_t>(seed), SeedRate::uniform(static_cast<float>(gamma)), mask.data_ptr<uint8_t>(),
+              counter, options, stream, &filter);
 
   // Apply; the scale is derived on the device from the count.
-  const ScaleSource source{nullptr, normalize ? kept_ptr : nullptr, 1, static_cast<double>(x.numel()), eps,
-                           scale.data_ptr<float>()};
+  const ScaleSource source =
+      ScaleSource::from_count(counter.total, 1, static_cast<double>(x.numel()), eps, scale.data_ptr<float>());
   at::Tensor y = apply_mask(x, mask, source, stream);
   return {y, mask, scale};
 }
