@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Sets up and runs the benchmark suite: a table on stdout, CSV and PNG in bench_out/.
+# Sets up and runs the benchmark suite: the op table (CSV and PNG) and the training-step
+# table (CSV), on stdout and in bench_out/. Arguments go to the op benchmark.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 bash scripts/setup.sh
 "$PY" -m robustdrop bench "$@"
+"$PY" -m robustdrop bench-steps

@@ -99,3 +99,21 @@ def test_unknown_op_is_an_error():
     with pytest.raises(ValueError, match="unknown op"):
         benchmark.select_modules(["no_such_op"])
     assert set(benchmark.select_modules(["drop_block2d"])) == {"block_mask"}
+
+
+def test_training_step_bench_runs(tmp_path):
+    """``python -m robustdrop bench-steps --quick``: a DropBlock step and both ActDB modes, timed."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", ROBUSTDROP_BACKEND="")
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run([sys.executable, "-m", "robustdrop", "bench-steps", "--quick", "--device", "cpu",
+                             "--repeats", "1", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    with open(tmp_path / "steps_cpu.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["step"] for row in rows] == ["DropBlock2d (p=0.1)", "ActiveDropBlock2d sequential",
+                                             "ActiveDropBlock2d batched"]
+    for row in rows:
+        assert math.isfinite(float(row["median_ms"])) and float(row["median_ms"]) > 0
+    assert float(rows[0]["x_dropblock"]) == 1.0
+    assert "ActiveDropBlock2d batched" in result.stdout

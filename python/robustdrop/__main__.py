@@ -10,6 +10,7 @@ import sys
 
 COMMANDS = {
     "bench": "robustdrop.benchmark",
+    "bench-steps": "robustdrop.step_benchmark",
     "info": "robustdrop.info",
 }
 

@@ -1,0 +1,152 @@
+"""Active DropBlock (ActDB) as an nn.Module: DropBlock whose drop rate comes from a
+pool of policies, the one of largest loss chosen by
+``robustdrop.training.active_dropblock_step`` (the paper's Eq. 5-6).
+
+The paper calls the pool's values gamma (Eq. 3-4) and also "drop rate"; its
+experiments pool 0, 0.025, ..., 0.225 next to a vanilla DropBlock of "gamma"
+0.2. robustdrop reads them as drop rates p, the probability that an element is
+dropped, and derives the seed probability gamma from p as DropBlock does
+(DESIGN.md 4.1). A pool value of 0 means no drop.
+"""
+import numbers
+
+import torch
+from torch import nn
+
+from robustdrop import _checks
+from robustdrop._backend import resolve_backend
+from robustdrop.ops.block_mask import NORMALIZE_MODES, block_drop, drop_block2d
+
+__all__ = ["ActiveDropBlock2d", "DEFAULT_POLICIES"]
+
+# The paper's pool: drop rates from 0 to 0.225 in steps of 0.025 (ten values).
+DEFAULT_POLICIES = tuple(round(0.025 * i, 3) for i in range(10))
+
+
+class ActiveDropBlock2d(nn.Module):
+    """DropBlock over (N, C, H, W) maps with a drop rate picked from ``policies``.
+
+    Args:
+        block_size: side of the dropped squares (clamped to min(H, W)).
+        policies: the pool of drop rates in [0, 1], non-empty.
+        change_threshold: Algorithm 1's re-pick, off (None) by default. When
+            set, a training forward whose relative change ``||y - x|| / ||x||``
+            is below it is redone with another policy of the pool (in random
+            order) until one changes x by at least the threshold; if none does,
+            the one that changed it most is kept. It reads the norms (a
+            synchronisation on a GPU) and does not apply to the batched step.
+        couple_channels, normalize, eps: as ``robustdrop.drop_block2d``.
+        backend: "auto", "cuda", "triton", "cpu" or "reference".
+
+    Which rate a training forward uses:
+
+    * inside ``active_dropblock_step``: the policy the step is evaluating
+      (sequential mode), or every policy at once, one per copy of the batch
+      (batched mode);
+    * otherwise: a policy drawn uniformly from the pool with torch's default
+      generator at each forward.
+
+    ``last_policy`` records the rate the last training forward used (None after
+    a batched forward). The identity in eval mode.
+    """
+
+    def __init__(self, block_size: int, *, policies=DEFAULT_POLICIES, change_threshold: float | None = None,
+                 couple_channels: bool = False, normalize: str = "batch", eps: float = 1e-6,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        self.block_size = _checks.check_positive_int(block_size, "block_size")
+        self.policies = _check_policies(policies)
+        self.change_threshold = _check_threshold(change_threshold)
+        self.couple_channels = couple_channels
+        self.normalize = _checks.check_choice(normalize, "normalize", NORMALIZE_MODES)
+        self.eps = _checks.check_non_negative(eps, "eps")
+        self.backend = backend
+        # Set by active_dropblock_step for the forwards it runs.
+        self.policy: float | None = None
+        self.batched_policies = False
+        self.last_policy: float | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        if self.batched_policies:
+            self.last_policy = None
+            return self._forward_every_policy(x)
+        rate = self.policy if self.policy is not None else self._random_policy()
+        y = self._drop(x, rate)
+        if self.change_threshold is not None:
+            rate, y = self._repick(x, rate, y)
+        self.last_policy = rate
+        return y
+
+    def _drop(self, x: torch.Tensor, rate: float) -> torch.Tensor:
+        return drop_block2d(x, rate, self.block_size, couple_channels=self.couple_channels, normalize=self.normalize,
+                            eps=self.eps, backend=self.backend)
+
+    def _random_policy(self) -> float:
+        return self.policies[int(torch.randint(len(self.policies), ()))]
+
+    def _repick(self, x: torch.Tensor, rate: float, y: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """Algorithm 1, steps 8-11: other policies until x changes by at least the threshold."""
+        norm = torch.linalg.vector_norm(x.detach().float()).item()
+        best = (relative_change(x, y, norm), rate, y)
+        if best[0] >= self.change_threshold:
+            return rate, y
+        tried = {rate}
+        for index in torch.randperm(len(self.policies)).tolist():
+            candidate = self.policies[index]
+            if candidate in tried:
+                continue
+            tried.add(candidate)
+            y = self._drop(x, candidate)
+            change = relative_change(x, y, norm)
+            if change >= self.change_threshold:
+                return candidate, y
+            if change > best[0]:
+                best = (change, candidate, y)
+        return best[1], best[2]
+
+    def _forward_every_policy(self, x: torch.Tensor) -> torch.Tensor:
+        """x is the batch repeated once per policy: copy k gets policies[k], normalised on its own."""
+        count = len(self.policies)
+        if x.shape[0] % count != 0:
+            raise ValueError(f"ActiveDropBlock2d in a batched step needs a batch of len(policies) = {count} equal "
+                             f"copies, got x of shape {tuple(x.shape)}")
+        copy_size = x.shape[0] // count
+        rates = torch.tensor(self.policies, dtype=torch.float64, device=x.device).repeat_interleave(copy_size)
+        groups = {"batch": count, "sample": max(x.shape[0], 1), "none": 1}[self.normalize]
+        return block_drop(x, rates, self.block_size, couple_channels=self.couple_channels,
+                          normalize=self.normalize != "none", eps=self.eps, normalize_groups=groups, seed=None,
+                          backend=resolve_backend(self.backend, x))
+
+    def extra_repr(self) -> str:
+        return (f"block_size={self.block_size}, policies={self.policies}, change_threshold={self.change_threshold}, "
+                f"couple_channels={self.couple_channels}, normalize={self.normalize!r}, eps={self.eps}, "
+                f"backend={self.backend!r}")
+
+
+def relative_change(x: torch.Tensor, y: torch.Tensor, x_norm: float) -> float:
+    """||y - x|| / ||x|| (0 for a zero x that stays zero)."""
+    difference = torch.linalg.vector_norm((y.detach().float() - x.detach().float())).item()
+    if x_norm == 0.0:
+        return 0.0 if difference == 0.0 else float("inf")
+    return difference / x_norm
+
+
+def _check_policies(policies) -> tuple[float, ...]:
+    if isinstance(policies, (str, bytes, torch.Tensor)) or not hasattr(policies, "__iter__"):
+        raise TypeError(f"policies must be a sequence of drop rates, got {type(policies).__name__}")
+    values = tuple(_checks.check_probability(value, "policies") for value in policies)
+    if not values:
+        raise ValueError("policies must hold at least one drop rate, got an empty pool")
+    return values
+
+
+def _check_threshold(threshold) -> float | None:
+    if threshold is None:
+        return None
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"change_threshold must be a real number or None, got {type(threshold).__name__}")
+    if not 0.0 < float(threshold) < float("inf"):
+        raise ValueError(f"change_threshold must be > 0 and finite, got {threshold}")
+    return float(threshold)

@@ -1,0 +1,158 @@
+"""Training steps that a method needs beyond a plain forward and backward.
+
+``active_dropblock_step`` is Active DropBlock's step (the paper's Eq. 5-6): one
+forward per drop-rate policy, and the loss of the policy with the largest loss
+is the one to minimise::
+
+    model = robustdrop.models.resnet18(method="active_dropblock", stage=3)
+    for images, labels in loader:
+        step = robustdrop.training.active_dropblock_step(model, criterion, images, labels)
+        optimizer.zero_grad()
+        step.loss.backward()
+        optimizer.step()
+"""
+import dataclasses
+
+import torch
+from torch import nn
+
+from robustdrop._checks import check_choice
+from robustdrop.nn.active_drop_block import ActiveDropBlock2d
+
+__all__ = ["ActiveDropBlockStep", "active_dropblock_step"]
+
+MODES = ("sequential", "batched")
+
+
+@dataclasses.dataclass
+class ActiveDropBlockStep:
+    """The outcome of one Active DropBlock step.
+
+    Attributes:
+        losses: (P,) the loss of each policy, detached, in pool order.
+        policy: the drop rate of the largest loss (the first, on a tie).
+        policy_index: its index in the pool.
+        loss: that loss, with its graph: ``loss.backward()`` trains with exactly
+            the masks that produced ``losses[policy_index]``, and
+            ``loss == losses.max()``.
+    """
+
+    losses: torch.Tensor
+    policy: float
+    policy_index: int
+    loss: torch.Tensor
+
+
+def active_dropblock_step(model: nn.Module, loss_fn, inputs: torch.Tensor, targets, *,
+                          mode: str = "sequential") -> ActiveDropBlockStep:
+    """Evaluate every policy of the model's ActiveDropBlock2d layers; keep the largest loss.
+
+    Every ActiveDropBlock2d in ``model`` uses the same policy in a forward (its
+    own pool's value at that index; the pools must have one length).
+
+    Args:
+        model: a module holding at least one ActiveDropBlock2d, in training mode.
+        loss_fn: ``loss_fn(outputs, targets)`` -> a scalar tensor.
+        inputs: the batch (N, ...), fed to ``model`` as its one argument.
+        targets: passed to ``loss_fn`` as they are.
+        mode: ``"sequential"``: one forward of the batch per policy. Each
+            forward records its graph, and only the largest loss's graph is
+            kept (at most two at a time). The model's buffers (BatchNorm
+            statistics, counters) end as if only the chosen policy's forward
+            had run. ``"batched"``: one forward of the batch repeated once per
+            policy (P*N samples), copy k masked with policy k and normalised
+            on its own; the P losses come from the P slices of the output.
+            Faster on a GPU for small batches, but layers that mix samples see
+            all copies: BatchNorm's batch statistics after an ActDB layer span
+            every policy, and its running statistics are updated once from the
+            P*N batch. Algorithm 1's change_threshold does not apply here.
+
+    Returns:
+        ActiveDropBlockStep(losses, policy, policy_index, loss).
+    """
+    layers = _active_layers(model)
+    check_choice(mode, "mode", MODES)
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError(f"inputs must be a torch.Tensor batch, got {type(inputs).__name__}")
+    count = len(layers[0].policies)
+    if mode == "sequential":
+        return _sequential_step(model, layers, count, loss_fn, inputs, targets)
+    if any(layer.change_threshold is not None for layer in layers):
+        raise ValueError("mode='batched' does not re-pick policies: set change_threshold=None on every "
+                         "ActiveDropBlock2d, or use mode='sequential'")
+    return _batched_step(model, layers, count, loss_fn, inputs, targets)
+
+
+def _active_layers(model: nn.Module) -> list[ActiveDropBlock2d]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    layers = [module for module in model.modules() if isinstance(module, ActiveDropBlock2d)]
+    if not layers:
+        raise ValueError(f"model has no ActiveDropBlock2d layer to choose a policy for ({type(model).__name__})")
+    counts = {len(layer.policies) for layer in layers}
+    if len(counts) != 1:
+        raise ValueError(f"every ActiveDropBlock2d of model must have a policy pool of one length, got lengths "
+                         f"{sorted(counts)}")
+    return layers
+
+
+def _scalar_loss(loss_fn, outputs, targets) -> torch.Tensor:
+    loss = loss_fn(outputs, targets)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ValueError(f"loss_fn must return a scalar tensor, got "
+                         f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__}")
+    return loss.reshape(())
+
+
+def _sequential_step(model, layers, count, loss_fn, inputs, targets) -> ActiveDropBlockStep:
+    # Each forward runs on fresh copies of the buffers: a graph may keep the
+    # buffers it read (BatchNorm keeps its running statistics), so they must
+    # not change under it. The chosen forward's values are copied back at the end.
+    owners = _buffer_owners(model)
+    originals = [module._buffers[name] for module, name in owners]
+    losses, best_index, best_loss, best_buffers = [], 0, None, None
+    try:
+        for index in range(count):
+            copies = [buffer.detach().clone() for buffer in originals]
+            for (module, name), copy in zip(owners, copies):
+                module._buffers[name] = copy
+            for layer in layers:
+                layer.policy = layer.policies[index]
+            loss = _scalar_loss(loss_fn, model(inputs), targets)
+            losses.append(loss.detach())
+            # Strictly larger: a tie keeps the lower index, as torch.argmax does.
+            if best_loss is None or bool(loss.detach() > best_loss.detach()):
+                best_index, best_loss, best_buffers = index, loss, copies
+    finally:
+        for layer in layers:
+            layer.policy = None
+        for (module, name), original in zip(owners, originals):
+            module._buffers[name] = original
+    with torch.no_grad():
+        for original, value in zip(originals, best_buffers):
+            original.copy_(value)
+    return ActiveDropBlockStep(torch.stack(losses), layers[0].policies[best_index], best_index, best_loss)
+
+
+def _batched_step(model, layers, count, loss_fn, inputs, targets) -> ActiveDropBlockStep:
+    batch = inputs.shape[0]
+    repeated = inputs.repeat(count, *([1] * (inputs.dim() - 1)))
+    for layer in layers:
+        layer.batched_policies = True
+    try:
+        outputs = model(repeated)
+    finally:
+        for layer in layers:
+            layer.batched_policies = False
+    if not isinstance(outputs, torch.Tensor) or outputs.shape[0] != count * batch:
+        raise ValueError(f"model must return one output row per sample for mode='batched', got "
+                         f"{tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__}")
+    losses = torch.stack([_scalar_loss(loss_fn, part, targets) for part in outputs.split(batch)])
+    best_index = int(torch.argmax(losses.detach()))
+    return ActiveDropBlockStep(losses.detach(), layers[0].policies[best_index], best_index, losses[best_index])
+
+
+def _buffer_owners(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, name) of every buffer of model, each module once."""
+    return [(module, name) for module in model.modules() for name, buffer in module._buffers.items()
+            if buffer is not None]
