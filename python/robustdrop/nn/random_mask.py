@@ -17,9 +17,11 @@ import torch
 from torch import nn
 
 from robustdrop import _backend, _checks
-from robustdrop._seed import draw_seed
+from robustdrop._backend import extension_error
+from robustdrop._seed import draw_seed, op_seed
 from robustdrop.ops.fixed_mask import fixed_mask2d, pack_fixed_mask
 from robustdrop.reference.fixed_mask import MODES, random_keep_mask
+from robustdrop.reference.philox import philox_uniform
 
 __all__ = ["RandomMask2d", "apply_random_mask", "shallow_convolutions"]
 
@@ -46,6 +48,13 @@ def _check_shape(shape) -> tuple[int, int, int] | None:
     if any(isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1 for size in shape):
         raise ValueError(f"shape must be None or (C, H, W) of positive ints, got {tuple(shape)!r}")
     return tuple(int(size) for size in shape)
+
+
+def _fast_uniform():
+    """The compiled RNG op when the extension is built (the same bits as the reference's, faster)."""
+    if extension_error() is None:
+        return torch.ops.robustdrop.philox_uniform
+    return philox_uniform
 
 
 def _not_compiled(function):
@@ -126,7 +135,7 @@ class RandomMask2d(nn.Module):
     def _draw_mask(self, shape: tuple[int, int, int]) -> torch.Tensor:
         """The keep mask (C, H, W) bool, on the CPU, that this module's seed and settings give for ``shape``."""
         return random_keep_mask(tuple(shape), self.ratio, mode=self.mode, per_channel=self.per_channel,
-                                seed=self.seed)
+                                seed=op_seed(self.seed), uniform=_fast_uniform())
 
     @_not_compiled
     def _build(self, shape: tuple[int, int, int], device: torch.device) -> None:

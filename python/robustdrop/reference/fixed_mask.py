@@ -29,8 +29,12 @@ def _keep_all_but_lowest(uniform: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def random_keep_mask(shape: tuple, ratio: float, *, mode: str = "random", per_channel: bool = True,
-                     seed: int) -> torch.Tensor:
+                     seed: int, uniform=philox_uniform) -> torch.Tensor:
     """The Random Mask keep mask (C, H, W) bool for seed ``seed``, on the CPU.
+
+    ``uniform(index, seed)`` is the RNG of DESIGN.md section 3; the default is
+    the reference's, and any backend's (the compiled ``philox_uniform`` op) gives
+    the same bits, faster.
 
     u(i) = uniform(seed, i) (DESIGN.md section 3), and the positions of smallest u are dropped:
 
@@ -44,18 +48,18 @@ def random_keep_mask(shape: tuple, ratio: float, *, mode: str = "random", per_ch
     channels, height, width = shape
     plane = height * width
     if mode == "channel":
-        uniform = philox_uniform(torch.arange(channels, dtype=torch.int64), seed).view(1, channels)
-        keep = _keep_all_but_lowest(uniform, dropped_count(ratio, channels))
+        values = uniform(torch.arange(channels, dtype=torch.int64), seed).view(1, channels)
+        keep = _keep_all_but_lowest(values, dropped_count(ratio, channels))
         return keep.view(channels, 1, 1).expand(channels, height, width).clone()
     if mode == "same":
-        uniform = philox_uniform(torch.arange(plane, dtype=torch.int64), seed).view(1, plane)
-        keep = _keep_all_but_lowest(uniform, dropped_count(ratio, plane))
+        values = uniform(torch.arange(plane, dtype=torch.int64), seed).view(1, plane)
+        keep = _keep_all_but_lowest(values, dropped_count(ratio, plane))
         return keep.view(1, height, width).expand(channels, height, width).clone()
-    uniform = philox_uniform(torch.arange(channels * plane, dtype=torch.int64), seed)
+    values = uniform(torch.arange(channels * plane, dtype=torch.int64), seed)
     if per_channel:
-        keep = _keep_all_but_lowest(uniform.view(channels, plane), dropped_count(ratio, plane))
+        keep = _keep_all_but_lowest(values.view(channels, plane), dropped_count(ratio, plane))
     else:
-        keep = _keep_all_but_lowest(uniform.view(1, -1), dropped_count(ratio, channels * plane))
+        keep = _keep_all_but_lowest(values.view(1, -1), dropped_count(ratio, channels * plane))
     return keep.view(channels, height, width)
 
 
