@@ -38,8 +38,7 @@ def _register_ops() -> None:
         _cam_mask.register("cam_mask_forward_triton", "block_mask_backward_triton")
         _feature_density.register("feature_density_triton", "feature_density_forward_triton",
                                   "channel_mask_backward_triton")
-        if hasattr(__import__("torch").ops.robustdrop, "fixed_mask_apply_triton"):  # TEMP until triton/fixed_mask.py lands
-            _fixed_mask.register("fixed_mask_apply_triton")
+        _fixed_mask.register("fixed_mask_apply_triton")
 
 
 _register_ops()

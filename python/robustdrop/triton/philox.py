@@ -95,19 +95,20 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     wrap_triton(kernel)[grid](*args, **kwargs)
 
 
-def register_op(name: str, probe_kernel):
+def register_op(name: str, probe_kernel, mutates_args: tuple = ()):
     """Registers ``fn`` as the custom op ``name`` (schema from its annotations).
 
     Normally a ``triton_op``: torch.compile traces into ``fn`` and sees the
     kernels; ``fn`` doubles as the fake implementation. Under the interpreter
     wrap_triton cannot trace, so the op is an opaque ``custom_op`` whose fake
     implementation is ``fn`` with its launches skipped (see ``launch``).
+    mutates_args names the arguments ``fn`` writes in place.
     """
 
     def register(fn):
         if not _interpreted(probe_kernel):
-            return triton_op(name, fn, mutates_args=())
-        op = custom_op(name, fn, mutates_args=())
+            return triton_op(name, fn, mutates_args=mutates_args)
+        op = custom_op(name, fn, mutates_args=mutates_args)
         op.register_fake(fn)
         return op
 
