@@ -90,10 +90,10 @@ def _fake_forward(x, seed, gamma, block_size, couple_channels, normalize, eps, s
 
 
 def _fake_backward(grad_y, mask, scale):
-    return torch.empty_like(grad_y, memory_format=_memory_format(grad_y))
+    return torch.empty_like(grad_y, memory_format=output_memory_format(grad_y))
 
 
-def _memory_format(t):
+def output_memory_format(t):
     """The layout the kernels write: channels_last when t is, else contiguous."""
     if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
@@ -147,7 +147,7 @@ def fake_outputs(x, mask_channels: int, normalize_groups: int = 1):
     """Fake (y, mask, scale) of a block-mask forward on x (N, C, H, W)."""
     n, _, h, w = x.shape
     mask = x.new_empty((n, mask_channels, h, (w + 7) // 8), dtype=torch.uint8)
-    y = torch.empty_like(x, memory_format=_memory_format(x))
+    y = torch.empty_like(x, memory_format=output_memory_format(x))
     scale_shape = () if normalize_groups == 1 else (normalize_groups,)
     return y, mask, x.new_empty(scale_shape, dtype=torch.float32)
 

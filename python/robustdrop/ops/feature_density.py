@@ -109,7 +109,7 @@ def _fake_density(x, dims, grids):
 
 def _fake_forward(x, dims, grids, seed, kappa, alpha, rescale):
     n, c = x.shape[:2]
-    y = torch.empty_like(x, memory_format=_block_mask._memory_format(x))
+    y = torch.empty_like(x, memory_format=_block_mask.output_memory_format(x))
     mask = x.new_empty((n, (c + 7) // 8), dtype=torch.uint8)
     scale = x.new_empty((n, c) if rescale else (), dtype=torch.float32)
     return y, mask, scale

@@ -11,6 +11,7 @@ by the batch, is kept for it.
 import torch
 
 from robustdrop import _backend, _checks
+from robustdrop.ops.block_mask import output_memory_format
 from robustdrop.reference import block_mask as block_reference
 from robustdrop.reference import fixed_mask as reference
 
@@ -103,18 +104,11 @@ class _FixedMaskInPlace(torch.autograd.Function):
 
 
 def _fake_apply(x, mask):
-    return torch.empty_like(x, memory_format=_memory_format(x))
+    return torch.empty_like(x, memory_format=output_memory_format(x))
 
 
 def _fake_apply_(x, mask):
     return None
-
-
-def _memory_format(t):
-    """The layout the kernels write: channels_last when t is, else contiguous."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _setup_context(ctx, inputs, output):
