@@ -166,6 +166,22 @@ inline void check_channel_mask_backward_args(const at::Tensor& grad_y, const at:
                     "grad_y, mask and scale must be on one device");
 }
 
+// kl_distill: student and teacher logits (N, K) of one floating dtype on one
+// device, and a finite temperature > 0.
+inline void check_kl_distill_args(const at::Tensor& student, const at::Tensor& teacher, double temperature) {
+  check_float_input(student, "student_logits");
+  check_float_input(teacher, "teacher_logits");
+  TORCH_CHECK_VALUE(student.dim() == 2, "student_logits must be 2-D (N, K), got ", student.dim(), " dimensions");
+  TORCH_CHECK_VALUE(teacher.sizes() == student.sizes(), "teacher_logits must have student_logits' shape ",
+                    student.sizes(), ", got ", teacher.sizes());
+  TORCH_CHECK_TYPE(teacher.scalar_type() == student.scalar_type(), "teacher_logits must have student_logits' dtype ",
+                   student.scalar_type(), ", got ", teacher.scalar_type());
+  TORCH_CHECK_VALUE(teacher.device() == student.device(), "teacher_logits must be on student_logits' device ",
+                    student.device(), ", got ", teacher.device());
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0, "temperature must be a finite number > 0, got ",
+                    temperature);
+}
+
 inline void check_philox_args(const at::Tensor& index) {
   TORCH_CHECK_TYPE(index.scalar_type() == at::kLong, "index must be int64, got ", index.scalar_type());
 }

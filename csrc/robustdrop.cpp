@@ -59,4 +59,9 @@ TORCH_LIBRARY(robustdrop, m) {
   m.def("fixed_mask_apply(Tensor x, Tensor mask) -> Tensor");
   // The same, written into x.
   m.def("fixed_mask_apply_(Tensor(a!) x, Tensor mask) -> ()");
+  // kl_distill (EWS): per row of student and teacher logits (N, K), with p = softmax(t / T),
+  // KL_row = sum_k p_k (log p_k - log_softmax(s / T)_k) and the row gradient for the
+  // backward, d KL_row / d s = (softmax(s / T) - p) / T. Returns (rows (N,), grad (N, K)),
+  // both float32 (float64 for float64 logits).
+  m.def("kl_distill_forward(Tensor student_logits, Tensor teacher_logits, float temperature) -> (Tensor, Tensor)");
 }

@@ -11,6 +11,7 @@ from robustdrop.ops import block_mask as _block_mask
 from robustdrop.ops import cam_mask as _cam_mask
 from robustdrop.ops import feature_density as _feature_density
 from robustdrop.ops import fixed_mask as _fixed_mask
+from robustdrop.ops import kl_distill as _kl_distill
 from robustdrop.ops.block_mask import drop_block2d
 from robustdrop.ops.cam_mask import cam_drop2d
 from robustdrop.ops.feature_density import feature_density, feature_density_dropout
@@ -19,7 +20,7 @@ from robustdrop.ops.fixed_mask import fixed_mask2d, pack_fixed_mask
 __version__ = "0.1.0"
 __all__ = [
     "backends", "BackendStatus", "drop_block2d", "cam_drop2d", "feature_density", "feature_density_dropout", "fixed_mask2d",
-    "pack_fixed_mask", "apply_random_mask", "nn", "models", "training",
+    "pack_fixed_mask", "apply_random_mask", "nn", "models", "training", "attacks", "ews",
     "__version__",
 ]
 
@@ -31,6 +32,7 @@ def _register_ops() -> None:
         _cam_mask.register("cam_mask_forward", "block_mask_backward")
         _feature_density.register("feature_density", "feature_density_forward", "channel_mask_backward")
         _fixed_mask.register("fixed_mask_apply")
+        _kl_distill.register("kl_distill_forward")
     else:
         _backend.warn_fallback(_backend.extension_error())
     if _backend.triton_error() is None:
@@ -39,11 +41,12 @@ def _register_ops() -> None:
         _feature_density.register("feature_density_triton", "feature_density_forward_triton",
                                   "channel_mask_backward_triton")
         _fixed_mask.register("fixed_mask_apply_triton")
+        _kl_distill.register("kl_distill_forward_triton")
 
 
 _register_ops()
 
 from robustdrop import nn  # noqa: E402  (the modules use the ops registered above)
-from robustdrop import training  # noqa: E402
+from robustdrop import attacks, ews, training  # noqa: E402
 from robustdrop import models  # noqa: E402
 from robustdrop.nn.random_mask import apply_random_mask  # noqa: E402

@@ -11,6 +11,7 @@ import sys
 COMMANDS = {
     "bench": "robustdrop.benchmark",
     "bench-steps": "robustdrop.step_benchmark",
+    "bench-subnets": "robustdrop.subnet_benchmark",
     "info": "robustdrop.info",
 }
 

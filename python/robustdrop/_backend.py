@@ -53,6 +53,7 @@ def triton_error() -> str | None:
         import robustdrop.triton.cam_mask  # noqa: F401
         import robustdrop.triton.feature_density  # noqa: F401
         import robustdrop.triton.fixed_mask  # noqa: F401
+        import robustdrop.triton.kl_distill  # noqa: F401
     except Exception as error:  # a broken Triton install should not break robustdrop
         return f"the Triton kernels failed to import: {error!r}"
     return None
