@@ -33,6 +33,7 @@
 #include "../lanczos.h"
 #include "../philox.h"
 #include "philox_cpu.h"
+#include "vector_clones.h"
 
 namespace robustdrop {
 namespace {
@@ -47,12 +48,7 @@ at::Tensor channel_rows(const at::Tensor& x, const DensityShape& s) {
 
 // ---------------------------------------------------------------- vector helpers
 
-// Built for AVX2 and for the baseline; the loader picks one per machine.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define ROBUSTDROP_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define ROBUSTDROP_VECTOR_CLONES
-#endif
+// Built for AVX2 and for the baseline (vector_clones.h).
 
 // a . b in float32 with eight partial sums: vectorisable without reassociating
 // one long chain, and as accurate as the float32 vectors it reads.
