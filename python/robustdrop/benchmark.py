@@ -496,6 +496,33 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join(out)
 
 
+def run_metadata(device: torch.device) -> dict:
+    """Where and when a benchmark ran: device name, torch version, git commit, UTC date."""
+    return {"device_name": device_name(device), "torch_version": torch.__version__, "git_commit": git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def markdown_table(header: Sequence[str], cell_rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table of string cells."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in cell_rows]
+    return "\n".join(lines)
+
+
+def write_row_outputs(stem: str, rows: Sequence[dict], columns: Sequence[str], meta: dict, table: str) -> None:
+    """``stem``.csv (each row with the run's metadata) and ``stem``.md (the table under its provenance)."""
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    with open(stem + ".csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=tuple(columns) + tuple(meta))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, **meta})
+    with open(stem + ".md", "w") as handle:
+        handle.write(f"Device: {meta['device_name']}; torch {meta['torch_version']}; commit {meta['git_commit']}; "
+                     f"{meta['date']}\n\n{table}\n")
+    print(f"wrote {stem}.csv, {stem}.md")
+
+
 def format_markdown(rows: Sequence[Row], meta: dict) -> str:
     """The table as Markdown with its provenance: what benchmarks/results/<device>.md records."""
     out = [f"# robustdrop bench: {meta['device_name']}", "",
@@ -607,8 +634,7 @@ def main(args: argparse.Namespace) -> int:
     config = BenchConfig(device, _DTYPES[args.dtype], args.quick)
     use_compile = (not args.quick) if args.compile is None else args.compile
     backends, notes = robustdrop_backends(device, args.with_reference)
-    meta = {"device_name": device_name(device), "torch_version": torch.__version__, "git_commit": git_commit(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    meta = run_metadata(device)
     print(f"robustdrop {robustdrop.__version__} bench on {meta['device_name']}, torch {meta['torch_version']}, "
           f"commit {meta['git_commit']}, {repeats} repeats", flush=True)
 

@@ -8,8 +8,6 @@ policies; the ratio column divides each step's median time by the DropBlock
 step's. A table on stdout, and a CSV and Markdown table in ``--out``.
 """
 import argparse
-import csv
-import datetime
 import os
 import statistics
 import sys
@@ -17,6 +15,8 @@ import time
 
 import torch
 from torch import nn
+
+from robustdrop.benchmark import markdown_table, run_metadata, write_row_outputs
 
 HELP = "time Active DropBlock's training step (both modes) against a plain DropBlock step"
 
@@ -73,7 +73,6 @@ def _median_ms(step, model, images, labels, device, repeats: int) -> float:
 
 
 def main(args: argparse.Namespace) -> int:
-    from robustdrop.benchmark import device_name, git_commit
 
     device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device_type == "cuda" and not torch.cuda.is_available():
@@ -89,8 +88,7 @@ def main(args: argparse.Namespace) -> int:
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, 32, 32, generator=generator).to(device)
     labels = torch.randint(0, 10, (batch,), generator=generator).to(device)
-    meta = {"device_name": device_name(device), "torch_version": torch.__version__, "git_commit": git_commit(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    meta = run_metadata(device)
     print(f"training-step bench on {meta['device_name']}, torch {meta['torch_version']}, commit {meta['git_commit']}, "
           f"{model_name}, batch {batch}, {repeats} repeats", flush=True)
     rows = []
@@ -105,25 +103,15 @@ def main(args: argparse.Namespace) -> int:
     table = _format(rows)
     print()
     print(table)
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"steps_{device_type}")
-    with open(stem + ".csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS + tuple(meta))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, **meta})
-    with open(stem + ".md", "w") as handle:
-        handle.write(f"Device: {meta['device_name']}; torch {meta['torch_version']}; commit {meta['git_commit']}; "
-                     f"{meta['date']}\n\n{table}\n")
-    print(f"wrote {stem}.csv, {stem}.md")
+    write_row_outputs(os.path.join(args.out, f"steps_{device_type}"), rows, COLUMNS, meta, table)
     return 0
 
 
 def _format(rows) -> str:
     header = ["step", "model", "batch", "forwards", "median ms", "x DropBlock step"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    cell_rows = []
     for row in rows:
         cells = [row["step"], row["model"], str(row["batch"]), row["forwards"], f"{row['median_ms']:.2f}",
                  f"{row['x_dropblock']:.2f}x"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        cell_rows.append(cells)
+    return markdown_table(header, cell_rows)

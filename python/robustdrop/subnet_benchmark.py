@@ -15,14 +15,14 @@ a descheduled OpenMP thread stalls every op, which penalises the many small
 ops of sequential forwards far more than the few large batched ones.
 """
 import argparse
-import csv
-import datetime
 import os
 import statistics
 import sys
 import time
 
 import torch
+
+from robustdrop.benchmark import markdown_table, run_metadata, write_row_outputs
 
 HELP = "time C candidate EWS subnets evaluated in one batched forward against C sequential forwards"
 
@@ -90,7 +90,6 @@ def _row(model_name: str, bn_mode: str, args, device: torch.device, batch: int, 
 
 
 def main(args: argparse.Namespace) -> int:
-    from robustdrop.benchmark import device_name, git_commit
 
     device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device_type == "cuda" and not torch.cuda.is_available():
@@ -106,8 +105,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: --width must be in (0, 1], got {args.width}", file=sys.stderr)
         return 2
     model_name = "SmallCNN" if args.quick else "resnet18 (CIFAR)"
-    meta = {"device_name": device_name(device), "torch_version": torch.__version__, "git_commit": git_commit(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    meta = run_metadata(device)
     print(f"subnet-evaluation bench on {meta['device_name']}, torch {meta['torch_version']}, commit "
           f"{meta['git_commit']}, {model_name}, batch {batch}, {args.subnets} subnets of width {args.width}, "
           f"{repeats} repeats", flush=True)
@@ -115,26 +113,16 @@ def main(args: argparse.Namespace) -> int:
     table = _format(rows)
     print()
     print(table)
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"subnets_{device_type}")
-    with open(stem + ".csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS + tuple(meta))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, **meta})
-    with open(stem + ".md", "w") as handle:
-        handle.write(f"Device: {meta['device_name']}; torch {meta['torch_version']}; commit {meta['git_commit']}; "
-                     f"{meta['date']}\n\n{table}\n")
-    print(f"wrote {stem}.csv, {stem}.md")
+    write_row_outputs(os.path.join(args.out, f"subnets_{device_type}"), rows, COLUMNS, meta, table)
     return 0
 
 
 def _format(rows) -> str:
     header = ["model", "batch", "subnets", "bn mode", "sequential ms", "batched ms", "speedup", "same accuracies"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    cell_rows = []
     for row in rows:
         cells = [row["model"], str(row["batch"]), f"{row['subnets']} (width {row['width']})", row["bn_mode"],
                  f"{row['sequential_ms']:.2f}", f"{row['batched_ms']:.2f}", f"{row['speedup']:.2f}x",
                  "yes" if row["same_accuracies"] else "no"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        cell_rows.append(cells)
+    return markdown_table(header, cell_rows)
