@@ -25,6 +25,14 @@
 
 #include "philox.h"  // ROBUSTDROP_HOST_DEVICE
 
+// Host code inlines every function here, so the CPU kernel's vector clones
+// (csrc/cpu/vector_clones.h) build the Sturm and solve loops for their target.
+#if defined(__CUDACC__) || defined(__HIPCC__) || !defined(__GNUC__)
+#define ROBUSTDROP_LANCZOS_FN ROBUSTDROP_HOST_DEVICE
+#else
+#define ROBUSTDROP_LANCZOS_FN inline __attribute__((always_inline))
+#endif
+
 namespace robustdrop {
 namespace lanczos {
 
@@ -44,7 +52,7 @@ constexpr int kInverseIterations = 2;
 // Component i of the (unnormalised) start vector: a multiplicative hash of i
 // in [-0.5, 0.5). The all-ones vector would not do: on the Gram side of a
 // channel-centred matrix it lies in M's null space.
-ROBUSTDROP_HOST_DEVICE float start_component(int64_t i) {
+ROBUSTDROP_LANCZOS_FN float start_component(int64_t i) {
   const uint32_t hash = static_cast<uint32_t>(i + 1) * 0x9E3779B1u;
   return static_cast<float>(hash) / 4294967296.0f - 0.5f;
 }
@@ -56,7 +64,7 @@ constexpr int kShifts = 4;
 constexpr int kMaxLanes = kMaxDims * kShifts;
 
 // count[l] = number of eigenvalues of T below x[l], for l < lanes.
-ROBUSTDROP_HOST_DEVICE void sturm_counts(const double* alpha, const double* beta, int n, const double* x, int lanes,
+ROBUSTDROP_LANCZOS_FN void sturm_counts(const double* alpha, const double* beta, int n, const double* x, int lanes,
                                          double pivot_min, int* count) {
   double q[kMaxLanes];
   for (int l = 0; l < lanes; ++l) {
@@ -79,7 +87,7 @@ ROBUSTDROP_HOST_DEVICE void sturm_counts(const double* alpha, const double* beta
 // bracket is within a few ulps (or kMaxRounds rounds).
 constexpr int kMaxRounds = 64;
 
-ROBUSTDROP_HOST_DEVICE void top_eigenvalues(const double* alpha, const double* beta, int n, int k, double lower,
+ROBUSTDROP_LANCZOS_FN void top_eigenvalues(const double* alpha, const double* beta, int n, int k, double lower,
                                             double upper, double pivot_min, double* theta) {
   double lo[kMaxDims], hi[kMaxDims], x[kMaxLanes];
   int count[kMaxLanes];
@@ -113,7 +121,7 @@ ROBUSTDROP_HOST_DEVICE void top_eigenvalues(const double* alpha, const double* b
 // work holds 4n doubles. Pivots that vanish are replaced by tiny, so a shift
 // equal to an eigenvalue gives a huge z in that eigenvector's direction,
 // which is what inverse iteration wants.
-ROBUSTDROP_HOST_DEVICE void shifted_tridiagonal_solve(const double* alpha, const double* beta, int n, double shift,
+ROBUSTDROP_LANCZOS_FN void shifted_tridiagonal_solve(const double* alpha, const double* beta, int n, double shift,
                                                       double tiny, double* z, double* work) {
   double* diag = work;
   double* upper = work + n;
@@ -155,7 +163,7 @@ ROBUSTDROP_HOST_DEVICE void shifted_tridiagonal_solve(const double* alpha, const
   }
 }
 
-ROBUSTDROP_HOST_DEVICE void normalize(double* v, int n) {
+ROBUSTDROP_LANCZOS_FN void normalize(double* v, int n) {
   double norm = 0.0;
   for (int i = 0; i < n; ++i) norm += v[i] * v[i];
   norm = sqrt(norm);
@@ -171,7 +179,7 @@ ROBUSTDROP_HOST_DEVICE void normalize(double* v, int n) {
 // unit eigenvectors vectors[r*n .. r*n + n). work holds 4n doubles. Returns
 // the number of pairs. Vectors of (nearly) equal eigenvalues are
 // orthogonalised against the ones before them.
-ROBUSTDROP_HOST_DEVICE int tridiagonal_top_eigenpairs(const double* alpha, const double* beta, int n, int k,
+ROBUSTDROP_LANCZOS_FN int tridiagonal_top_eigenpairs(const double* alpha, const double* beta, int n, int k,
                                                       double* theta, double* vectors, double* work) {
   double lower = alpha[0], upper = alpha[0], norm = 0.0, max_beta2 = 0.0;
   for (int i = 0; i < n; ++i) {
@@ -204,7 +212,7 @@ ROBUSTDROP_HOST_DEVICE int tridiagonal_top_eigenpairs(const double* alpha, const
 
 // Whether every one of the `pairs` Ritz pairs has residual beta_j |s_r[n-1]|
 // within kResidualTolerance of theta_0 (the stopping rule above).
-ROBUSTDROP_HOST_DEVICE bool ritz_pairs_converged(double beta, const double* theta, const double* vectors, int n,
+ROBUSTDROP_LANCZOS_FN bool ritz_pairs_converged(double beta, const double* theta, const double* vectors, int n,
                                                  int pairs) {
   for (int r = 0; r < pairs; ++r) {
     if (beta * fabs(vectors[r * n + n - 1]) > kResidualTolerance * fabs(theta[0])) return false;
@@ -216,7 +224,7 @@ ROBUSTDROP_HOST_DEVICE bool ritz_pairs_converged(double beta, const double* thet
 // step m, and from step kFirstCheck (or dims) on every kCheckEvery steps,
 // every 2 * kCheckEvery steps past 32 (a check costs O(j) Sturm passes, so
 // sparser checks keep its share of the work small as j grows).
-ROBUSTDROP_HOST_DEVICE bool check_after_step(int j, int m, int dims) {
+ROBUSTDROP_LANCZOS_FN bool check_after_step(int j, int m, int dims) {
   if (j == m) return true;
   if (j < kFirstCheck || j < dims) return false;
   return j % (j < 32 ? kCheckEvery : 2 * kCheckEvery) == 0;

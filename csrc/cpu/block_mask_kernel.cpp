@@ -162,16 +162,6 @@ void scale_row_in_place(scalar_t* data, const uint8_t* __restrict keep, int64_t 
   }
 }
 
-// value when keep is 1, +0.0 when it is 0, as a bit mask: GCC turns the
-// plain `keep ? value : 0.0f` into a branch per element instead of vectors.
-inline float select_kept(uint8_t keep, float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  bits &= 0u - static_cast<uint32_t>(keep);
-  std::memcpy(&value, &bits, sizeof(bits));
-  return value;
-}
-
 // float32, the common case, gets vectorised loops built for AVX2 too.
 ROBUSTDROP_VECTOR_CLONES void scale_row_float(const float* __restrict src, float* __restrict dst,
                                               const uint8_t* __restrict keep, int64_t length, float scale) {

@@ -48,24 +48,31 @@ at::Tensor channel_rows(const at::Tensor& x, const DensityShape& s) {
 
 // ---------------------------------------------------------------- vector helpers
 
-// Built for AVX2 and for the baseline (vector_clones.h).
+// Inlined into the AVX2 and baseline clones of sample_cells (vector_clones.h).
 
-// a . b in float32 with eight partial sums: vectorisable without reassociating
-// one long chain, and as accurate as the float32 vectors it reads.
-ROBUSTDROP_VECTOR_CLONES float dot(const float* __restrict a, const float* __restrict b, int64_t length) {
-  float partial[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+// a . b in float32 with 32 partial sums: four independent AVX2 accumulators,
+// so each add need not wait for the one before it (one accumulator made the
+// Gram/covariance products latency-bound), and as accurate as the float32
+// vectors it reads. Lengths below 32 use the first eight lanes.
+ROBUSTDROP_CLONE_INLINE float dot(const float* __restrict a, const float* __restrict b, int64_t length) {
+  constexpr int kLanes = 32;
+  float partial[kLanes] = {};
   int64_t i = 0;
+  for (; i + kLanes <= length; i += kLanes) {
+    for (int lane = 0; lane < kLanes; ++lane) partial[lane] += a[i + lane] * b[i + lane];
+  }
   for (; i + 8 <= length; i += 8) {
     for (int lane = 0; lane < 8; ++lane) partial[lane] += a[i + lane] * b[i + lane];
   }
   float sum = 0.0f;
   for (; i < length; ++i) sum += a[i] * b[i];
+  for (int lane = 0; lane < 8; ++lane) partial[lane] += (partial[lane + 8] + partial[lane + 16]) + partial[lane + 24];
   for (int lane = 0; lane < 8; ++lane) sum += partial[lane];
   return sum;
 }
 
 // y += weight * x.
-ROBUSTDROP_VECTOR_CLONES void axpy(float weight, const float* __restrict x, float* __restrict y, int64_t length) {
+ROBUSTDROP_CLONE_INLINE void axpy(float weight, const float* __restrict x, float* __restrict y, int64_t length) {
   for (int64_t i = 0; i < length; ++i) y[i] += weight * x[i];
 }
 
@@ -77,28 +84,42 @@ ROBUSTDROP_VECTOR_CLONES void axpy(float weight, const float* __restrict x, floa
 //   covariance side (C >= D): (D, C), Xc transposed, M = Xc^T Xc
 inline bool gram_side(const DensityShape& s) { return s.C < s.D; }
 
-// Writes the centred sample and returns its sum of squares, or 0 when that
-// is within rounding of nothing (lanczos::kDegenerateTolerance): channels
-// equal up to float32 rounding.
-double centre_sample(const float* sample, const DensityShape& s, float* mean, float* centred) {
+// Writes the centred sample and the mean over channels (D).
+ROBUSTDROP_CLONE_INLINE void centre_sample(const float* sample, const DensityShape& s, float* mean, float* centred) {
   std::fill(mean, mean + s.D, 0.0f);
-  for (int64_t c = 0; c < s.C; ++c) axpy(1.0f, sample + c * s.D, mean, s.D);
-  for (int64_t d = 0; d < s.D; ++d) mean[d] /= static_cast<float>(s.C);
-  const bool transposed = !gram_side(s);
-  double sum = 0.0, energy = 0.0;
-  for (int64_t c = 0; c < s.C; ++c) {
-    float local = 0.0f, local_energy = 0.0f;
+  int64_t c = 0;
+  // Four channels per update: a quarter of the dependent read-add-writes of mean.
+  for (; c + 4 <= s.C; c += 4) {
+    const float* row = sample + c * s.D;
     for (int64_t d = 0; d < s.D; ++d) {
-      const float value = sample[c * s.D + d];
-      const float deviation = value - mean[d];
-      centred[transposed ? d * s.C + c : c * s.D + d] = deviation;
-      local += deviation * deviation;
-      local_energy += value * value;
+      mean[d] += (row[d] + row[s.D + d]) + (row[2 * s.D + d] + row[3 * s.D + d]);
     }
-    sum += local;
-    energy += local_energy;
   }
-  if (!std::isfinite(sum)) return sum;
+  for (; c < s.C; ++c) axpy(1.0f, sample + c * s.D, mean, s.D);
+  for (int64_t d = 0; d < s.D; ++d) mean[d] /= static_cast<float>(s.C);
+  if (gram_side(s)) {
+    for (c = 0; c < s.C; ++c) {
+      for (int64_t d = 0; d < s.D; ++d) centred[c * s.D + d] = sample[c * s.D + d] - mean[d];
+    }
+  } else {
+    // Written row by row of the transpose: contiguous stores, strided loads that stay in L1.
+    for (int64_t d = 0; d < s.D; ++d) {
+      for (c = 0; c < s.C; ++c) centred[d * s.C + c] = sample[c * s.D + d] - mean[d];
+    }
+  }
+}
+
+// The centred sum of squares, trace(M), or 0 when it is within rounding of
+// nothing against the uncentred one, trace(M) + C * |mean|^2
+// (lanczos::kDegenerateTolerance): channels equal up to float32 rounding.
+// Non-finite when the sample holds NaN or Inf.
+ROBUSTDROP_CLONE_INLINE double centred_energy(const float* matrix, const float* mean, const DensityShape& s) {
+  const int64_t m = std::min(s.C, s.D);
+  double sum = 0.0, mean_energy = 0.0;
+  for (int64_t i = 0; i < m; ++i) sum += matrix[i * m + i];
+  for (int64_t d = 0; d < s.D; ++d) mean_energy += static_cast<double>(mean[d]) * mean[d];
+  if (!std::isfinite(sum) || !std::isfinite(mean_energy)) return NAN;
+  const double energy = sum + static_cast<double>(s.C) * mean_energy;
   return sum > lanczos::kDegenerateTolerance * energy ? sum : 0.0;
 }
 
@@ -106,7 +127,7 @@ double centre_sample(const float* sample, const DensityShape& s, float* mean, fl
 constexpr int64_t kGemmMinSize = 64;
 
 // The m x m matrix M of one sample: the Gram matrix of the centred buffer's rows.
-void small_matrix(float* centred, const DensityShape& s, float* matrix) {
+ROBUSTDROP_CLONE_INLINE void small_matrix(float* centred, const DensityShape& s, float* matrix) {
   const int64_t m = std::min(s.C, s.D), length = std::max(s.C, s.D);
   if (m >= kGemmMinSize) {
     const at::Tensor rows = at::from_blob(centred, {m, length}, at::kFloat);
@@ -151,14 +172,14 @@ struct LanczosScratch {
 };
 
 // w -= Q_j (Q_j^T w) with Q_j the first `steps` basis vectors.
-void reorthogonalize(const float* basis, int64_t steps, int64_t m, float* w, float* projections) {
+ROBUSTDROP_CLONE_INLINE void reorthogonalize(const float* basis, int64_t steps, int64_t m, float* w, float* projections) {
   for (int64_t i = 0; i < steps; ++i) projections[i] = dot(basis + i * m, w, m);
   for (int64_t i = 0; i < steps; ++i) axpy(-projections[i], basis + i * m, w, m);
 }
 
 // The top `dims` eigenpairs of the m x m matrix (row-major) into scratch.theta,
 // scratch.ritz and scratch.pairs, by the Lanczos iteration of csrc/lanczos.h.
-void top_eigenpairs(const float* matrix, int64_t m, int dims, double trace, LanczosScratch& scratch) {
+ROBUSTDROP_CLONE_INLINE void top_eigenpairs(const float* matrix, int64_t m, int dims, double trace, LanczosScratch& scratch) {
   float* basis = scratch.basis.data();
   float* w = scratch.residual.data();
   double norm = 0.0;
@@ -214,7 +235,7 @@ void top_eigenpairs(const float* matrix, int64_t m, int dims, double trace, Lanc
 }
 
 // +1 or -1: the sign of the component of largest magnitude (ties to the lower index).
-float orientation(const float* axis, int64_t length) {
+ROBUSTDROP_CLONE_INLINE float orientation(const float* axis, int64_t length) {
   int64_t best = 0;
   for (int64_t i = 1; i < length; ++i) {
     if (std::fabs(axis[i]) > std::fabs(axis[best])) best = i;
@@ -222,9 +243,9 @@ float orientation(const float* axis, int64_t length) {
   return axis[best] < 0.0f ? -1.0f : 1.0f;
 }
 
-// Coordinates f (C, dims) of one non-degenerate sample from its eigenpairs;
+// Coordinates f (dims, C) of one non-degenerate sample from its eigenpairs;
 // axis holds max(C, D) floats of scratch.
-void principal_coordinates(const float* centred, const DensityShape& s, const LanczosScratch& scratch,
+ROBUSTDROP_CLONE_INLINE void principal_coordinates(const float* centred, const DensityShape& s, const LanczosScratch& scratch,
                            float* axis, float* coordinates) {
   std::fill(coordinates, coordinates + s.C * s.dims, 0.0f);
   for (int r = 0; r < scratch.pairs; ++r) {
@@ -237,39 +258,68 @@ void principal_coordinates(const float* centred, const DensityShape& s, const La
       std::fill(axis, axis + s.D, 0.0f);
       for (int64_t c = 0; c < s.C; ++c) axpy(y[c], centred + c * s.D, axis, s.D);
       const float length = static_cast<float>(std::sqrt(theta)) * orientation(axis, s.D);
-      for (int64_t c = 0; c < s.C; ++c) coordinates[c * s.dims + r] = length * y[c];
+      for (int64_t c = 0; c < s.C; ++c) coordinates[r * s.C + c] = length * y[c];
     } else {
       // y (D) is the axis; the coordinates are Xc y, summed over the rows of Xc^T.
       const float* y = scratch.ritz.data() + r * s.D;
       const float sign = orientation(y, s.D);
       std::fill(axis, axis + s.C, 0.0f);
       for (int64_t d = 0; d < s.D; ++d) axpy(y[d], centred + d * s.C, axis, s.C);
-      for (int64_t c = 0; c < s.C; ++c) coordinates[c * s.dims + r] = sign * axis[c];
+      for (int64_t c = 0; c < s.C; ++c) coordinates[r * s.C + c] = sign * axis[c];
     }
   }
 }
 
-// cell[c] = sum_r b_r * grids**r of coordinates f (C, dims); counts[cell] += 1.
-void bin_channels(const float* coordinates, const DensityShape& s, int64_t* cell, int64_t* counts) {
-  std::fill(cell, cell + s.C, 0);
-  int64_t stride = 1;
-  for (int r = 0; r < s.dims; ++r, stride *= s.grids) {
-    float lo = coordinates[r], hi = coordinates[r];
-    for (int64_t c = 1; c < s.C; ++c) {
-      lo = std::min(lo, coordinates[c * s.dims + r]);
-      hi = std::max(hi, coordinates[c * s.dims + r]);
+// cell[c] = sum_r b_r * grids**r of coordinates f (dims, C); counts[cell] += 1.
+// The smallest and largest of values[0..length), length >= 1, with eight
+// running lanes: a vector min/max (the one-chain loop is a scalar reduction).
+ROBUSTDROP_CLONE_INLINE void value_range(const float* values, int64_t length, float& lo, float& hi) {
+  float lane_lo[8], lane_hi[8];
+  for (int lane = 0; lane < 8; ++lane) lane_lo[lane] = lane_hi[lane] = values[0];
+  int64_t c = 0;
+  for (; c + 8 <= length; c += 8) {
+    for (int lane = 0; lane < 8; ++lane) {
+      lane_lo[lane] = std::min(lane_lo[lane], values[c + lane]);
+      lane_hi[lane] = std::max(lane_hi[lane], values[c + lane]);
     }
+  }
+  for (; c < length; ++c) {
+    lane_lo[0] = std::min(lane_lo[0], values[c]);
+    lane_hi[0] = std::max(lane_hi[0], values[c]);
+  }
+  lo = lane_lo[0];
+  hi = lane_hi[0];
+  for (int lane = 1; lane < 8; ++lane) {
+    lo = std::min(lo, lane_lo[lane]);
+    hi = std::max(hi, lane_hi[lane]);
+  }
+}
+
+// cell[c] = sum_r b_r * grids**r of coordinates f (dims, C); counts[cell] += 1.
+// cells (C) is int32 scratch: the bins of one axis vectorise in int32 lanes.
+ROBUSTDROP_CLONE_INLINE void bin_channels(const float* coordinates, const DensityShape& s, int32_t* cells,
+                                          int64_t* cell, int64_t* counts) {
+  std::fill(cells, cells + s.C, 0);
+  int32_t stride = 1;
+  const int32_t last = static_cast<int32_t>(s.grids - 1);
+  for (int r = 0; r < s.dims; ++r, stride *= static_cast<int32_t>(s.grids)) {
+    const float* axis_coordinates = coordinates + r * s.C;
+    float lo, hi;
+    value_range(axis_coordinates, s.C, lo, hi);
     if (!(hi > lo)) continue;  // every channel in bin 0 on this axis
     const float width = (hi - lo) / static_cast<float>(s.grids);
     for (int64_t c = 0; c < s.C; ++c) {
-      const float position = std::floor((coordinates[c * s.dims + r] - lo) / width);
-      const int64_t bin = position >= static_cast<float>(s.grids - 1) ? s.grids - 1
-                          : position > 0.0f                           ? static_cast<int64_t>(position)
-                                                                      : 0;
-      cell[c] += bin * stride;
+      const float position = std::floor((axis_coordinates[c] - lo) / width);
+      const int32_t bin = position >= static_cast<float>(last) ? last
+                          : position > 0.0f                    ? static_cast<int32_t>(position)
+                                                               : 0;
+      cells[c] += bin * stride;
     }
   }
-  for (int64_t c = 0; c < s.C; ++c) counts[cell[c]] += 1;
+  for (int64_t c = 0; c < s.C; ++c) {
+    cell[c] = cells[c];
+    counts[cells[c]] += 1;
+  }
 }
 
 // Elements of x below which splitting samples over threads costs more than it saves.
@@ -278,9 +328,10 @@ constexpr int64_t kSamplesWork = 1 << 15;
 // Buffers of one thread, reused from sample to sample.
 struct SampleScratch {
   std::vector<float> mean, centred, matrix, axis, coordinates;
+  std::vector<int32_t> cells;
   LanczosScratch lanczos;
 
-  explicit SampleScratch(const DensityShape& s) : coordinates(s.C * s.dims) {
+  explicit SampleScratch(const DensityShape& s) : coordinates(s.C * s.dims), cells(s.C) {
     if (s.features || s.D == 0) return;
     const int64_t m = std::min(s.C, s.D);
     mean.resize(s.D);
@@ -291,9 +342,9 @@ struct SampleScratch {
   }
 };
 
-// One sample's coordinates (C, dims) into scratch.coordinates; false when the
+// One sample's coordinates (dims, C) into scratch.coordinates; false when the
 // sample is degenerate (every channel then goes to cell 0).
-bool sample_coordinates(const float* sample, const DensityShape& s, SampleScratch& scratch) {
+ROBUSTDROP_CLONE_INLINE bool sample_coordinates(const float* sample, const DensityShape& s, SampleScratch& scratch) {
   float* coordinates = scratch.coordinates.data();
   if (s.features) {
     for (int64_t c = 0; c < s.C; ++c) {
@@ -303,12 +354,25 @@ bool sample_coordinates(const float* sample, const DensityShape& s, SampleScratc
     return true;
   }
   if (s.D == 0) return false;
-  const double trace = centre_sample(sample, s, scratch.mean.data(), scratch.centred.data());
-  if (!(trace > 0.0) || !std::isfinite(trace)) return false;
+  centre_sample(sample, s, scratch.mean.data(), scratch.centred.data());
   small_matrix(scratch.centred.data(), s, scratch.matrix.data());
+  const double trace = centred_energy(scratch.matrix.data(), scratch.mean.data(), s);
+  if (!(trace > 0.0) || !std::isfinite(trace)) return false;
   top_eigenpairs(scratch.matrix.data(), std::min(s.C, s.D), s.dims, trace, scratch.lanczos);
   principal_coordinates(scratch.centred.data(), s, scratch.lanczos, scratch.axis.data(), coordinates);
   return true;
+}
+
+// One sample's cell (C) and counts (G, zeroed by the caller). The whole
+// per-sample pipeline is one function so that every step is built for AVX2.
+ROBUSTDROP_VECTOR_CLONES void sample_cells(const float* sample, const DensityShape& s, SampleScratch& scratch,
+                                           int64_t* cell_row, int64_t* counts_row) {
+  if (sample_coordinates(sample, s, scratch)) {
+    bin_channels(scratch.coordinates.data(), s, scratch.cells.data(), cell_row, counts_row);
+  } else {
+    std::fill(cell_row, cell_row + s.C, 0);
+    counts_row[0] = s.C;
+  }
 }
 
 // cell (N, C) and counts (N, G) of every sample; rows is x as float32 (N, C, D).
@@ -320,14 +384,8 @@ void density_cells(const at::Tensor& rows, const DensityShape& s, at::Tensor& ce
   at::parallel_for(0, s.N, grain, [&](int64_t begin, int64_t end) {
     SampleScratch scratch(s);
     for (int64_t n = begin; n < end; ++n) {
-      int64_t* cell_row = cell.data_ptr<int64_t>() + n * s.C;
-      int64_t* counts_row = counts.data_ptr<int64_t>() + n * s.cells;
-      if (sample_coordinates(rows.data_ptr<float>() + n * s.C * s.D, s, scratch)) {
-        bin_channels(scratch.coordinates.data(), s, cell_row, counts_row);
-      } else {
-        std::fill(cell_row, cell_row + s.C, 0);
-        counts_row[0] = s.C;
-      }
+      sample_cells(rows.data_ptr<float>() + n * s.C * s.D, s, scratch, cell.data_ptr<int64_t>() + n * s.C,
+                   counts.data_ptr<int64_t>() + n * s.cells);
     }
   });
 }
@@ -357,18 +415,62 @@ void channel_masks(const at::Tensor& cell, const at::Tensor& counts, const Densi
       const int64_t largest = std::max<int64_t>(1, *std::max_element(counts_row, counts_row + s.cells));
       for (int64_t g = 0; g < s.cells; ++g) probability[g] = drop_probability(counts_row[g], largest, kappa, alpha);
       uint8_t* mask_row = mask.data_ptr<uint8_t>() + n * row_bytes;
-      float* scale_row = rescale ? scale.data_ptr<float>() + n * s.C : nullptr;
+      // Branch-free: the keep bits are coin flips, and a branch on each cost
+      // more than the rest of this loop.
       for (int64_t c = 0; c < s.C; ++c) {
-        const float p = probability[cell_row[c]];
-        const bool keep = !(uniforms[c] < p);
-        if (keep) mask_row[c >> 3] |= static_cast<uint8_t>(1u << (c & 7));
-        if (rescale) scale_row[c] = keep ? static_cast<float>(1.0 / (1.0 - static_cast<double>(p))) : 0.0f;
+        const uint8_t keep = !(uniforms[c] < probability[cell_row[c]]);
+        mask_row[c >> 3] |= static_cast<uint8_t>(keep << (c & 7));
+      }
+      if (rescale) {
+        float* scale_row = scale.data_ptr<float>() + n * s.C;
+        for (int64_t c = 0; c < s.C; ++c) {
+          const float p = probability[cell_row[c]];
+          const uint8_t keep = !(uniforms[c] < p);
+          scale_row[c] = select_kept(keep, static_cast<float>(1.0 / (1.0 - static_cast<double>(p))));
+        }
       }
     }
   });
 }
 
 inline bool channel_kept(const uint8_t* mask_row, int64_t c) { return (mask_row[c >> 3] >> (c & 7)) & 1; }
+
+// One sample of the apply, x and y (C, D) channel-major or (D, C) channels
+// last: y = keep[c] ? x * factor[c] : 0.
+template <typename scalar_t, typename opmath_t>
+void apply_sample(const scalar_t* x, scalar_t* y, const uint8_t* keep, const opmath_t* factor, int64_t C, int64_t D,
+                  bool channels_last) {
+  for (int64_t row = 0; row < (channels_last ? D : C); ++row) {
+    for (int64_t col = 0; col < (channels_last ? C : D); ++col) {
+      const int64_t c = channels_last ? col : row, i = row * (channels_last ? C : D) + col;
+      y[i] = static_cast<scalar_t>(keep[c] ? static_cast<opmath_t>(x[i]) * factor[c] : opmath_t(0));
+    }
+  }
+}
+
+// float32, the common case: one AVX2 clone for the whole sample, so short
+// rows (ResNet's 4x4 maps) pay no call per channel.
+ROBUSTDROP_VECTOR_CLONES void apply_sample_float(const float* __restrict x, float* __restrict y,
+                                                 const uint8_t* __restrict keep, const float* __restrict factor,
+                                                 int64_t C, int64_t D, bool channels_last) {
+  if (channels_last) {
+    for (int64_t d = 0; d < D; ++d) {
+      for (int64_t c = 0; c < C; ++c) y[d * C + c] = select_kept(keep[c], x[d * C + c] * factor[c]);
+    }
+    return;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const uint8_t kept = keep[c];
+    const float f = factor[c];
+    for (int64_t d = 0; d < D; ++d) y[c * D + d] = select_kept(kept, x[c * D + d] * f);
+  }
+}
+
+template <>
+void apply_sample<float, float>(const float* x, float* y, const uint8_t* keep, const float* factor, int64_t C,
+                                int64_t D, bool channels_last) {
+  apply_sample_float(x, y, keep, factor, C, D, channels_last);
+}
 
 // out = keep(n, c) ? in * scale(n, c) : 0 for in (N, C) or (N, C, H, W),
 // contiguous or channels_last (out has in's layout). A select, not a multiply,
@@ -377,48 +479,23 @@ template <typename scalar_t>
 void apply_channel_mask(const at::Tensor& in, const at::Tensor& mask, const at::Tensor& scale, at::Tensor& out) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t N = in.size(0), C = in.size(1), D = in.numel() / std::max<int64_t>(1, N * C);
+  const bool channels_last = in.dim() == 4 && is_channels_last_4d(in);
   const int64_t row_bytes = mask.size(1);
   const scalar_t* src = in.data_ptr<scalar_t>();
   scalar_t* dst = out.data_ptr<scalar_t>();
   const uint8_t* bits = mask.data_ptr<uint8_t>();
   const float* scale_ptr = scale.data_ptr<float>();
   const bool per_channel = scale.numel() != 1;
-  auto factor = [&](int64_t n, int64_t c) -> opmath_t {
-    if (!channel_kept(bits + n * row_bytes, c)) return opmath_t(0);
-    return static_cast<opmath_t>(per_channel ? scale_ptr[n * C + c] : scale_ptr[0]);
-  };
-  if (in.dim() == 4 && is_channels_last_4d(in)) {
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      std::vector<opmath_t> factors(C);
-      std::vector<uint8_t> keep(C);
-      for (int64_t n = begin; n < end; ++n) {
-        for (int64_t c = 0; c < C; ++c) {
-          keep[c] = channel_kept(bits + n * row_bytes, c);
-          factors[c] = factor(n, c);
-        }
-        for (int64_t d = 0; d < D; ++d) {
-          const scalar_t* x = src + (n * D + d) * C;
-          scalar_t* y = dst + (n * D + d) * C;
-          for (int64_t c = 0; c < C; ++c) {
-            y[c] = static_cast<scalar_t>(keep[c] ? static_cast<opmath_t>(x[c]) * factors[c] : opmath_t(0));
-          }
-        }
-      }
-    });
-    return;
-  }
   at::parallel_for(0, N, std::max<int64_t>(1, 32768 / std::max<int64_t>(C * D, 1)), [&](int64_t begin, int64_t end) {
+    std::vector<opmath_t> factors(C);
+    std::vector<uint8_t> keep(C);
     for (int64_t n = begin; n < end; ++n) {
       for (int64_t c = 0; c < C; ++c) {
-        const scalar_t* x = src + (n * C + c) * D;
-        scalar_t* y = dst + (n * C + c) * D;
-        if (!channel_kept(bits + n * row_bytes, c)) {
-          std::fill(y, y + D, scalar_t(0));
-          continue;
-        }
-        const opmath_t s = factor(n, c);
-        for (int64_t d = 0; d < D; ++d) y[d] = static_cast<scalar_t>(static_cast<opmath_t>(x[d]) * s);
+        keep[c] = channel_kept(bits + n * row_bytes, c);
+        factors[c] = static_cast<opmath_t>(per_channel ? scale_ptr[n * C + c] : scale_ptr[0]);
       }
+      apply_sample<scalar_t, opmath_t>(src + n * C * D, dst + n * C * D, keep.data(), factors.data(), C, D,
+                                       channels_last);
     }
   });
 }
