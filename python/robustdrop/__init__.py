@@ -20,7 +20,7 @@ from robustdrop.ops.fixed_mask import fixed_mask2d, pack_fixed_mask
 __version__ = "0.1.0"
 __all__ = [
     "backends", "BackendStatus", "drop_block2d", "cam_drop2d", "feature_density", "feature_density_dropout", "fixed_mask2d",
-    "pack_fixed_mask", "apply_random_mask", "nn", "models", "training", "attacks", "ews",
+    "pack_fixed_mask", "apply_random_mask", "convert", "nn", "models", "training", "attacks", "ews",
     "__version__",
 ]
 
@@ -50,3 +50,4 @@ from robustdrop import nn  # noqa: E402  (the modules use the ops registered abo
 from robustdrop import attacks, ews, training  # noqa: E402
 from robustdrop import models  # noqa: E402
 from robustdrop.nn.random_mask import apply_random_mask  # noqa: E402
+from robustdrop.convert import convert  # noqa: E402
