@@ -13,6 +13,8 @@ missing=()
 for module in ninja pytest numpy matplotlib triton; do
   "$PY" -c "import $module" 2>/dev/null || missing+=("$module")
 done
+# scikit-learn (the robustness experiment's digits) imports as sklearn.
+"$PY" -c "import sklearn" 2>/dev/null || missing+=("scikit-learn")
 if [ ${#missing[@]} -gt 0 ]; then
   "$PY" -m pip install --quiet "${missing[@]}"
 fi

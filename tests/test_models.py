@@ -1,4 +1,6 @@
 """robustdrop.models: resnet18 and SmallCNN with each method's layer in place."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,16 +8,20 @@ from torch import nn
 
 import robustdrop
 from robustdrop import models
-from robustdrop.nn import CamDrop2d, DropBlock2d, FeatureDensityDropout2d, RandomMask2d, cam_targets
+from robustdrop.nn import (CamDrop2d, DropBlock2d, FeatureDensityDropout1d, FeatureDensityDropout2d, RandomMask2d,
+                           cam_targets)
 
-LAYER_METHODS = ["dropblock", "active_dropblock", "camdrop", "fdd"]
+LAYER_METHODS = ["dropout", "dropblock", "active_dropblock", "camdrop", "fdd"]
 BUILDERS = {"resnet18": models.resnet18, "SmallCNN": models.SmallCNN}
+# "fdd2d" builds what "fdd" builds and "ews" what "none" builds (tested below as such).
+DISTINCT_METHODS = [method for method in models.METHODS if method not in ("fdd2d", "ews")]
 
 
 def layer_type(method: str) -> type:
     if method == "active_dropblock":
         return pytest.importorskip("robustdrop.nn.active_drop_block").ActiveDropBlock2d
-    return {"dropblock": DropBlock2d, "camdrop": CamDrop2d, "fdd": FeatureDensityDropout2d}[method]
+    layers = {"dropout": nn.Dropout, "dropblock": DropBlock2d, "camdrop": CamDrop2d, "fdd": FeatureDensityDropout2d}
+    return layers[method]
 
 
 def build(builder: str, method: str, **kwargs) -> nn.Module:
@@ -32,7 +38,7 @@ def loss_of(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return F.cross_entropy(model(x), labels)
 
 
-@pytest.mark.parametrize("method", models.METHODS)
+@pytest.mark.parametrize("method", DISTINCT_METHODS)
 @pytest.mark.parametrize("builder", BUILDERS)
 def test_forward_and_backward_in_train_and_eval(builder, method):
     model = build(builder, method)
@@ -139,7 +145,7 @@ def test_resnet18_structure_is_torchvision_s():
 
 def test_unknown_method_and_bad_stage_are_value_errors():
     with pytest.raises(ValueError, match="method must be one of"):
-        models.resnet18(method="dropout")
+        models.resnet18(method="dropconnect")
     with pytest.raises(ValueError, match="method"):
         models.SmallCNN(method="DropBlock")
     for stage in (0, 5, -1):
@@ -167,3 +173,70 @@ def test_active_dropblock_model_takes_the_training_step(mode):
     assert step.policy in (0.0, 0.1, 0.2) and len(step.losses) == 3
     step.loss.backward()
     assert all(parameter.grad is not None for parameter in model.parameters())
+
+
+@pytest.mark.parametrize("builder", BUILDERS)
+def test_dropout_is_standard_elementwise_dropout(builder):
+    model = build(builder, "dropout", p=0.3)
+    assert type(model.drop) is nn.Dropout and model.drop.p == 0.3
+    assert build(builder, "dropout").drop.p == 0.2
+    x = torch.ones(4, 8, 6, 6)
+    torch.manual_seed(1)
+    y = model.drop.train()(x)
+    # single elements dropped (not whole maps or blocks), kept ones rescaled by 1 / (1 - p)
+    assert torch.equal(y.unique(), torch.tensor([0.0, 1 / 0.7]))
+    assert 0 < (y == 0).sum() < y.numel() and ((y == 0).sum((2, 3)) < 36).all()
+    assert torch.equal(model.drop.eval()(x), x)
+
+
+@pytest.mark.parametrize("builder, features", [("resnet18", 512), ("SmallCNN", 256)])
+def test_fdd1d_drops_the_pooled_features_before_fc(builder, features):
+    model = build(builder, "fdd1d", grids=10, stage=1)  # stage is not used by fdd1d
+    assert isinstance(model.drop, FeatureDensityDropout1d) and model.drop is model.head_drop
+    assert model.drop.grids == 10
+    assert not any(isinstance(module, FeatureDensityDropout2d) for module in model.modules())
+    seen = {}
+    model.drop.register_forward_hook(lambda module, inputs, output: seen.update(drop_in=inputs[0], drop_out=output))
+    model.fc.register_forward_hook(lambda module, inputs, output: seen.update(fc_in=inputs[0]))
+    x = torch.randn(3, 3, 16, 16)
+    model.train()(x)
+    assert seen["drop_in"].shape == (3, features) and seen["fc_in"] is seen["drop_out"]
+    assert (seen["drop_out"] == 0).sum() > (seen["drop_in"] == 0).sum()  # FDD dropped some features
+    model.eval()
+    plain = build(builder, "none")
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(model(x), plain.eval()(x))  # the identity in eval mode
+
+
+def test_fdd2d_is_fdd():
+    fdd, fdd2d = build("SmallCNN", "fdd"), build("SmallCNN", "fdd2d")
+    assert (fdd.method, fdd2d.method) == ("fdd", "fdd2d")
+    assert type(fdd2d.drop) is FeatureDensityDropout2d and fdd2d.drop.extra_repr() == fdd.drop.extra_repr()
+    x = torch.randn(4, 3, 16, 16)
+    torch.manual_seed(2)
+    expected = fdd.train()(x)
+    torch.manual_seed(2)
+    assert torch.equal(fdd2d.train()(x), expected)
+
+
+@pytest.mark.parametrize("builder", BUILDERS)
+def test_ews_model_is_the_plain_model(builder):
+    ews, plain = build(builder, "ews"), build(builder, "none")
+    assert ews.method == "ews" and ews.drop is None
+    assert [type(module) for module in ews.modules()] == [type(module) for module in plain.modules()]
+    for (name, value), (other, expected) in zip(ews.state_dict().items(), plain.state_dict().items()):
+        assert name == other and torch.equal(value, expected)
+    with pytest.raises(TypeError, match="method='ews' takes no options"):
+        models.SmallCNN(method="ews", p=0.1)
+
+
+def test_ews_model_trains_with_the_ews_trainer():
+    from robustdrop.ews import EWSTrainer
+
+    model = build("SmallCNN", "ews")
+    before = [parameter.detach().clone() for parameter in model.parameters()]
+    trainer = EWSTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), interval=1, candidates=2)
+    stats = trainer.step(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]))
+    assert {"loss", "ce", "kl", "subnet_accuracy"} <= set(stats) and math.isfinite(stats["loss"])
+    assert any(not torch.equal(parameter, old) for parameter, old in zip(model.parameters(), before))

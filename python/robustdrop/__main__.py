@@ -13,6 +13,8 @@ COMMANDS = {
     "bench-steps": "robustdrop.step_benchmark",
     "bench-subnets": "robustdrop.subnet_benchmark",
     "info": "robustdrop.info",
+    "masks": "robustdrop.masks",
+    "robustness": "robustdrop.robustness",
 }
 
 

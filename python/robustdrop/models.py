@@ -10,12 +10,20 @@ network that trains in minutes on a CPU. Both take (N, 3, 32, 32) by default
 method              layer (placed right after stage ``stage``, i.e. appended to layer{k})
 =================== ==================================================================
 "none"              nothing
+"dropout"           ``torch.nn.Dropout(p=0.2, **options)``: standard element-wise
+                    dropout on the feature maps (DropBlock's baseline; scaled by
+                    1 / (1 - p) in training, the identity in eval)
 "dropblock"         ``nn.DropBlock2d(p=0.2, block_size=4, **options)``
 "active_dropblock"  ``nn.ActiveDropBlock2d(block_size=4, **options)``
 "camdrop"           ``nn.CamDrop2d(p=0.1, block_size=4, classifier=model.fc, **options)``
-"fdd"               ``nn.FeatureDensityDropout2d(dims=2, **options)``
+"fdd2d" (or "fdd")  ``nn.FeatureDensityDropout2d(dims=2, **options)``
+"fdd1d"             ``nn.FeatureDensityDropout1d(**options)`` on the pooled (N, F)
+                    features, between the global average pool and fc (``head_drop``;
+                    ``stage`` is not used)
 "random_mask"       ``apply_random_mask(model, ratio=0.5, layers="shallow", **options)``
                     (the paper's Shallow blocks; ``stage`` is not used)
+"ews"               nothing: the model is plain; train it with
+                    ``robustdrop.ews.EWSTrainer``, which gates its layers itself
 =================== ==================================================================
 
 A CamDrop model needs the batch's targets in training::
@@ -32,7 +40,8 @@ from torch import nn
 
 __all__ = ["METHODS", "BasicBlock", "ResNet", "SmallCNN", "resnet18"]
 
-METHODS = ("none", "dropblock", "active_dropblock", "camdrop", "fdd", "random_mask")
+METHODS = ("none", "dropout", "dropblock", "active_dropblock", "camdrop", "fdd", "fdd1d", "fdd2d", "random_mask",
+           "ews")
 
 
 def _check_method(method, stage) -> None:
@@ -45,9 +54,11 @@ def _check_method(method, stage) -> None:
 
 
 def _drop_layer(method: str, classifier: nn.Module, options: dict) -> nn.Module | None:
-    """The layer ``method`` puts after a stage (None for "none" and "random_mask")."""
+    """The layer ``method`` puts after a stage (None for the methods that put none there)."""
     from robustdrop import nn as rdnn
 
+    if method == "dropout":
+        return nn.Dropout(**{"p": 0.2, **options})
     if method == "dropblock":
         return rdnn.DropBlock2d(**{"p": 0.2, "block_size": 4, **options})
     if method == "active_dropblock":
@@ -56,10 +67,10 @@ def _drop_layer(method: str, classifier: nn.Module, options: dict) -> nn.Module 
         return ActiveDropBlock2d(**{"block_size": 4, **options})
     if method == "camdrop":
         return rdnn.CamDrop2d(**{"p": 0.1, "block_size": 4, "classifier": classifier, **options})
-    if method == "fdd":
+    if method in ("fdd", "fdd2d"):
         return rdnn.FeatureDensityDropout2d(**{"dims": 2, **options})
-    if options and method == "none":
-        raise TypeError(f"method='none' takes no options, got {sorted(options)}")
+    if options and method in ("none", "ews"):
+        raise TypeError(f"method={method!r} takes no options, got {sorted(options)}")
     return None
 
 
@@ -76,6 +87,12 @@ class _MethodModel(nn.Module):
 
             apply_random_mask(self, **{"ratio": 0.5, **options})
             return
+        if method == "fdd1d":
+            from robustdrop import nn as rdnn
+
+            self.head_drop = rdnn.FeatureDensityDropout1d(**options)
+            self._drop_name = "head_drop"
+            return
         layer = _drop_layer(method, self.fc, options)
         if layer is not None:
             stage_module = getattr(self, f"layer{stage}")
@@ -84,8 +101,15 @@ class _MethodModel(nn.Module):
 
     @property
     def drop(self) -> nn.Module | None:
-        """The method's layer (None for "none" and "random_mask")."""
+        """The method's layer (None for "none", "random_mask" and "ews")."""
         return None if self._drop_name is None else self.get_submodule(self._drop_name)
+
+    def _classify(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (N, K) from the last stage's maps (N, C, H, W): pool, [FDD-1D on (N, C)], fc."""
+        features = torch.flatten(self.avgpool(x), 1)
+        if "head_drop" in self._modules:
+            features = self.head_drop(features)
+        return self.fc(features)
 
     def _init_weights(self) -> None:
         for module in self.modules():
@@ -152,7 +176,7 @@ class ResNet(_MethodModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return self._classify(x)
 
 
 def resnet18(num_classes: int = 10, *, method: str = "none", stage: int = 3, **options) -> ResNet:
@@ -167,9 +191,10 @@ class SmallCNN(_MethodModel):
     """A small four-stage CNN: stages of conv3x3-bn-relu with 32, 64, 128 and 256 channels,
     a 2x2 max-pool opening stages 2-4, global average pool and fc.
 
-    Module names: layer{k} = Sequential(pool (k >= 2), conv, bn, relu), avgpool, fc;
-    ``shallow_convolutions`` = ("layer1.conv", "layer2.conv") for Random Mask. ``method``
-    and ``stage`` as ``resnet18`` (default stage 2).
+    Module names: layer{k} = Sequential(pool (k >= 2), conv, bn, relu), avgpool, fc
+    (and head_drop, between them, for "fdd1d"); ``shallow_convolutions`` =
+    ("layer1.conv", "layer2.conv") for Random Mask. ``method`` and ``stage`` as
+    ``resnet18`` (default stage 2).
 
     Shapes: x (N, in_channels, H, W), H, W >= 8 (32 for CIFAR) -> logits (N, num_classes).
     """
@@ -194,4 +219,4 @@ class SmallCNN(_MethodModel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return self._classify(x)
