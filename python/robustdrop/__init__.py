@@ -7,6 +7,7 @@ on the PyTorch reference, after one warning.
 """
 from robustdrop import _backend
 from robustdrop._backend import BackendStatus, backends
+from robustdrop._seed import rank_seeding, set_rank_seeding
 from robustdrop.ops import block_mask as _block_mask
 from robustdrop.ops import cam_mask as _cam_mask
 from robustdrop.ops import feature_density as _feature_density
@@ -20,7 +21,7 @@ from robustdrop.ops.fixed_mask import fixed_mask2d, pack_fixed_mask
 __version__ = "0.1.0"
 __all__ = [
     "backends", "BackendStatus", "drop_block2d", "cam_drop2d", "feature_density", "feature_density_dropout", "fixed_mask2d",
-    "pack_fixed_mask", "apply_random_mask", "convert", "nn", "models", "training", "attacks", "ews",
+    "pack_fixed_mask", "apply_random_mask", "convert", "set_rank_seeding", "rank_seeding", "nn", "models", "training", "attacks", "ews",
     "__version__",
 ]
 

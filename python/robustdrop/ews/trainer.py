@@ -38,6 +38,15 @@ from robustdrop.ops.kl_distill import kl_distill
 __all__ = ["EWSTrainer"]
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module inside a data-parallel wrapper, else model. A gated forward sets the batch norms'
+    running buffers aside (GatedNetwork), and through DistributedDataParallel its buffer broadcast
+    at the start of the forward then fails (an empty list of buffers to broadcast)."""
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return model.module
+    return model
+
+
 class EWSTrainer:
     """Train a model by enhancing its weak subnets (EWS), one ``step`` per batch.
 
@@ -72,6 +81,17 @@ class EWSTrainer:
     updates batch-norm running statistics as usual; the subnet forwards and the
     candidates' evaluation never do (``GatedNetwork``), and each candidate is
     normalised by its own batch statistics.
+
+    Data-parallel training: ``model`` may be a ``DistributedDataParallel`` (or
+    ``nn.DataParallel``) wrapper. The full forward (and the attack's) goes through
+    the wrapper; the subnet forwards and the candidates' evaluation run on
+    ``model.module`` directly (through DDP, its buffer broadcast would fail on
+    the batch norms whose running buffers a gated forward sets aside). The
+    subnet's gradients reach the same parameters, whose gradients DDP averages
+    once in ``loss.backward()``, so the replicas stay identical. No
+    ``find_unused_parameters`` is needed: the full forward uses every parameter.
+    The controller is not synchronised: each rank keeps its own, updated from
+    its own shard's rewards (seed the ranks alike for identical first samples).
     """
 
     def __init__(self, model: nn.Module, optimizer, *, width: float = 0.7, layers=None, interval: int = 10,
@@ -96,7 +116,8 @@ class EWSTrainer:
         self.optimizer = optimizer
         self.attack = attack
         self.generator = generator
-        self.network = GatedNetwork(model, width=width, layers=layers, example_input=example_input)
+        # Subnets run on the wrapped module itself; see the class docstring.
+        self.network = GatedNetwork(_unwrapped(model), width=width, layers=layers, example_input=example_input)
         self.controller = Controller.for_network(self.network, hidden_size=hidden_size, entropy_weight=entropy_weight,
                                                  baseline_decay=baseline_decay, lr=controller_lr)
         self.iteration = 0

@@ -47,7 +47,9 @@ class ActiveDropBlock2d(nn.Module):
       generator at each forward.
 
     ``last_policy`` records the rate the last training forward used (None after
-    a batched forward). The identity in eval mode.
+    a batched forward, and under torch.compile, where the drawn rate stays a
+    tensor). The identity in eval mode. ``change_threshold`` reads norms on the
+    host, so it does not run inside ``torch.compile(fullgraph=True)``.
     """
 
     def __init__(self, block_size: int, *, policies=DEFAULT_POLICIES, change_threshold: float | None = None,
@@ -72,6 +74,9 @@ class ActiveDropBlock2d(nn.Module):
         if self.batched_policies:
             self.last_policy = None
             return self._forward_every_policy(x)
+        if self.policy is None and torch.compiler.is_compiling():
+            self.last_policy = None
+            return self._forward_random_policy_traced(x)
         rate = self.policy if self.policy is not None else self._random_policy()
         y = self._drop(x, rate)
         if self.change_threshold is not None:
@@ -85,6 +90,22 @@ class ActiveDropBlock2d(nn.Module):
 
     def _random_policy(self) -> float:
         return self.policies[int(torch.randint(len(self.policies), ()))]
+
+    def _forward_random_policy_traced(self, x: torch.Tensor) -> torch.Tensor:
+        """The random-policy forward under torch.compile: the same draws as eager (the policy index,
+        then the mask seed, both from torch's default generator), but the drawn rate stays a tensor,
+        given to every sample as a per-sample rate (N,): a Python float read from a tensor would
+        break the graph. The same gamma in float64 as the scalar path, so the same mask bits. A
+        policy of 0 differs in two small ways: it still draws a mask seed (eager skips the op and the
+        draw), and with normalize="batch" its scale float32(numel / (eps + numel)) is 1 only for
+        numel >= 34 (below, kept values move by one ulp)."""
+        # Shape (1,), not (): the same one draw, and a tensor index keeps the lookup in the graph.
+        index = torch.randint(len(self.policies), (1,))
+        rates = torch.tensor(self.policies, dtype=torch.float64)[index].to(x.device).expand(x.shape[0])
+        groups = x.shape[0] if self.normalize == "sample" and x.shape[0] > 0 else 1
+        return block_drop(x, rates, self.block_size, couple_channels=self.couple_channels,
+                          normalize=self.normalize != "none", eps=self.eps, normalize_groups=groups, seed=None,
+                          backend=resolve_backend(self.backend, x))
 
     def _repick(self, x: torch.Tensor, rate: float, y: torch.Tensor) -> tuple[float, torch.Tensor]:
         """Algorithm 1, steps 8-11: other policies until x changes by at least the threshold."""

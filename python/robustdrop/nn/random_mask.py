@@ -90,7 +90,9 @@ class RandomMask2d(nn.Module):
             does, so channels lose different counts.
         seed: the mask's seed (taken modulo 2**64). None draws one at
             construction from torch's default CPU generator, so
-            ``torch.manual_seed`` makes it repeatable.
+            ``torch.manual_seed`` makes it repeatable; the same on every
+            distributed rank seeded alike (no per-rank key, unlike dropout
+            seeds: the mask is architecture).
         shape: (C, H, W) to build the mask now; None builds it at the first
             forward from x.shape[1:], on x's device.
         inplace: write y into x (autograd allows it wherever it allows an
@@ -116,7 +118,8 @@ class RandomMask2d(nn.Module):
         self.mode = _checks.check_choice(mode, "mode", MODES)
         self.per_channel = _check_bool(per_channel, "per_channel")
         _checks.check_seed(seed)
-        self.seed = draw_seed() if seed is None else int(seed)
+        # Shared across distributed ranks: the mask is architecture, the same on every replica.
+        self.seed = draw_seed(per_rank=False) if seed is None else int(seed)
         shape = _check_shape(shape)
         self.inplace = _check_bool(inplace, "inplace")
         self.backend = _checks.check_choice(backend, "backend", ("auto",) + _backend.BACKEND_NAMES)
@@ -280,7 +283,7 @@ def apply_random_mask(model: nn.Module, ratio: float, *, layers="shallow", mode:
         raise ValueError("layers must name at least one nn.Conv2d, got an empty list")
     _check_layer_names(model, names)
     _checks.check_seed(seed)
-    base = draw_seed() if seed is None else int(seed)
+    base = draw_seed(per_rank=False) if seed is None else int(seed)
     masks = [RandomMask2d(ratio, mode=mode, per_channel=per_channel, seed=base + i) for i in range(len(names))]
     for name, mask in zip(names, masks):
         parent_name, _, child = name.rpartition(".")

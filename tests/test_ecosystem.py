@@ -1,0 +1,349 @@
+"""robustdrop's layers with the rest of PyTorch: torch.autocast, channels_last
+inputs, and torch.compile(fullgraph=True) of the CIFAR ResNet-18 with a method's
+layer placed in it, forward and backward.
+
+Autocast (CPU, bfloat16 and float16): the layers have no autocast rule of their
+own; they receive what autocast made of the layer before them (a conv's output
+in the low-precision dtype) and must compute on it exactly what they compute
+with autocast off: the same output and input gradient, to the bit, in that
+dtype. That holds only if no op inside a layer (a CAM's or a PCA's matmul, in
+the reference) is silently recast by autocast.
+
+channels_last: the same values in either layout give the same bits, forward and
+backward; the kernel backends also keep the layout (the reference, a readable
+specification, returns contiguous tensors).
+
+torch.compile: ``robustdrop.models.resnet18(method=...)`` compiled with the
+default (Inductor) backend and ``fullgraph=True`` (a graph break fails), a
+forward and a backward, against the same model run eagerly, two steps each.
+``fallback_random`` makes the compiled graph draw its random numbers (the
+layers' mask seeds, Active DropBlock's policy) with eager's generator, so the
+same ``torch.manual_seed`` gives both runs the same masks; without it Inductor
+draws them from its own stream (repeatable under ``torch.manual_seed``, but not
+eager's numbers). The models run in float64 so that "equal to eager within
+float rounding" is a tight statement: the compiled graph reorders batch-norm
+reductions, and at batch 4 the batch norms' backward amplifies float32
+rounding (measured with Random Mask at 32x32: the gradients of layer2's convs
+are 1.5% of their largest value off float64's in eager float32, 6% in the
+compiled float32 graph; in float64 compiled and eager agree to 1e-14), and
+FDD's cells and CamDrop's top-k could flip on a float32 rounding.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import robustdrop
+from conftest import assert_same_bits
+from robustdrop import models
+from robustdrop.ews import GatedNetwork, kl_distill
+from robustdrop.nn import (ActiveDropBlock2d, CamDrop2d, DropBlock2d, FeatureDensityDropout1d, FeatureDensityDropout2d,
+                           RandomMask2d, cam_targets)
+
+BACKENDS = [name for name in ("cpu", "reference") if robustdrop.backends()[name].available]
+AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]
+MAP_LAYERS = ["drop_block", "active_drop_block", "cam_drop", "fdd2d", "random_mask"]
+METHOD_LAYERS = (DropBlock2d, ActiveDropBlock2d, CamDrop2d, FeatureDensityDropout2d, RandomMask2d)
+CHANNELS, CLASSES = 16, 10
+
+
+def _layer(name: str, backend: str) -> tuple[nn.Module, torch.Tensor | None]:
+    """A layer over (N, 16, H, W) maps (or (N, 16) features for "fdd1d") and, for CamDrop, the batch's targets."""
+    if name == "drop_block":
+        return DropBlock2d(0.2, 3, backend=backend), None
+    if name == "active_drop_block":
+        # No zero rate in the pool: every forward drops something.
+        return ActiveDropBlock2d(3, policies=(0.1, 0.2), backend=backend), None
+    if name == "cam_drop":
+        classifier = nn.Linear(CHANNELS, CLASSES)
+        target = torch.randint(0, CLASSES, (4,), generator=torch.Generator().manual_seed(5))
+        return CamDrop2d(0.5, 3, classifier, channel_topk=4, backend=backend), target
+    if name == "fdd2d":
+        return FeatureDensityDropout2d(backend=backend), None
+    if name == "fdd1d":
+        return FeatureDensityDropout1d(backend=backend), None
+    if name == "random_mask":
+        return RandomMask2d(0.5, seed=3, backend=backend), None
+    raise AssertionError(name)
+
+
+def _forward(layer: nn.Module, x: torch.Tensor, target: torch.Tensor | None, seed: int = 1) -> torch.Tensor:
+    """The layer's training forward with torch's generator at ``seed``; CamDrop gets its targets the
+    documented way, through ``cam_targets``."""
+    torch.manual_seed(seed)
+    if target is None:
+        return layer(x)
+    with cam_targets(layer, target):
+        return layer(x)
+
+
+def _run(layer: nn.Module, x: torch.Tensor, target: torch.Tensor | None, grad_y: torch.Tensor):
+    """(y, dx): the layer's output on x and its input gradient for grad_y."""
+    y = _forward(layer, x, target)
+    (grad_x,) = torch.autograd.grad(y, x, grad_y)
+    return y, grad_x
+
+
+# ---------------------------------------------------------------- autocast
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", MAP_LAYERS + ["fdd1d"])
+def test_layer_under_autocast(name, backend, dtype):
+    """After an autocast conv (or linear), the layer computes on its low-precision output exactly what it
+    computes on the same tensor with autocast off, forward and backward."""
+    torch.manual_seed(0)
+    layer, target = _layer(name, backend)
+    producer = nn.Linear(20, CHANNELS) if name == "fdd1d" else nn.Conv2d(3, CHANNELS, 3, padding=1)
+    x = torch.randn(4, 20) if name == "fdd1d" else torch.randn(4, 3, 12, 12)
+    with torch.autocast("cpu", dtype=dtype):
+        features = producer(x)
+        y = _forward(layer, features, target)
+    assert features.dtype == dtype and y.dtype == dtype
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    (grad_features,) = torch.autograd.grad(y, features, grad_y)
+    assert grad_features.dtype == dtype and torch.isfinite(grad_features).all()
+
+    plain = features.detach().requires_grad_()
+    y_plain, grad_plain = _run(layer, plain, target, grad_y)
+    assert_same_bits(y, y_plain)
+    assert_same_bits(grad_features, grad_plain)
+    assert not torch.equal(y, features)  # the layer did drop something
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kl_distill_under_autocast(backend, dtype):
+    """kl_distill on autocast logits: a float32 loss, a gradient in the logits' dtype, both as with autocast off."""
+    torch.manual_seed(0)
+    classifier = nn.Linear(CHANNELS, CLASSES)
+    with torch.autocast("cpu", dtype=dtype):
+        student = classifier(torch.randn(6, CHANNELS))
+        teacher = classifier(torch.randn(6, CHANNELS)).detach()
+        loss = kl_distill(student, teacher, backend=backend)
+    assert student.dtype == dtype and loss.dtype == torch.float32 and loss.item() > 0.0
+    (grad,) = torch.autograd.grad(loss, student)
+    assert grad.dtype == dtype and torch.isfinite(grad).all()
+
+    plain = student.detach().requires_grad_()
+    loss_plain = kl_distill(plain, teacher, backend=backend)
+    (grad_plain,) = torch.autograd.grad(loss_plain, plain)
+    assert_same_bits(loss, loss_plain)
+    assert_same_bits(grad, grad_plain)
+
+
+GATED, NEXT_CONV = "layer2.0.bn1", "layer2.0.conv2"  # a channel-gated batch norm; relu'd, it feeds the conv
+
+
+def _record_gate(model: nn.Module) -> tuple[dict, list]:
+    """Hooks that record GATED's output before its gate (registered before the gate's hook, they run
+    first) and NEXT_CONV's input, the gated maps after the relu."""
+    seen = {}
+
+    def before_gate(module, inputs, output):
+        seen["before"] = output.detach()
+
+    def after_gate(module, inputs):
+        seen["after"] = inputs[0].detach()
+
+    return seen, [model.get_submodule(GATED).register_forward_hook(before_gate),
+                  model.get_submodule(NEXT_CONV).register_forward_pre_hook(after_gate)]
+
+
+def _subnet_and_model(memory_format=torch.contiguous_format):
+    """The CIFAR ResNet-18 gated by EWS, a random subnet, and two 8x8 inputs in ``memory_format`` (small:
+    float16 convolutions are slow on a CPU)."""
+    torch.manual_seed(0)
+    model = models.resnet18().to(memory_format=memory_format)
+    network = GatedNetwork(model, backend="cpu" if "cpu" in BACKENDS else "reference")
+    subnet = network.random_subnet(torch.Generator().manual_seed(1))
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2)).contiguous(memory_format=memory_format)
+    return model, network, subnet, x
+
+
+def _assert_gated(seen: dict, keep: torch.Tensor) -> None:
+    """The gated maps are relu(the batch norm's output) on the kept channels and exactly zero on the others."""
+    keep = keep.view(1, -1, 1, 1)
+    expected = torch.where(keep, torch.relu(seen["before"]), torch.zeros((), dtype=seen["before"].dtype))
+    assert_same_bits(seen["after"], expected)
+    assert not keep.all()
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
+def test_gated_resnet18_under_autocast(dtype):
+    """EWS on ResNet-18 under autocast: the full subnet is the model, a subnet's gates zero exactly its
+    dropped channels in the low-precision maps, and the EWS loss (CE + KL) gives finite gradients."""
+    model, network, subnet, x = _subnet_and_model()
+    model.eval()
+    with torch.autocast("cpu", dtype=dtype):
+        assert_same_bits(network(x, network.full_subnet()), model(x))
+        seen, handles = _record_gate(model)
+        try:
+            out = network(x, subnet)
+        finally:
+            for handle in handles:
+                handle.remove()
+    assert out.dtype == dtype and seen["after"].dtype == dtype
+    _assert_gated(seen, subnet.channels[GATED])
+
+    model.train()
+    target = torch.tensor([3, 7])
+    with torch.autocast("cpu", dtype=dtype):
+        full = model(x)
+        loss = F.cross_entropy(full, target) + kl_distill(network(x, subnet), full.detach())
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert all(torch.isfinite(grad).all() for grad in grads)
+
+
+# ---------------------------------------------------------------- channels_last
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", MAP_LAYERS)
+def test_layer_channels_last(name, backend):
+    """channels_last input: the contiguous input's output and gradient, to the bit, with the same seed."""
+    torch.manual_seed(0)
+    layer, target = _layer(name, backend)
+    x = torch.randn(4, CHANNELS, 12, 12)
+    grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    y, grad_x = _run(layer, x.clone().requires_grad_(), target, grad_y)
+    x_last = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    y_last, grad_last = _run(layer, x_last, target, grad_y.contiguous(memory_format=torch.channels_last))
+    assert_same_bits(y_last, y)
+    assert_same_bits(grad_last, grad_x)
+    assert not torch.equal(y, x)
+    if backend != "reference":
+        assert y_last.is_contiguous(memory_format=torch.channels_last)
+        assert grad_last.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fdd1d_non_contiguous_features(backend):
+    """FDD-1D takes (N, F) features, which have no channels_last: a transposed (strided) input instead."""
+    layer, _ = _layer("fdd1d", backend)
+    x = torch.randn(4, CHANNELS)
+    strided = torch.randn(CHANNELS, 4).t().copy_(x).requires_grad_()
+    assert not strided.is_contiguous()
+    grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    y, grad_x = _run(layer, x.clone().requires_grad_(), None, grad_y)
+    y_strided, grad_strided = _run(layer, strided, None, grad_y)
+    assert_same_bits(y_strided, y)
+    assert_same_bits(grad_strided, grad_x)
+
+
+def test_gated_resnet18_channels_last():
+    """EWS on a channels_last ResNet-18: the gates keep the layout, zero exactly the dropped channels, and the
+    output is the contiguous model's up to the convolutions' float rounding in the other layout."""
+    model, network, subnet, x = _subnet_and_model()
+    model.eval()
+    expected = network(x, subnet)
+    model_last, network_last, subnet_last, x_last = _subnet_and_model(torch.channels_last)
+    model_last.eval()
+    for name in network.names:
+        kind = "paths" if name in network.blocks else "channels"
+        assert torch.equal(getattr(subnet, kind)[name], getattr(subnet_last, kind)[name])
+    seen, handles = _record_gate(model_last)
+    try:
+        out = network_last(x_last, subnet_last)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen["after"].is_contiguous(memory_format=torch.channels_last) and not seen["after"].is_contiguous()
+    _assert_gated(seen, subnet_last.channels[GATED])
+    torch.testing.assert_close(out, expected)
+
+    model_last.train()
+    loss = kl_distill(network_last(x_last, subnet_last), model_last(x_last).detach())
+    grads = torch.autograd.grad(loss, list(model_last.parameters()))
+    assert all(torch.isfinite(grad).all() for grad in grads)
+
+
+# ---------------------------------------------------------------- torch.compile of ResNet-18
+
+
+COMPILED_METHODS = ["dropblock", "active_dropblock", "camdrop", "fdd", "random_mask"]
+
+
+def _changes(model: nn.Module) -> tuple[list, list]:
+    """Forward hooks on the method's layers that record whether each forward changed its input."""
+    changed, handles = [], []
+    for module in model.modules():
+        if isinstance(module, METHOD_LAYERS):
+            handles.append(module.register_forward_hook(
+                lambda module, inputs, output: changed.append(not torch.equal(output, inputs[0]))))
+    return changed, handles
+
+
+def _step(model: nn.Module, method: str, x: torch.Tensor, target: torch.Tensor, seed: int):
+    """(logits, loss, parameter gradients) of one training forward and backward, the generator at ``seed``."""
+    torch.manual_seed(seed)
+    if method == "camdrop":
+        with cam_targets(model, target):  # the documented way to give CamDrop its targets
+            logits = model(x)
+    else:
+        logits = model(x)
+    loss = F.cross_entropy(logits, target)
+    return logits.detach(), loss.detach(), torch.autograd.grad(loss, list(model.parameters()))
+
+
+@pytest.mark.parametrize("method", COMPILED_METHODS)
+def test_resnet18_compiled_fullgraph_matches_eager(method):
+    """torch.compile(resnet18(method=...), fullgraph=True) trains as the eager model does: for two steps
+    (new data, new seeds, no recompilation) the same logits and loss within float64 rounding and the
+    same, finite parameter gradients."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = models.resnet18(method=method).double()
+    data = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 3, 32, 32, generator=data, dtype=torch.float64),
+                torch.randint(0, 10, (4,), generator=data)) for _ in range(2)]
+    if method == "random_mask":
+        with torch.no_grad():  # the masks are built at the first forward: before compiling (RandomMask2d)
+            model.eval()(batches[0][0])
+    model.train()
+    eager = copy.deepcopy(model)
+    changed, handles = _changes(eager)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch._inductor.config.patch(fallback_random=True), torch._dynamo.config.patch(error_on_recompile=True):
+        for step, (x, target) in enumerate(batches):
+            logits, loss, grads = _step(compiled, method, x, target, seed=10 + step)
+            logits_eager, loss_eager, grads_eager = _step(eager, method, x, target, seed=10 + step)
+            torch.testing.assert_close(logits, logits_eager)
+            torch.testing.assert_close(loss, loss_eager)
+            for grad, grad_eager in zip(grads, grads_eager):
+                assert torch.isfinite(grad).all()
+                torch.testing.assert_close(grad, grad_eager)
+    for handle in handles:
+        handle.remove()
+    assert changed and all(changed)  # every forward of the method's layers dropped something
+
+
+@pytest.mark.parametrize("normalize", ["batch", "sample", "none"])
+def test_active_drop_block_random_policy_traced(normalize):
+    """Active DropBlock's own policy draw (outside ``active_dropblock_step``) under fullgraph tracing: the
+    policy stays a tensor, yet every draw, a zero rate included, gives eager's output and gradient.
+    The "aot_eager" backend traces as Inductor does (Dynamo, fake tensors, AOTAutograd) at a fraction of
+    the compile time; the ResNet-18 test above runs the layer through Inductor."""
+    torch._dynamo.reset()
+    layer = ActiveDropBlock2d(3, policies=(0.0, 0.15, 0.3), normalize=normalize,
+                              backend="cpu" if "cpu" in BACKENDS else "reference")
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 4, 9, 9, requires_grad=True)
+    grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    policies = set()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in range(6):
+            torch.manual_seed(seed)
+            y = compiled(x)
+            (grad_x,) = torch.autograd.grad(y, x, grad_y)
+            torch.manual_seed(seed)
+            y_eager = layer(x)
+            (grad_eager,) = torch.autograd.grad(y_eager, x, grad_y)
+            assert_same_bits(y, y_eager)
+            assert_same_bits(grad_x, grad_eager)
+            policies.add(layer.last_policy)
+    assert policies == {0.0, 0.15, 0.3}
