@@ -28,6 +28,7 @@ are 1.5% of their largest value off float64's in eager float32, 6% in the
 compiled float32 graph; in float64 compiled and eager agree to 1e-14), and
 FDD's cells and CamDrop's top-k could flip on a float32 rounding.
 """
+import contextlib
 import copy
 
 import pytest
@@ -138,9 +139,10 @@ def test_kl_distill_under_autocast(backend, dtype):
 GATED, NEXT_CONV = "layer2.0.bn1", "layer2.0.conv2"  # a channel-gated batch norm; relu'd, it feeds the conv
 
 
-def _record_gate(model: nn.Module) -> tuple[dict, list]:
-    """Hooks that record GATED's output before its gate (registered before the gate's hook, they run
-    first) and NEXT_CONV's input, the gated maps after the relu."""
+@contextlib.contextmanager
+def _record_gate(model: nn.Module):
+    """Yields a dict that hooks fill with GATED's output before its gate (registered before the gate's
+    hook, they run first) and NEXT_CONV's input, the gated maps after the relu; removes them on exit."""
     seen = {}
 
     def before_gate(module, inputs, output):
@@ -149,8 +151,13 @@ def _record_gate(model: nn.Module) -> tuple[dict, list]:
     def after_gate(module, inputs):
         seen["after"] = inputs[0].detach()
 
-    return seen, [model.get_submodule(GATED).register_forward_hook(before_gate),
-                  model.get_submodule(NEXT_CONV).register_forward_pre_hook(after_gate)]
+    handles = [model.get_submodule(GATED).register_forward_hook(before_gate),
+               model.get_submodule(NEXT_CONV).register_forward_pre_hook(after_gate)]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _subnet_and_model(memory_format=torch.contiguous_format):
@@ -180,12 +187,8 @@ def test_gated_resnet18_under_autocast(dtype):
     model.eval()
     with torch.autocast("cpu", dtype=dtype):
         assert_same_bits(network(x, network.full_subnet()), model(x))
-        seen, handles = _record_gate(model)
-        try:
+        with _record_gate(model) as seen:
             out = network(x, subnet)
-        finally:
-            for handle in handles:
-                handle.remove()
     assert out.dtype == dtype and seen["after"].dtype == dtype
     _assert_gated(seen, subnet.channels[GATED])
 
@@ -246,12 +249,8 @@ def test_gated_resnet18_channels_last():
     for name in network.names:
         kind = "paths" if name in network.blocks else "channels"
         assert torch.equal(getattr(subnet, kind)[name], getattr(subnet_last, kind)[name])
-    seen, handles = _record_gate(model_last)
-    try:
+    with _record_gate(model_last) as seen:
         out = network_last(x_last, subnet_last)
-    finally:
-        for handle in handles:
-            handle.remove()
     assert seen["after"].is_contiguous(memory_format=torch.channels_last) and not seen["after"].is_contiguous()
     _assert_gated(seen, subnet_last.channels[GATED])
     torch.testing.assert_close(out, expected)
