@@ -13,11 +13,12 @@
 //      stopping rule); orientation and coordinates, which read Xc once more
 //      (on the Gram side to form Xc^T y, on the covariance side to project);
 //      binning and counts.
-// Then, for the whole batch: per-cell drop probabilities, the Philox
-// Bernoulli per channel, the mask bits and scales, and the apply (reads x
-// once more, writes y once). The PCA needs every channel of a sample before
-// any channel can be binned, so x is read twice; Xc stays in the cache of the
-// thread between steps 1 and 3.
+//   4. (forward) The per-cell drop probabilities, the Philox Bernoulli per
+//      channel, the mask bits and scales, and, for float32 channel-major x,
+//      the apply, which reads the sample again while it is still in cache and
+//      writes y once; other dtypes and layouts are applied in a pass of their own.
+// The PCA needs every channel of a sample before any channel can be binned,
+// so x is read twice; Xc stays in the cache of the thread between steps 1 and 3.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -193,7 +194,9 @@ ROBUSTDROP_CLONE_INLINE void top_eigenpairs(const float* matrix, int64_t m, int 
   int pairs = 0;
   for (int64_t j = 0; j < m; ++j) {
     const float* q = basis + j * m;
-    for (int64_t i = 0; i < m; ++i) w[i] = dot(matrix + i * m, q, m);
+    // w = M q as a sum of M's rows (M is symmetric): vector adds, no horizontal sums.
+    std::fill(w, w + m, 0.0f);
+    for (int64_t k = 0; k < m; ++k) axpy(q[k], matrix + k * m, w, m);
     const double a = dot(q, w, m);
     const float previous_beta = j > 0 ? static_cast<float>(scratch.beta[j - 1]) : 0.0f;
     for (int64_t i = 0; i < m; ++i) {
@@ -376,7 +379,11 @@ ROBUSTDROP_VECTOR_CLONES void sample_cells(const float* sample, const DensitySha
 }
 
 // cell (N, C) and counts (N, G) of every sample; rows is x as float32 (N, C, D).
-void density_cells(const at::Tensor& rows, const DensityShape& s, at::Tensor& cell, at::Tensor& counts) {
+// after_sample(n) runs on sample n's thread right after its cells are known,
+// while the sample is still in that core's cache.
+template <typename AfterSample>
+void density_cells(const at::Tensor& rows, const DensityShape& s, at::Tensor& cell, at::Tensor& counts,
+                   AfterSample&& after_sample) {
   counts.zero_();
   if (s.N == 0 || s.C == 0) return;
   // Samples per task: enough that a small batch (FC features) stays on one thread.
@@ -386,6 +393,7 @@ void density_cells(const at::Tensor& rows, const DensityShape& s, at::Tensor& ce
     for (int64_t n = begin; n < end; ++n) {
       sample_cells(rows.data_ptr<float>() + n * s.C * s.D, s, scratch, cell.data_ptr<int64_t>() + n * s.C,
                    counts.data_ptr<int64_t>() + n * s.cells);
+      after_sample(n);
     }
   });
 }
@@ -400,40 +408,50 @@ float drop_probability(int64_t count, int64_t largest, double kappa, double alph
   return static_cast<float>(std::min(std::max(p, 0.0), 1.0));
 }
 
-// The keep bits (N, ceil(C/8)) and, with rescale, the scale (N, C).
-void channel_masks(const at::Tensor& cell, const at::Tensor& counts, const DensityShape& s, uint64_t seed,
-                   double kappa, double alpha, bool rescale, at::Tensor& mask, at::Tensor& scale) {
-  mask.zero_();
-  const int64_t row_bytes = mask.size(1);
-  at::parallel_for(0, s.N, std::max<int64_t>(1, kSamplesWork / std::max<int64_t>(1, s.C)), [&](int64_t begin,
-                                                                                               int64_t end) {
-    std::vector<float> uniforms(s.C), probability(s.cells);
-    for (int64_t n = begin; n < end; ++n) {
-      uniform_floats(seed, static_cast<uint64_t>(n * s.C), s.C, uniforms.data());
-      const int64_t* cell_row = cell.data_ptr<int64_t>() + n * s.C;
-      const int64_t* counts_row = counts.data_ptr<int64_t>() + n * s.cells;
-      const int64_t largest = std::max<int64_t>(1, *std::max_element(counts_row, counts_row + s.cells));
-      for (int64_t g = 0; g < s.cells; ++g) probability[g] = drop_probability(counts_row[g], largest, kappa, alpha);
-      uint8_t* mask_row = mask.data_ptr<uint8_t>() + n * row_bytes;
-      // Branch-free: the keep bits are coin flips, and a branch on each cost
-      // more than the rest of this loop.
-      for (int64_t c = 0; c < s.C; ++c) {
-        const uint8_t keep = !(uniforms[c] < probability[cell_row[c]]);
-        mask_row[c >> 3] |= static_cast<uint8_t>(keep << (c & 7));
-      }
-      if (rescale) {
-        float* scale_row = scale.data_ptr<float>() + n * s.C;
-        for (int64_t c = 0; c < s.C; ++c) {
-          const float p = probability[cell_row[c]];
-          const uint8_t keep = !(uniforms[c] < p);
-          scale_row[c] = select_kept(keep, static_cast<float>(1.0 / (1.0 - static_cast<double>(p))));
-        }
-      }
+// What a forward call drops with.
+struct DropParams {
+  uint64_t seed;
+  double kappa, alpha;
+  bool rescale;
+};
+
+// Sample n's keep bits into mask_row (zeroed by the caller) and, with rescale,
+// its scale row (C); cell_row (C) and counts_row (G) are its density.
+void sample_mask(int64_t n, const int64_t* cell_row, const int64_t* counts_row, const DensityShape& s,
+                 const DropParams& drop, uint8_t* mask_row, float* scale_row) {
+  thread_local std::vector<float> uniforms, probability;
+  uniforms.resize(s.C);
+  probability.resize(s.cells);
+  uniform_floats(drop.seed, static_cast<uint64_t>(n * s.C), s.C, uniforms.data());
+  const int64_t largest = std::max<int64_t>(1, *std::max_element(counts_row, counts_row + s.cells));
+  for (int64_t g = 0; g < s.cells; ++g) probability[g] = drop_probability(counts_row[g], largest, drop.kappa, drop.alpha);
+  // Branch-free: the keep bits are coin flips, and a branch on each cost
+  // more than the rest of this loop.
+  for (int64_t c = 0; c < s.C; ++c) {
+    const uint8_t keep = !(uniforms[c] < probability[cell_row[c]]);
+    mask_row[c >> 3] |= static_cast<uint8_t>(keep << (c & 7));
+  }
+  if (drop.rescale) {
+    for (int64_t c = 0; c < s.C; ++c) {
+      const float p = probability[cell_row[c]];
+      const uint8_t keep = !(uniforms[c] < p);
+      scale_row[c] = select_kept(keep, static_cast<float>(1.0 / (1.0 - static_cast<double>(p))));
     }
-  });
+  }
 }
 
 inline bool channel_kept(const uint8_t* mask_row, int64_t c) { return (mask_row[c >> 3] >> (c & 7)) & 1; }
+
+// keep[c] and factor[c] (C) of one sample from its mask row and its scale:
+// scale (C) when per_channel, else one value for every channel.
+template <typename opmath_t>
+void sample_factors(const uint8_t* mask_row, const float* scale, bool per_channel, int64_t C, uint8_t* keep,
+                    opmath_t* factors) {
+  for (int64_t c = 0; c < C; ++c) {
+    keep[c] = channel_kept(mask_row, c);
+    factors[c] = static_cast<opmath_t>(per_channel ? scale[c] : scale[0]);
+  }
+}
 
 // One sample of the apply, x and y (C, D) channel-major or (D, C) channels
 // last: y = keep[c] ? x * factor[c] : 0.
@@ -490,10 +508,8 @@ void apply_channel_mask(const at::Tensor& in, const at::Tensor& mask, const at::
     std::vector<opmath_t> factors(C);
     std::vector<uint8_t> keep(C);
     for (int64_t n = begin; n < end; ++n) {
-      for (int64_t c = 0; c < C; ++c) {
-        keep[c] = channel_kept(bits + n * row_bytes, c);
-        factors[c] = static_cast<opmath_t>(per_channel ? scale_ptr[n * C + c] : scale_ptr[0]);
-      }
+      sample_factors(bits + n * row_bytes, per_channel ? scale_ptr + n * C : scale_ptr, per_channel, C, keep.data(),
+                     factors.data());
       apply_sample<scalar_t, opmath_t>(src + n * C * D, dst + n * C * D, keep.data(), factors.data(), C, D,
                                        channels_last);
     }
@@ -517,7 +533,7 @@ std::tuple<at::Tensor, at::Tensor> feature_density_cpu(const at::Tensor& x, int6
   const DensityShape s = density_shape(x, dims, grids);
   at::Tensor cell = at::empty({s.N, s.C}, x.options().dtype(at::kLong));
   at::Tensor counts = at::empty({s.N, s.cells}, x.options().dtype(at::kLong));
-  density_cells(channel_rows(x, s), s, cell, counts);
+  density_cells(channel_rows(x, s), s, cell, counts, [](int64_t) {});
   return {cell, counts};
 }
 
@@ -528,12 +544,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_density_forward_cpu(const
   const DensityShape s = density_shape(x, dims, grids);
   at::Tensor cell = at::empty({s.N, s.C}, x.options().dtype(at::kLong));
   at::Tensor counts = at::empty({s.N, s.cells}, x.options().dtype(at::kLong));
-  density_cells(channel_rows(x, s), s, cell, counts);
-  at::Tensor mask = at::empty({s.N, mask_row_bytes(s.C)}, x.options().dtype(at::kByte));
+  at::Tensor mask = at::zeros({s.N, mask_row_bytes(s.C)}, x.options().dtype(at::kByte));
   at::Tensor scale = rescale ? at::empty({s.N, s.C}, x.options().dtype(at::kFloat))
                              : at::ones({}, x.options().dtype(at::kFloat));
-  channel_masks(cell, counts, s, static_cast<uint64_t>(seed), kappa, alpha, rescale, mask, scale);
-  return {apply_channel_mask_dispatch(x, mask, scale), mask, scale};
+  const DropParams drop{static_cast<uint64_t>(seed), kappa, alpha, rescale};
+  // float32 channel-major x is the buffer the PCA reads: each sample's apply
+  // follows its mask while the sample is still in cache. Other dtypes and
+  // layouts are applied in a pass of their own.
+  const bool fused = x.scalar_type() == at::kFloat && x.is_contiguous();
+  at::Tensor y = fused ? at::empty_like(x) : at::Tensor();
+  const int64_t row_bytes = mask.size(1);
+  density_cells(channel_rows(x, s), s, cell, counts, [&](int64_t n) {
+    uint8_t* mask_row = mask.data_ptr<uint8_t>() + n * row_bytes;
+    float* scale_row = rescale ? scale.data_ptr<float>() + n * s.C : nullptr;
+    sample_mask(n, cell.data_ptr<int64_t>() + n * s.C, counts.data_ptr<int64_t>() + n * s.cells, s, drop, mask_row,
+                scale_row);
+    if (!fused) return;
+    thread_local std::vector<float> factors;
+    thread_local std::vector<uint8_t> keep;
+    factors.resize(s.C);
+    keep.resize(s.C);
+    sample_factors(mask_row, rescale ? scale_row : scale.data_ptr<float>(), rescale, s.C, keep.data(), factors.data());
+    apply_sample_float(x.data_ptr<float>() + n * s.C * s.D, y.data_ptr<float>() + n * s.C * s.D, keep.data(),
+                       factors.data(), s.C, s.D, false);
+  });
+  if (!fused) y = apply_channel_mask_dispatch(x, mask, scale);
+  return {y, mask, scale};
 }
 
 at::Tensor channel_mask_backward_cpu(const at::Tensor& grad_y, const at::Tensor& mask, const at::Tensor& scale) {
