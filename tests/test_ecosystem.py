@@ -10,8 +10,7 @@ dtype. That holds only if no op inside a layer (a CAM's or a PCA's matmul, in
 the reference) is silently recast by autocast.
 
 channels_last: the same values in either layout give the same bits, forward and
-backward; the kernel backends also keep the layout (the reference, a readable
-specification, returns contiguous tensors).
+backward, and every backend keeps the layout.
 
 torch.compile: ``robustdrop.models.resnet18(method=...)`` compiled with the
 default (Inductor) backend and ``fullgraph=True`` (a graph break fails), a
@@ -219,9 +218,8 @@ def test_layer_channels_last(name, backend):
     assert_same_bits(y_last, y)
     assert_same_bits(grad_last, grad_x)
     assert not torch.equal(y, x)
-    if backend != "reference":
-        assert y_last.is_contiguous(memory_format=torch.channels_last)
-        assert grad_last.is_contiguous(memory_format=torch.channels_last)
+    assert y_last.is_contiguous(memory_format=torch.channels_last)
+    assert grad_last.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -160,9 +160,13 @@ def test_policy_gradient_raises_the_probability_of_rewarded_draws():
     assert after[0] > before[0] and bool((after[1:] < before[1:]).all())
 
 
-def test_controller_learns_to_remove_a_planted_weak_channel_set():
+@pytest.mark.parametrize("settings,updates", [({"lr": 0.01, "entropy_weight": 0.01}, 200), ({}, 500)],
+                         ids=["lr0.01", "defaults"])
+def test_controller_learns_to_remove_a_planted_weak_channel_set(settings, updates):
     """Toy problem: a subnet's 'accuracy' is the fraction of the planted channels it keeps; it is
-    lowest (0) exactly when the subnet removes the whole planted set of every decision."""
+    lowest (0) exactly when the subnet removes the whole planted set of every decision. With the
+    paper's defaults (lr 3.5e-4, entropy weight 1e-3) it takes longer: in one seeded run, 0.70 of
+    the sampled subnets removed the set after 200 updates, 0.96 after 500 and all after 2000."""
     decisions = [("paths", 3, 2), ("channels", 10, 7), ("channels", 8, 6)]
     planted = [torch.tensor([0]), torch.tensor([1, 4, 7]), torch.tensor([0, 5])]
 
@@ -172,11 +176,11 @@ def test_controller_learns_to_remove_a_planted_weak_channel_set():
         return kept.float() / sum(len(items) for items in planted)
 
     torch.manual_seed(0)
-    controller = Controller(decisions, lr=0.01, entropy_weight=0.01)
+    controller = Controller(decisions, **settings)
     generator = torch.Generator().manual_seed(0)
     with one_thread():
         initial = accuracy(controller.sample_choices(200, generator=generator)[0])
-        for _ in range(200):
+        for _ in range(updates):
             choices, log_probs, entropies = controller.sample_choices(8, generator=generator)
             controller.update(log_probs, entropies, -accuracy(choices))
         with torch.no_grad():

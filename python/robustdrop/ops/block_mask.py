@@ -93,11 +93,7 @@ def _fake_backward(grad_y, mask, scale):
     return torch.empty_like(grad_y, memory_format=output_memory_format(grad_y))
 
 
-def output_memory_format(t):
-    """The layout the kernels write: channels_last when t is, else contiguous."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+output_memory_format = reference.output_memory_format
 
 
 def _setup_context(ctx, inputs, output):

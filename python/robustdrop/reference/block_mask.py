@@ -13,7 +13,7 @@ from robustdrop.reference.philox import philox_uniform
 
 __all__ = [
     "effective_block_size", "drop_rate_to_gamma", "philox_seed_grid", "torch_seed_grid", "expand_seeds",
-    "block_keep_mask", "pack_keep_mask", "unpack_keep_mask", "normalize_scale", "sample_scale", "apply_keep_mask",
+    "block_keep_mask", "pack_keep_mask", "unpack_keep_mask", "normalize_scale", "sample_scale", "apply_keep_mask", "output_memory_format",
     "drop_with_keep_mask",
     "block_mask_forward", "block_mask_backward", "naive_drop_block2d",
 ]
@@ -108,8 +108,16 @@ def sample_scale(scale: torch.Tensor, batch: int) -> torch.Tensor:
     return scale.repeat_interleave(batch // scale.numel()).view(-1, 1, 1, 1)
 
 
+def output_memory_format(t: torch.Tensor) -> torch.memory_format:
+    """The layout every backend writes its output in: channels_last when t is, else contiguous."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def apply_keep_mask(x: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """keep ? x * scale : 0, in float32 (float64 for float64 x), cast back to x's dtype.
+    """keep ? x * scale : 0, in float32 (float64 for float64 x), cast back to x's dtype,
+    in x's layout (``output_memory_format``).
 
     keep (N, Cm, H, W) broadcasts over channels; scale holds one value or one per
     group of N/G consecutive samples (G,); torch.where keeps NaN and Inf out of
@@ -117,7 +125,12 @@ def apply_keep_mask(x: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor) ->
     """
     compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     scaled = x.to(compute_dtype) * sample_scale(scale, x.shape[0]).to(device=x.device, dtype=compute_dtype)
-    return torch.where(keep.to(x.device), scaled, torch.zeros((), dtype=compute_dtype, device=x.device)).to(x.dtype)
+    layout = output_memory_format(x)
+    # keep in x's layout too, so that autograd's gradient (torch.where's backward) keeps it as well.
+    keep = keep.to(x.device)
+    keep = keep.contiguous(memory_format=layout) if keep.dim() == 4 else keep
+    y = torch.where(keep, scaled, torch.zeros((), dtype=compute_dtype, device=x.device)).to(x.dtype)
+    return y.contiguous(memory_format=layout)
 
 
 def drop_with_keep_mask(x, keep, couple_channels, normalize, eps, normalize_groups=1):

@@ -19,9 +19,10 @@ __all__ = ["channel_gate", "pack_channel_keep", "unpack_channel_keep", "channel_
 
 
 def channel_gate(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """keep[n, c] ? x[n, c, ...] : 0 for x (N, C, ...) and keep (N, C) bool, in x's dtype."""
+    """keep[n, c] ? x[n, c, ...] : 0 for x (N, C, ...) and keep (N, C) bool, in x's dtype and layout."""
     extra = (1,) * (x.dim() - 2)
-    return torch.where(keep.to(x.device).view(*keep.shape, *extra), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    y = torch.where(keep.to(x.device).view(*keep.shape, *extra), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return y.contiguous(memory_format=block_mask.output_memory_format(x))
 
 
 def pack_channel_keep(keep: torch.Tensor) -> torch.Tensor:

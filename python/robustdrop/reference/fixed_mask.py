@@ -7,7 +7,7 @@ w // 8 (reference.block_mask.pack_keep_mask).
 """
 import torch
 
-from robustdrop.reference.block_mask import unpack_keep_mask
+from robustdrop.reference.block_mask import output_memory_format, unpack_keep_mask
 from robustdrop.reference.philox import philox_uniform
 
 __all__ = ["MODES", "dropped_count", "random_keep_mask", "fixed_mask_apply", "naive_fixed_mask"]
@@ -67,10 +67,13 @@ def fixed_mask_apply(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The reference of robustdrop::fixed_mask_apply: keep[c, h, w] ? x[n, c, h, w] : 0.
 
     x (N, C, H, W); mask (C, H, ceil(W/8)) uint8. A select, so NaN and Inf never
-    reach dropped positions; y has x's dtype and is differentiable through torch ops.
+    reach dropped positions; y has x's dtype and layout and is differentiable through torch ops.
     """
-    keep = unpack_keep_mask(mask, x.shape[-1]).to(x.device)
-    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    layout = output_memory_format(x)
+    # keep (1, C, H, W) in x's layout, so that autograd's gradient keeps that layout as well.
+    keep = unpack_keep_mask(mask, x.shape[-1]).to(x.device).unsqueeze(0).contiguous(memory_format=layout)
+    y = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return y.contiguous(memory_format=layout)
 
 
 def naive_fixed_mask(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
