@@ -4,6 +4,8 @@ Without a GPU the Triton kernels run through the interpreter, which must be
 switched on before Triton is first imported.
 """
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -73,3 +75,14 @@ def assert_compiled_matches_eager(step, x: torch.Tensor, *args, seeds=(3, 4)):
 def _no_backend_override(monkeypatch):
     """Tests choose backends explicitly; a ROBUSTDROP_BACKEND in the shell must not leak in."""
     monkeypatch.delenv("ROBUSTDROP_BACKEND", raising=False)
+
+
+def run_cpu_command(args: list[str], cwd, timeout: int = 300) -> str:
+    """Runs ``python -m robustdrop <args>`` in cwd on the CPU (no GPU, no backend override, no
+    Triton interpreter), asserts it succeeds and returns its stdout."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", ROBUSTDROP_BACKEND="")
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run([sys.executable, "-m", "robustdrop", *args], capture_output=True, text=True,
+                            timeout=timeout, env=env, cwd=str(cwd))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout

@@ -3,14 +3,12 @@ and PNG are what the harness promises. Timing is never asserted (DESIGN.md 7).""
 import csv
 import importlib.util
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import robustdrop
+from conftest import run_cpu_command
 from robustdrop import benchmark
 from robustdrop.benchmark import BenchConfig, CSV_COLUMNS, NAIVE, SPEED_OF_LIGHT
 
@@ -18,12 +16,7 @@ from robustdrop.benchmark import BenchConfig, CSV_COLUMNS, NAIVE, SPEED_OF_LIGHT
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", ROBUSTDROP_BACKEND="")
-    env.pop("TRITON_INTERPRET", None)
-    result = subprocess.run([sys.executable, "-m", "robustdrop", "bench", "--quick", "--device", "cpu", "--out", str(out)],
-                            capture_output=True, text=True, timeout=120, env=env, cwd=str(out))
-    assert result.returncode == 0, result.stdout + result.stderr
-    return out, result.stdout
+    return out, run_cpu_command(["bench", "--quick", "--device", "cpu", "--out", str(out)], out, timeout=120)
 
 
 def _rows(out):
@@ -103,12 +96,7 @@ def test_unknown_op_is_an_error():
 
 def test_training_step_bench_runs(tmp_path):
     """``python -m robustdrop bench-steps --quick``: a DropBlock step and both ActDB modes, timed."""
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", ROBUSTDROP_BACKEND="")
-    env.pop("TRITON_INTERPRET", None)
-    result = subprocess.run([sys.executable, "-m", "robustdrop", "bench-steps", "--quick", "--device", "cpu",
-                             "--repeats", "1", "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
-    assert result.returncode == 0, result.stdout + result.stderr
+    stdout = run_cpu_command(["bench-steps", "--quick", "--device", "cpu", "--repeats", "1", "--out", str(tmp_path)], tmp_path)
     with open(tmp_path / "steps_cpu.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["step"] for row in rows] == ["DropBlock2d (p=0.1)", "ActiveDropBlock2d sequential",
@@ -116,4 +104,4 @@ def test_training_step_bench_runs(tmp_path):
     for row in rows:
         assert math.isfinite(float(row["median_ms"])) and float(row["median_ms"]) > 0
     assert float(rows[0]["x_dropblock"]) == 1.0
-    assert "ActiveDropBlock2d batched" in result.stdout
+    assert "ActiveDropBlock2d batched" in stdout

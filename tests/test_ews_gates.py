@@ -2,15 +2,13 @@
 subnets against S separate forwards, statistics left untouched, bad input; and the bench-subnets command."""
 import csv
 import math
-import os
-import subprocess
-import sys
 from collections import OrderedDict
 
 import pytest
 import torch
 from torch import nn
 
+from conftest import run_cpu_command
 from robustdrop import models
 from robustdrop.ews import Decision, GatedNetwork, Subnet, gated_layers, kept_count
 
@@ -409,12 +407,7 @@ def test_bad_subnets_are_errors():
 
 def test_subnet_bench_runs(tmp_path):
     """``python -m robustdrop bench-subnets --quick --repeats 1``: both BN modes, batched and sequential timed."""
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", ROBUSTDROP_BACKEND="")
-    env.pop("TRITON_INTERPRET", None)
-    result = subprocess.run([sys.executable, "-m", "robustdrop", "bench-subnets", "--quick", "--device", "cpu",
-                             "--repeats", "1", "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
-    assert result.returncode == 0, result.stdout + result.stderr
+    stdout = run_cpu_command(["bench-subnets", "--quick", "--device", "cpu", "--repeats", "1", "--out", str(tmp_path)], tmp_path)
     with open(tmp_path / "subnets_cpu.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["bn_mode"] for row in rows] == ["eval", "train"]
@@ -422,4 +415,4 @@ def test_subnet_bench_runs(tmp_path):
         assert row["model"] == "SmallCNN" and row["subnets"] == "8"
         for column in ("sequential_ms", "batched_ms", "speedup"):
             assert math.isfinite(float(row[column])) and float(row[column]) > 0
-    assert (tmp_path / "subnets_cpu.md").exists() and "speedup" in result.stdout
+    assert (tmp_path / "subnets_cpu.md").exists() and "speedup" in stdout

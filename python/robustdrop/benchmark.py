@@ -496,6 +496,20 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join(out)
 
 
+def model_bench_settings(args: argparse.Namespace) -> tuple[torch.device, int, int] | None:
+    """(device, batch, repeats) of the model-level benchmarks (bench-steps, bench-subnets) from their
+    shared --device, --batch, --repeats and --quick flags: cuda when available, batch 128 on a GPU,
+    32 on a CPU, 4 with --quick, and 20, 3 or 2 repeats. None, after an error on stderr, when
+    --device cuda has no GPU."""
+    device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda, but torch sees no CUDA GPU", file=sys.stderr)
+        return None
+    batch = args.batch or (4 if args.quick else 128 if device_type == "cuda" else 32)
+    repeats = args.repeats or (2 if args.quick else 20 if device_type == "cuda" else 3)
+    return torch.device(device_type), batch, repeats
+
+
 def run_metadata(device: torch.device) -> dict:
     """Where and when a benchmark ran: device name, torch version, git commit, UTC date."""
     return {"device_name": device_name(device), "torch_version": torch.__version__, "git_commit": git_commit(),

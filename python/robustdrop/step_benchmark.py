@@ -16,7 +16,7 @@ import time
 import torch
 from torch import nn
 
-from robustdrop.benchmark import markdown_table, run_metadata, write_row_outputs
+from robustdrop.benchmark import markdown_table, model_bench_settings, run_metadata, write_row_outputs
 
 HELP = "time Active DropBlock's training step (both modes) against a plain DropBlock step"
 
@@ -74,13 +74,11 @@ def _median_ms(step, model, images, labels, device, repeats: int) -> float:
 
 def main(args: argparse.Namespace) -> int:
 
-    device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda, but torch sees no CUDA GPU", file=sys.stderr)
+    settings = model_bench_settings(args)
+    if settings is None:
         return 2
-    device = torch.device(device_type)
-    batch = args.batch or (4 if args.quick else 128 if device_type == "cuda" else 32)
-    repeats = args.repeats or (2 if args.quick else 20 if device_type == "cuda" else 3)
+    device, batch, repeats = settings
+    device_type = device.type
     if batch < 1 or repeats < 1:
         print("error: --batch and --repeats must be >= 1", file=sys.stderr)
         return 2
