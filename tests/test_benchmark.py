@@ -3,6 +3,7 @@ and PNG are what the harness promises. Timing is never asserted (DESIGN.md 7).""
 import csv
 import importlib.util
 import math
+import pkgutil
 
 import pytest
 import torch
@@ -64,6 +65,14 @@ def test_plot_written_when_matplotlib_is_there(bench_run):
     else:
         png = out / "bench_cpu.png"
         assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_op_has_benchmark_cases():
+    """One benchmark module per op module (DESIGN.md 5), so ``bench`` covers every op."""
+    from robustdrop import ops
+
+    op_modules = sorted(info.name for info in pkgutil.iter_modules(ops.__path__) if not info.name.startswith("_"))
+    assert benchmark.op_module_names() == op_modules
 
 
 def test_saved_bytes_rule():

@@ -79,10 +79,12 @@ def block_keep_mask(x_shape: tuple, seed: int, gamma, block_size: int, couple_ch
 def pack_keep_mask(keep: torch.Tensor) -> torch.Tensor:
     """Bit-pack keep (N, Cm, H, W) bool into (N, Cm, H, ceil(W/8)) uint8: bit w % 8 of byte w // 8."""
     width = keep.shape[-1]
-    padded = F.pad(keep.to(torch.uint8), (0, (-width) % 8))
-    bits = padded.view(*keep.shape[:-1], (width + 7) // 8, 8).to(torch.int64)
-    weights = torch.tensor([1 << b for b in range(8)], dtype=torch.int64, device=keep.device)
-    return (bits * weights).sum(-1).to(torch.uint8)
+    bits = keep.to(torch.uint8)
+    if width % 8:
+        bits = F.pad(bits, (0, (-width) % 8))
+    shifts = torch.arange(8, dtype=torch.uint8, device=keep.device)
+    # Distinct bits never carry, so a uint8 sum is their OR.
+    return (bits.view(*keep.shape[:-1], (width + 7) // 8, 8) << shifts).sum(-1, dtype=torch.uint8)
 
 
 def unpack_keep_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
