@@ -75,6 +75,21 @@ def test_op_matches_reference_bit_for_bit(device, backend, couple_channels, norm
         assert_same_bits(backward_op(backend)(grad_y, mask, scale), reference.block_mask_backward(grad_y, mask_ref, scale_ref))
 
 
+@pytest.mark.parametrize("device,backend", [(d, b) for d, b in KERNEL_BACKENDS if b != "triton" or d == "cuda"])
+@pytest.mark.parametrize("shape", [(3, 40, 16, 16), (4, 96, 4, 4), (2, 33, 14, 14), (3, 5, 70, 100)])
+@pytest.mark.parametrize("couple_channels", [False, True])
+def test_apply_of_large_masks_matches_reference(device, backend, shape, couple_channels):
+    """The apply pass (the backward) at sizes where the CPU kernel works in batches of rows that cross
+    planes and samples, on widths of whole and partial mask bytes, with dirty padding bits."""
+    generator = torch.Generator().manual_seed(4)
+    n, c, h, w = shape
+    mask_shape = (n, 1 if couple_channels else c, h, (w + 7) // 8)
+    mask = torch.randint(0, 256, mask_shape, generator=generator, dtype=torch.int64).to(torch.uint8).to(device)
+    scale = (torch.rand(n, generator=generator) + 0.5).to(device)
+    grad_y = torch.randn(shape, generator=generator).to(device)
+    assert_same_bits(backward_op(backend)(grad_y, mask, scale), reference.block_mask_backward(grad_y, mask, scale))
+
+
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
 def test_large_seeds_and_gamma_edges(device, backend):
     x = torch.randn(2, 3, 10, 12, device=device)

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <type_traits>
 #include <cstring>
 #include <vector>
 
@@ -173,6 +174,90 @@ ROBUSTDROP_VECTOR_CLONES void scale_row_in_place_float(float* data, const uint8_
   for (int64_t w = 0; w < length; ++w) data[w] = select_kept(keep[w], data[w] * scale);
 }
 
+// The keep bits of `rows` consecutive rows of sample n, from row (c, h) on, as
+// one bit string without each row's padding bits: rows * W bits into out
+// (rows * W / 8 + 1 bytes).
+void gather_row_bits(const PackedMaskView& mask, int64_t n, int64_t c, int64_t h, int64_t rows, int64_t W,
+                     uint8_t* out) {
+  const int64_t whole_bytes = W / 8;
+  const int tail = static_cast<int>(W % 8);
+  const uint32_t tail_bits = (1u << tail) - 1u;
+  uint32_t pending = 0;  // bits not yet written: `fill` of them, fill < 8 between bytes
+  int fill = 0;
+  // Rows follow each other in the mask, but within one plane only when one plane serves every channel.
+  const uint8_t* row = mask.row(n, c, h);
+  const int64_t plane_bytes = mask.height * mask.row_bytes;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t b = 0; b < whole_bytes; ++b) {
+      pending |= static_cast<uint32_t>(row[b]) << fill;
+      *out++ = static_cast<uint8_t>(pending);
+      pending >>= 8;
+    }
+    if (tail > 0) {
+      pending |= (row[whole_bytes] & tail_bits) << fill;
+      fill += tail;
+      if (fill >= 8) {
+        *out++ = static_cast<uint8_t>(pending);
+        pending >>= 8;
+        fill -= 8;
+      }
+    }
+    row += mask.row_bytes;
+    if (++h == mask.height) {
+      h = 0;
+      if (mask.channel_planes == 0) row -= plane_bytes;
+    }
+  }
+  if (fill > 0) *out = static_cast<uint8_t>(pending);
+}
+
+// dst[i] = bit i of bits ? src[i] * scale : +0.0 for i < length, bit i being
+// bit i % 8 of byte i / 8: the apply straight from a packed mask, with no keep
+// bytes in between (unpacking them cost more than the apply on 16-wide maps).
+// dst may be src (an in-place apply). The eight lanes of a mask byte are a GCC
+// vector, which each clone lowers to its own registers.
+ROBUSTDROP_VECTOR_CLONES void scale_by_bits_float(const float* src, float* dst, const uint8_t* __restrict bits,
+                                                  int64_t length, float scale) {
+  int64_t i = 0;
+#if defined(__GNUC__)
+  typedef float Float8 __attribute__((vector_size(32)));
+  typedef uint32_t Lanes8 __attribute__((vector_size(32)));
+  const Lanes8 lane_bit = {1u, 2u, 4u, 8u, 16u, 32u, 64u, 128u};
+  for (; i + 8 <= length; i += 8) {
+    Float8 values;
+    std::memcpy(&values, src + i, sizeof(values));
+    values *= scale;
+    const Lanes8 bit = lane_bit & static_cast<uint32_t>(bits[i >> 3]);
+    Lanes8 kept;
+    std::memcpy(&kept, &values, sizeof(kept));
+    kept &= reinterpret_cast<Lanes8>(bit == lane_bit);  // all ones where the bit is set
+    std::memcpy(dst + i, &kept, sizeof(kept));
+  }
+#endif
+  for (; i < length; ++i) dst[i] = select_kept(mask_bit(bits, i), src[i] * scale);
+}
+
+// A mask shared by every sample (Random Mask's fixed mask), float32 x (N, C, H, W)
+// contiguous: the mask's bits are gathered once into one string of C*H*W bits,
+// so each sample is one run, split into chunks of whole mask bytes.
+void apply_shared_mask_float(const float* in, float* out, const PackedMaskView& mask,
+                             const std::vector<float>& sample_scale, int64_t N, int64_t rows, int64_t W) {
+  const int64_t sample_numel = rows * W;
+  std::vector<uint8_t> bits(sample_numel / 8 + 1);
+  gather_row_bits(mask, 0, 0, 0, rows, W, bits.data());
+  constexpr int64_t kChunk = 8 * kApplyBatch;  // a multiple of 8: chunks start on a mask byte
+  const int64_t chunks = (sample_numel + kChunk - 1) / kChunk;
+  at::parallel_for(0, N * chunks, std::max<int64_t>(1, 32768 / std::min(kChunk, sample_numel)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / chunks, offset = (item % chunks) * kChunk;
+      const int64_t index = n * sample_numel + offset;
+      scale_by_bits_float(in + index, out + index, bits.data() + offset / 8, std::min(kChunk, sample_numel - offset),
+                          sample_scale[n]);
+    }
+  });
+}
+
 template <>
 void scale_row<float, float>(const float* __restrict src, float* __restrict dst, const uint8_t* __restrict keep,
                              int64_t length, float scale) {
@@ -194,6 +279,12 @@ void apply_mask(const at::Tensor& in, const PackedMaskView& mask, const std::vec
   const scalar_t* in_ptr = in.data_ptr<scalar_t>();
   scalar_t* out_ptr = out.data_ptr<scalar_t>();
   const bool in_place = in_ptr == out_ptr;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (mask.sample_planes == 0 && !is_channels_last_4d(in)) {
+      apply_shared_mask_float(in_ptr, out_ptr, mask, sample_scale, N, C * H, W);
+      return;
+    }
+  }
   if (!is_channels_last_4d(in)) {
     // Rows of x are consecutive in memory, so a batch of them (within one
     // sample, which has one scale) is scaled in one long loop: short maps
@@ -204,14 +295,37 @@ void apply_mask(const at::Tensor& in, const PackedMaskView& mask, const std::vec
       // Each row's keep bytes start W after the previous row's; unpacking writes
       // up to 7 bytes past a row, which the next row overwrites, or the slack.
       std::vector<uint8_t> keep(batch_rows * W + 8 * mask.row_bytes);
+      std::vector<uint8_t> gathered(batch_rows * W / 8 + 1);
       for (int64_t first = begin; first < end;) {
         const int64_t n = first / sample_rows;
         const int64_t rows = std::min({batch_rows, end - first, (n + 1) * sample_rows - first});
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t row = first + r, h = row % H, c = (row / H) % C;
-          unpack_row(mask.row(n, c, h), mask.row_bytes, keep.data() + r * W);
-        }
+        // (c, h) of the batch's first row, then counted up: a division per row
+        // cost more than the row's apply on short maps.
+        int64_t c = (first - n * sample_rows) / H, h = (first - n * sample_rows) % H;
         const opmath_t s = static_cast<opmath_t>(sample_scale[n]);
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          // Rows of whole mask bytes are already one bit string (within a
+          // plane when one plane serves every channel); other widths are
+          // gathered into one without each row's padding bits.
+          const uint8_t* bits = mask.row(n, c, h);
+          int64_t run = rows;
+          if (W % 8 != 0) {
+            gather_row_bits(mask, n, c, h, rows, W, gathered.data());
+            bits = gathered.data();
+          } else if (mask.channel_planes == 0) {
+            run = std::min(rows, H - h);
+          }
+          scale_by_bits_float(in_ptr + first * W, out_ptr + first * W, bits, run * W, s);
+          first += run;
+          continue;
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          unpack_row(mask.row(n, c, h), mask.row_bytes, keep.data() + r * W);
+          if (++h == H) {
+            h = 0;
+            ++c;
+          }
+        }
         if (in_place) {
           scale_row_in_place(out_ptr + first * W, keep.data(), rows * W, s);
         } else {
