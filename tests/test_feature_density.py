@@ -64,6 +64,7 @@ def margin_input(shape, dims, grids, first_seed):
 CASES = [
     ((3, 12, 5, 5), 2, 5),   # C < H*W: the Gram side
     ((2, 20, 3, 3), 2, 5),   # C > H*W: the covariance side
+    ((2, 37, 3, 5), 2, 5),   # the covariance side, C and H*W past whole 8 x 8 blocks
     ((2, 16, 4, 4), 3, 3),   # C = H*W
     ((3, 10, 2, 7), 1, 25),
     ((2, 9, 6, 5), 3, 2),
@@ -84,7 +85,7 @@ def test_density_matches_reference_on_inputs_with_a_margin(device, backend, shap
 
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("rescale", [False, True])
-@pytest.mark.parametrize("shape,dims,grids", CASES[:2] + CASES[5:6])
+@pytest.mark.parametrize("shape,dims,grids", CASES[:2] + CASES[6:7])
 def test_forward_matches_reference_bit_for_bit(device, backend, rescale, shape, dims, grids):
     x = margin_input(shape, dims, grids, 20 + dims).to(device)
     args = (x, dims, grids, 1234567, -0.8, 0.9, rescale)

@@ -215,23 +215,17 @@ void gather_row_bits(const PackedMaskView& mask, int64_t n, int64_t c, int64_t h
 // bit i % 8 of byte i / 8: the apply straight from a packed mask, with no keep
 // bytes in between (unpacking them cost more than the apply on 16-wide maps).
 // dst may be src (an in-place apply). The eight lanes of a mask byte are a GCC
-// vector, which each clone lowers to its own registers.
+// vector (vector_clones.h).
 ROBUSTDROP_VECTOR_CLONES void scale_by_bits_float(const float* src, float* dst, const uint8_t* __restrict bits,
                                                   int64_t length, float scale) {
   int64_t i = 0;
-#if defined(__GNUC__)
-  typedef float Float8 __attribute__((vector_size(32)));
-  typedef uint32_t Lanes8 __attribute__((vector_size(32)));
+#if ROBUSTDROP_HAS_FLOAT8
   const Lanes8 lane_bit = {1u, 2u, 4u, 8u, 16u, 32u, 64u, 128u};
   for (; i + 8 <= length; i += 8) {
-    Float8 values;
-    std::memcpy(&values, src + i, sizeof(values));
-    values *= scale;
+    const Float8 values = load8(src + i) * scale;
     const Lanes8 bit = lane_bit & static_cast<uint32_t>(bits[i >> 3]);
-    Lanes8 kept;
-    std::memcpy(&kept, &values, sizeof(kept));
-    kept &= reinterpret_cast<Lanes8>(bit == lane_bit);  // all ones where the bit is set
-    std::memcpy(dst + i, &kept, sizeof(kept));
+    const Lanes8 kept = reinterpret_cast<Lanes8>(values) & reinterpret_cast<Lanes8>(bit == lane_bit);
+    store8(dst + i, reinterpret_cast<Float8>(kept));
   }
 #endif
   for (; i < length; ++i) dst[i] = select_kept(mask_bit(bits, i), src[i] * scale);

@@ -51,14 +51,31 @@ at::Tensor channel_rows(const at::Tensor& x, const DensityShape& s) {
 
 // Inlined into the AVX2 and baseline clones of sample_cells (vector_clones.h).
 
-// a . b in float32 with 32 partial sums: four independent AVX2 accumulators,
-// so each add need not wait for the one before it (one accumulator made the
-// Gram/covariance products latency-bound), and as accurate as the float32
-// vectors it reads. Lengths below 32 use the first eight lanes.
+// a . b in float32 with 32 partial sums: four independent 8-lane
+// accumulators, so each add need not wait for the one before it (one
+// accumulator made the Gram/covariance products latency-bound), and as
+// accurate as the float32 vectors it reads. Lengths below 32 use the first
+// accumulator only. The sum of the lanes is taken in a fixed order, so the
+// scalar path below gives the same bits.
 ROBUSTDROP_CLONE_INLINE float dot(const float* __restrict a, const float* __restrict b, int64_t length) {
+  int64_t i = 0;
+#if ROBUSTDROP_HAS_FLOAT8
+  Float8 acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
+  for (; i + 32 <= length; i += 32) {
+    acc0 += load8(a + i) * load8(b + i);
+    acc1 += load8(a + i + 8) * load8(b + i + 8);
+    acc2 += load8(a + i + 16) * load8(b + i + 16);
+    acc3 += load8(a + i + 24) * load8(b + i + 24);
+  }
+  for (; i + 8 <= length; i += 8) acc0 += load8(a + i) * load8(b + i);
+  if (length >= 32) acc0 += (acc1 + acc2) + acc3;
+  float sum = 0.0f;
+  for (; i < length; ++i) sum += a[i] * b[i];
+  for (int lane = 0; lane < 8; ++lane) sum += acc0[lane];
+  return sum;
+#else
   constexpr int kLanes = 32;
   float partial[kLanes] = {};
-  int64_t i = 0;
   for (; i + kLanes <= length; i += kLanes) {
     for (int lane = 0; lane < kLanes; ++lane) partial[lane] += a[i + lane] * b[i + lane];
   }
@@ -70,11 +87,18 @@ ROBUSTDROP_CLONE_INLINE float dot(const float* __restrict a, const float* __rest
   for (int lane = 0; lane < 8; ++lane) partial[lane] += (partial[lane + 8] + partial[lane + 16]) + partial[lane + 24];
   for (int lane = 0; lane < 8; ++lane) sum += partial[lane];
   return sum;
+#endif
 }
 
 // y += weight * x.
 ROBUSTDROP_CLONE_INLINE void axpy(float weight, const float* __restrict x, float* __restrict y, int64_t length) {
-  for (int64_t i = 0; i < length; ++i) y[i] += weight * x[i];
+  int64_t i = 0;
+#if ROBUSTDROP_HAS_FLOAT8
+  // Explicit lanes: the short rows of the Lanczos steps (m = 16) paid more for
+  // the auto-vectorised loop's set-up than for its arithmetic.
+  for (; i + 8 <= length; i += 8) store8(y + i, load8(y + i) + weight * load8(x + i));
+#endif
+  for (; i < length; ++i) y[i] += weight * x[i];
 }
 
 // ---------------------------------------------------------------- centre and M
@@ -84,6 +108,29 @@ ROBUSTDROP_CLONE_INLINE void axpy(float weight, const float* __restrict x, float
 //   Gram side (C < D):        (C, D), M = Xc Xc^T
 //   covariance side (C >= D): (D, C), Xc transposed, M = Xc^T Xc
 inline bool gram_side(const DensityShape& s) { return s.C < s.D; }
+
+// centred (D, C) = transpose of sample (C, D) minus mean (D) from each row.
+ROBUSTDROP_CLONE_INLINE void centre_transposed(const float* sample, const float* mean, int64_t C, int64_t D,
+                                               float* centred) {
+  int64_t c_blocks = 0, d_blocks = 0;  // the part done in 8 x 8 blocks
+#if ROBUSTDROP_HAS_FLOAT8
+  c_blocks = C - C % 8;
+  d_blocks = D - D % 8;
+  for (int64_t c0 = 0; c0 < c_blocks; c0 += 8) {
+    for (int64_t d0 = 0; d0 < d_blocks; d0 += 8) {
+      Float8 rows[8];
+      const Float8 block_mean = load8(mean + d0);
+      for (int i = 0; i < 8; ++i) rows[i] = load8(sample + (c0 + i) * D + d0) - block_mean;
+      transpose8x8(rows);
+      for (int j = 0; j < 8; ++j) store8(centred + (d0 + j) * C + c0, rows[j]);
+    }
+  }
+#endif
+  // The rest element by element: columns past the blocks, then rows past them.
+  for (int64_t d = 0; d < D; ++d) {
+    for (int64_t c = d < d_blocks ? c_blocks : 0; c < C; ++c) centred[d * C + c] = sample[c * D + d] - mean[d];
+  }
+}
 
 // Writes the centred sample and the mean over channels (D).
 ROBUSTDROP_CLONE_INLINE void centre_sample(const float* sample, const DensityShape& s, float* mean, float* centred) {
@@ -103,10 +150,7 @@ ROBUSTDROP_CLONE_INLINE void centre_sample(const float* sample, const DensitySha
       for (int64_t d = 0; d < s.D; ++d) centred[c * s.D + d] = sample[c * s.D + d] - mean[d];
     }
   } else {
-    // Written row by row of the transpose: contiguous stores, strided loads that stay in L1.
-    for (int64_t d = 0; d < s.D; ++d) {
-      for (c = 0; c < s.C; ++c) centred[d * s.C + c] = sample[c * s.D + d] - mean[d];
-    }
+    centre_transposed(sample, mean, s.C, s.D, centred);
   }
 }
 
