@@ -33,7 +33,9 @@ def extension_error() -> str | None:
     return None
 
 
+@functools.cache
 def _extension_has_cuda_kernels() -> bool:
+    """Whether robustdrop._C registered CUDA kernels; asked only once it has imported, so it cannot change."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("robustdrop::block_mask_forward", "CUDA")
 
 
