@@ -101,6 +101,28 @@ ROBUSTDROP_CLONE_INLINE void axpy(float weight, const float* __restrict x, float
   for (; i < length; ++i) y[i] += weight * x[i];
 }
 
+// y[i] += sum over k of weights[k] * rows[k * stride + i], the terms added in
+// order of k: the same sums as one axpy per row, but each block of y stays in
+// a register across the rows. A chain of axpys on a short y (m = 16 in the
+// Lanczos steps) waited on its own stores.
+ROBUSTDROP_CLONE_INLINE void add_weighted_rows(const float* __restrict rows, int64_t stride,
+                                               const float* __restrict weights, int64_t count, float* __restrict y,
+                                               int64_t length) {
+  int64_t i = 0;
+#if ROBUSTDROP_HAS_FLOAT8
+  for (; i + 8 <= length; i += 8) {
+    Float8 sum = load8(y + i);
+    for (int64_t k = 0; k < count; ++k) sum += weights[k] * load8(rows + k * stride + i);
+    store8(y + i, sum);
+  }
+#endif
+  for (; i < length; ++i) {
+    float sum = y[i];
+    for (int64_t k = 0; k < count; ++k) sum += weights[k] * rows[k * stride + i];
+    y[i] = sum;
+  }
+}
+
 // ---------------------------------------------------------------- centre and M
 
 // The centred sample Xc = X - mean over channels in the layout its matrix
@@ -216,10 +238,11 @@ struct LanczosScratch {
   }
 };
 
-// w -= Q_j (Q_j^T w) with Q_j the first `steps` basis vectors.
+// w -= Q_j (Q_j^T w) with Q_j the first `steps` basis vectors; projections
+// holds -Q_j^T w afterwards.
 ROBUSTDROP_CLONE_INLINE void reorthogonalize(const float* basis, int64_t steps, int64_t m, float* w, float* projections) {
-  for (int64_t i = 0; i < steps; ++i) projections[i] = dot(basis + i * m, w, m);
-  for (int64_t i = 0; i < steps; ++i) axpy(-projections[i], basis + i * m, w, m);
+  for (int64_t i = 0; i < steps; ++i) projections[i] = -dot(basis + i * m, w, m);
+  add_weighted_rows(basis, m, projections, steps, w, m);
 }
 
 // The top `dims` eigenpairs of the m x m matrix (row-major) into scratch.theta,
@@ -240,7 +263,7 @@ ROBUSTDROP_CLONE_INLINE void top_eigenpairs(const float* matrix, int64_t m, int 
     const float* q = basis + j * m;
     // w = M q as a sum of M's rows (M is symmetric): vector adds, no horizontal sums.
     std::fill(w, w + m, 0.0f);
-    for (int64_t k = 0; k < m; ++k) axpy(q[k], matrix + k * m, w, m);
+    add_weighted_rows(matrix, m, q, m, w, m);
     const double a = dot(q, w, m);
     const float previous_beta = j > 0 ? static_cast<float>(scratch.beta[j - 1]) : 0.0f;
     for (int64_t i = 0; i < m; ++i) {
@@ -303,7 +326,7 @@ ROBUSTDROP_CLONE_INLINE void principal_coordinates(const float* centred, const D
       // is needed only for its orientation.
       const float* y = scratch.ritz.data() + r * s.C;
       std::fill(axis, axis + s.D, 0.0f);
-      for (int64_t c = 0; c < s.C; ++c) axpy(y[c], centred + c * s.D, axis, s.D);
+      add_weighted_rows(centred, s.D, y, s.C, axis, s.D);
       const float length = static_cast<float>(std::sqrt(theta)) * orientation(axis, s.D);
       for (int64_t c = 0; c < s.C; ++c) coordinates[r * s.C + c] = length * y[c];
     } else {
@@ -311,7 +334,7 @@ ROBUSTDROP_CLONE_INLINE void principal_coordinates(const float* centred, const D
       const float* y = scratch.ritz.data() + r * s.D;
       const float sign = orientation(y, s.D);
       std::fill(axis, axis + s.C, 0.0f);
-      for (int64_t d = 0; d < s.D; ++d) axpy(y[d], centred + d * s.C, axis, s.C);
+      add_weighted_rows(centred, s.C, y, s.D, axis, s.C);
       for (int64_t c = 0; c < s.C; ++c) coordinates[r * s.C + c] = sign * axis[c];
     }
   }
@@ -355,12 +378,15 @@ ROBUSTDROP_CLONE_INLINE void bin_channels(const float* coordinates, const Densit
     value_range(axis_coordinates, s.C, lo, hi);
     if (!(hi > lo)) continue;  // every channel in bin 0 on this axis
     const float width = (hi - lo) / static_cast<float>(s.grids);
+    const float last_bin = static_cast<float>(last);
+    // floor(position) clamped to [0, last]: clamped by min and max first (NaN,
+    // from a zero width, goes to 0), after which truncation is the floor.
+    // No branches and no floor call: mispredicted branches on the edge bins
+    // and floor (which GCC vectorises only without trapping math) kept this
+    // loop scalar.
     for (int64_t c = 0; c < s.C; ++c) {
-      const float position = std::floor((axis_coordinates[c] - lo) / width);
-      const int32_t bin = position >= static_cast<float>(last) ? last
-                          : position > 0.0f                    ? static_cast<int32_t>(position)
-                                                               : 0;
-      cells[c] += bin * stride;
+      const float position = (axis_coordinates[c] - lo) / width;
+      cells[c] += static_cast<int32_t>(std::min(last_bin, std::max(0.0f, position))) * stride;
     }
   }
   for (int64_t c = 0; c < s.C; ++c) {
