@@ -163,17 +163,6 @@ void scale_row_in_place(scalar_t* data, const uint8_t* __restrict keep, int64_t 
   }
 }
 
-// float32, the common case, gets vectorised loops built for AVX2 too.
-ROBUSTDROP_VECTOR_CLONES void scale_row_float(const float* __restrict src, float* __restrict dst,
-                                              const uint8_t* __restrict keep, int64_t length, float scale) {
-  for (int64_t w = 0; w < length; ++w) dst[w] = select_kept(keep[w], src[w] * scale);
-}
-
-ROBUSTDROP_VECTOR_CLONES void scale_row_in_place_float(float* data, const uint8_t* __restrict keep, int64_t length,
-                                                       float scale) {
-  for (int64_t w = 0; w < length; ++w) data[w] = select_kept(keep[w], data[w] * scale);
-}
-
 // The keep bits of `rows` consecutive rows of sample n, from row (c, h) on, as
 // one bit string without each row's padding bits: rows * W bits into out
 // (rows * W / 8 + 1 bytes).
@@ -252,17 +241,6 @@ void apply_shared_mask_float(const float* in, float* out, const PackedMaskView& 
   });
 }
 
-template <>
-void scale_row<float, float>(const float* __restrict src, float* __restrict dst, const uint8_t* __restrict keep,
-                             int64_t length, float scale) {
-  scale_row_float(src, dst, keep, length, scale);
-}
-
-template <>
-void scale_row_in_place<float, float>(float* data, const uint8_t* __restrict keep, int64_t length, float scale) {
-  scale_row_in_place_float(data, keep, length, scale);
-}
-
 // out = keep ? in * scale[n] : 0 over an (N, C, H, W) tensor that is contiguous
 // or channels_last; out has in's layout and may be in itself.
 template <typename scalar_t>
@@ -286,10 +264,12 @@ void apply_mask(const at::Tensor& in, const PackedMaskView& mask, const std::vec
     const int64_t batch_rows = std::max<int64_t>(1, kApplyBatch / std::max<int64_t>(W, 1));
     const int64_t sample_rows = C * H;
     at::parallel_for(0, N * C * H, std::max<int64_t>(1, 32768 / std::max<int64_t>(W, 1)), [&](int64_t begin, int64_t end) {
-      // Each row's keep bytes start W after the previous row's; unpacking writes
-      // up to 7 bytes past a row, which the next row overwrites, or the slack.
-      std::vector<uint8_t> keep(batch_rows * W + 8 * mask.row_bytes);
-      std::vector<uint8_t> gathered(batch_rows * W / 8 + 1);
+      // float32: the rows' mask bits as one string (gather_row_bits); other
+      // dtypes: each row's keep bytes, starting W after the previous row's
+      // (unpacking writes up to 7 bytes past a row, which the next row
+      // overwrites, or the slack).
+      std::vector<uint8_t> buffer(std::is_same_v<scalar_t, float> ? batch_rows * W / 8 + 1
+                                                                  : batch_rows * W + 8 * mask.row_bytes);
       for (int64_t first = begin; first < end;) {
         const int64_t n = first / sample_rows;
         const int64_t rows = std::min({batch_rows, end - first, (n + 1) * sample_rows - first});
@@ -304,28 +284,28 @@ void apply_mask(const at::Tensor& in, const PackedMaskView& mask, const std::vec
           const uint8_t* bits = mask.row(n, c, h);
           int64_t run = rows;
           if (W % 8 != 0) {
-            gather_row_bits(mask, n, c, h, rows, W, gathered.data());
-            bits = gathered.data();
+            gather_row_bits(mask, n, c, h, rows, W, buffer.data());
+            bits = buffer.data();
           } else if (mask.channel_planes == 0) {
             run = std::min(rows, H - h);
           }
           scale_by_bits_float(in_ptr + first * W, out_ptr + first * W, bits, run * W, s);
           first += run;
-          continue;
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          unpack_row(mask.row(n, c, h), mask.row_bytes, keep.data() + r * W);
-          if (++h == H) {
-            h = 0;
-            ++c;
-          }
-        }
-        if (in_place) {
-          scale_row_in_place(out_ptr + first * W, keep.data(), rows * W, s);
         } else {
-          scale_row(in_ptr + first * W, out_ptr + first * W, keep.data(), rows * W, s);
+          for (int64_t r = 0; r < rows; ++r) {
+            unpack_row(mask.row(n, c, h), mask.row_bytes, buffer.data() + r * W);
+            if (++h == H) {
+              h = 0;
+              ++c;
+            }
+          }
+          if (in_place) {
+            scale_row_in_place(out_ptr + first * W, buffer.data(), rows * W, s);
+          } else {
+            scale_row(in_ptr + first * W, out_ptr + first * W, buffer.data(), rows * W, s);
+          }
+          first += rows;
         }
-        first += rows;
       }
     });
   } else {
