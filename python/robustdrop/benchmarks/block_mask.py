@@ -1,34 +1,43 @@
 """DropBlock benchmark cases (DESIGN.md 4.1): ``robustdrop.drop_block2d`` against
 the naive baseline ``robustdrop.reference.block_mask.naive_drop_block2d``,
-torchvision's ``ops.drop_block2d`` and timm's ``layers.DropBlock2d``.
+torchvision's ``ops.drop_block2d`` and timm's ``layers.DropBlock2d``, each doing
+the same work: a mask per channel, and one case with one mask per sample shared
+by the channels (``couple_channels=True``, timm's default since 1.0.23; torchvision
+has no such mode).
 """
+import inspect
+
 import robustdrop
 from robustdrop.benchmark import Anchor, BenchConfig, Case
 from robustdrop.reference.block_mask import naive_drop_block2d
 
 OP = "drop_block2d"
 
-# (shape (N, C, H, W), p, block_size)
-TARGET = ((32, 64, 56, 56), 0.1, 7)  # the issue's target: a ResNet stage-1 map, forward + backward
-TYPICAL = [((32, 256, 28, 28), 0.1, 5), ((32, 512, 14, 14), 0.1, 3)]  # later ResNet stages
-QUICK = [((4, 16, 28, 28), 0.1, 7), ((2, 32, 15, 17), 0.1, 3)]  # --quick: small, odd sizes included
+# (shape (N, C, H, W), p, block_size, couple_channels)
+TARGET = ((32, 64, 56, 56), 0.1, 7, False)  # the issue's target: a ResNet stage-1 map, forward + backward
+TYPICAL = [((32, 256, 28, 28), 0.1, 5, False), ((32, 512, 14, 14), 0.1, 3, False)]  # later ResNet stages
+# One mask per sample shared by every channel: timm's default since 1.0.23.
+COUPLED = [((32, 64, 56, 56), 0.1, 7, True)]
+QUICK = [((4, 16, 28, 28), 0.1, 7, False), ((2, 32, 15, 17), 0.1, 3, True)]  # --quick: small, odd sizes included
 
 
 def cases(config: BenchConfig) -> list[Case]:
-    settings = QUICK if config.quick else [TARGET, *TYPICAL]
-    return [_case(shape, p, block_size) for shape, p, block_size in settings]
+    settings = QUICK if config.quick else [TARGET, *TYPICAL, *COUPLED]
+    return [_case(*setting) for setting in settings]
 
 
-def _case(shape, p, block_size) -> Case:
+def _case(shape, p, block_size, couple_channels) -> Case:
     def naive(x):
-        return naive_drop_block2d(x, p, block_size)
+        return naive_drop_block2d(x, p, block_size, couple_channels=couple_channels)
 
     def ours(x, backend):
-        return robustdrop.drop_block2d(x, p, block_size, backend=backend)
+        return robustdrop.drop_block2d(x, p, block_size, couple_channels=couple_channels, backend=backend)
 
-    return Case(op=OP, params=f"p={p} bs={block_size}", shape=shape, naive=naive, robustdrop=ours,
-                anchors=(Anchor("torchvision.ops.drop_block2d", _torchvision(p, block_size)),
-                         Anchor("timm DropBlock2d", _timm(p, block_size))))
+    # torchvision has no shared-mask mode, so it anchors the per-channel cases only.
+    anchors = () if couple_channels else (Anchor("torchvision.ops.drop_block2d", _torchvision(p, block_size)),)
+    anchors += (Anchor("timm DropBlock2d", _timm(p, block_size, couple_channels)),)
+    params = f"p={p} bs={block_size}" + (" coupled" if couple_channels else "")
+    return Case(op=OP, params=params, shape=shape, naive=naive, robustdrop=ours, anchors=anchors)
 
 
 def _torchvision(p, block_size):
@@ -40,12 +49,20 @@ def _torchvision(p, block_size):
     return build
 
 
-def _timm(p, block_size):
+def _timm(p, block_size, couple_channels):
+    """timm's DropBlock2d set up to do the case's work: a mask per channel or one shared by the
+    channels (timm >= 1.0.23 shares by default), and whole blocks inside the map (timm < 1.0.23
+    defaults to ``fast=True``, whose blocks run off the edges and which cannot share a mask)."""
     def build():
         try:
             from timm.layers import DropBlock2d
         except ImportError:  # timm < 0.9
             from timm.models.layers import DropBlock2d
-        return DropBlock2d(drop_prob=p, block_size=block_size).train()
+        parameters = inspect.signature(DropBlock2d).parameters
+        if "couple_channels" in parameters:
+            return DropBlock2d(drop_prob=p, block_size=block_size, couple_channels=couple_channels).train()
+        if couple_channels:
+            raise RuntimeError("this timm version has no shared-mask DropBlock2d")
+        return DropBlock2d(drop_prob=p, block_size=block_size, fast=False).train()
 
     return build
