@@ -575,7 +575,8 @@ def write_plot(path: str, rows: Sequence[Row], meta: dict) -> str | None:
     names = list(dict.fromkeys(row.impl for row in rows if row.kind not in ("naive", "speed-of-light")))
     values = {(row.op, row.params, row.shape, row.impl): row.speedup_fwd_bwd for row in rows}
     width = 0.8 / max(len(names), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 + len(cases) * (0.5 + 0.35 * len(names))) + 2.5, 4.5))
+    # Wide enough per case for its longest label line (an op name) at 8 points.
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 + len(cases) * (0.8 + 0.35 * len(names))) + 2.5, 4.8))
     finite = []
     for k, name in enumerate(names):
         heights = [values.get((*case, name), math.nan) for case in cases]
@@ -595,7 +596,8 @@ def write_plot(path: str, rows: Sequence[Row], meta: dict) -> str | None:
     if finite and max(finite) / min(finite) > 30:
         ax.set_yscale("log")
     ax.set_xticks(range(len(cases)))
-    ax.set_xticklabels([f"{op}\n{params}\n{shape}" for op, params, shape in cases], fontsize=8)
+    # One parameter per line: "p=0.1 bs=3 K=100 C'=256" on one line ran into the next case's label.
+    ax.set_xticklabels(["\n".join([op, *params.split(), shape]) for op, params, shape in cases], fontsize=8)
     ax.set_ylabel("fwd+bwd speedup over naive (x)")
     ax.set_title(f"robustdrop bench: {meta['device_name']}, {rows[0].dtype if rows else ''} ({meta['git_commit']})", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
