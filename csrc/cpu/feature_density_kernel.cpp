@@ -92,13 +92,7 @@ ROBUSTDROP_CLONE_INLINE float dot(const float* __restrict a, const float* __rest
 
 // y += weight * x.
 ROBUSTDROP_CLONE_INLINE void axpy(float weight, const float* __restrict x, float* __restrict y, int64_t length) {
-  int64_t i = 0;
-#if ROBUSTDROP_HAS_FLOAT8
-  // Explicit lanes: the short rows of the Lanczos steps (m = 16) paid more for
-  // the auto-vectorised loop's set-up than for its arithmetic.
-  for (; i + 8 <= length; i += 8) store8(y + i, load8(y + i) + weight * load8(x + i));
-#endif
-  for (; i < length; ++i) y[i] += weight * x[i];
+  for (int64_t i = 0; i < length; ++i) y[i] += weight * x[i];
 }
 
 // y[i] += sum over k of weights[k] * rows[k * stride + i], the terms added in

@@ -28,7 +28,7 @@ def cases(config: BenchConfig) -> list[Case]:
     return [_case(shape, config) for shape in settings]
 
 
-def random_subnet_keep(batch: int, channels: int, width: float, seed: int = 0) -> torch.Tensor:
+def _random_subnet_keep(batch: int, channels: int, width: float, seed: int = 0) -> torch.Tensor:
     """(batch, channels) bool: each row keeps ceil(width * channels) channels chosen uniformly."""
     generator = torch.Generator().manual_seed(seed)
     order = torch.rand(batch, channels, generator=generator).argsort(dim=1)
@@ -38,7 +38,7 @@ def random_subnet_keep(batch: int, channels: int, width: float, seed: int = 0) -
 
 
 def _case(shape, config: BenchConfig) -> Case:
-    keep = random_subnet_keep(shape[0], shape[1], WIDTH).to(config.device)
+    keep = _random_subnet_keep(shape[0], shape[1], WIDTH).to(config.device)
 
     def naive(x):
         return naive_channel_gate(x, keep)
