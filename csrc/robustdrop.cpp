@@ -1,6 +1,6 @@
 // Every schema of the robustdrop operator library, defined once.
-// CPU kernels register in csrc/cpu, CUDA kernels in csrc/cuda; the Python
-// package adds fake (meta) implementations and autograd formulas.
+// CPU kernels register in csrc/cpu, CUDA kernels in csrc/cuda and the autograd
+// of both in csrc/autograd; the Python package adds fake (meta) implementations.
 #include <Python.h>
 #include <torch/library.h>
 

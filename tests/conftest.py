@@ -25,6 +25,8 @@ def available_backends(device: str) -> list[str]:
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# The devices whose compiled kernels (the cpu and cuda backends) are built here.
+COMPILED_DEVICES = [device for device in DEVICES if robustdrop.backends()[device].available]
 DEVICE_BACKENDS = [(device, backend) for device in DEVICES for backend in available_backends(device)]
 KERNEL_BACKENDS = [(device, backend) for device, backend in DEVICE_BACKENDS if backend != "reference"]
 
@@ -69,6 +71,31 @@ def assert_compiled_matches_eager(step, x: torch.Tensor, *args, seeds=(3, 4)):
         (grad_eager,) = torch.autograd.grad(loss_eager, x)
         assert torch.equal(grad, grad_eager)
         torch.testing.assert_close(loss, loss_eager)
+
+
+def python_calls_in_autograd(call, x: torch.Tensor) -> list[str]:
+    """The Python functions of robustdrop and torch.library that run while ``call(x)`` (x requiring grad)
+    computes its output and ``torch.autograd.grad`` its gradient.
+
+    The compiled ops' autograd is C++ (csrc/autograd): calling one directly, forward and backward,
+    should run none, which is what keeps their host time low on a GPU."""
+    package = os.path.dirname(robustdrop.__file__)
+    library = os.path.join(os.path.dirname(torch.__file__), "_library")
+    seen = []
+
+    def profile(frame, event, arg):
+        filename = frame.f_code.co_filename
+        if event == "call" and (filename.startswith(package) or filename.startswith(library)):
+            seen.append(f"{filename}:{frame.f_code.co_name}")
+
+    sys.setprofile(profile)
+    try:
+        y = call(x)
+        (grad,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    finally:
+        sys.setprofile(None)
+    assert grad.shape == x.shape
+    return seen
 
 
 @pytest.fixture(autouse=True)

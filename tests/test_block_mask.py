@@ -10,7 +10,8 @@ import torch
 import robustdrop
 from robustdrop.nn import DropBlock2d
 from robustdrop.reference import block_mask as reference
-from conftest import DEVICE_BACKENDS, DEVICES, KERNEL_BACKENDS, assert_compiled_matches_eager, assert_same_bits
+from conftest import (COMPILED_DEVICES, DEVICE_BACKENDS, DEVICES, KERNEL_BACKENDS, assert_compiled_matches_eager,
+                      assert_same_bits, python_calls_in_autograd)
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -512,3 +513,12 @@ def test_per_sample_ops_called_directly_reject_bad_input(device, backend):
     _, mask, _ = forward(x, 1, 0.0, 3, False, True, 1e-6, gamma, 2)
     with pytest.raises(ValueError, match=r"scale must hold one value or have shape \(G,\) with G dividing N = 4"):
         backward(x, mask, torch.ones(3, device=device))
+
+
+@pytest.mark.parametrize("device", COMPILED_DEVICES)
+def test_compiled_ops_autograd_runs_no_python(device):
+    x = torch.randn(2, 3, 9, 10, device=device, requires_grad=True)
+    forward = torch.ops.robustdrop.block_mask_forward
+    assert python_calls_in_autograd(lambda t: forward(t, 3, 0.2, 3, False, True, 1e-6)[0], x) == []
+    gamma = torch.full((2,), 0.2, device=device)
+    assert python_calls_in_autograd(lambda t: forward(t, 3, 0.0, 3, True, True, 1e-6, gamma, 2)[0], x) == []

@@ -10,8 +10,8 @@ from robustdrop import _seed
 from robustdrop.nn import CamDrop2d, cam_targets, set_cam_targets
 from robustdrop.reference import block_mask as block_reference
 from robustdrop.reference import cam_mask as reference
-from conftest import (DEVICE_BACKENDS, DEVICES, KERNEL_BACKENDS, assert_backend_matches_reference,
-                      assert_compiled_matches_eager, assert_same_bits, memory_layouts)
+from conftest import (COMPILED_DEVICES, DEVICE_BACKENDS, DEVICES, KERNEL_BACKENDS, assert_backend_matches_reference,
+                      assert_compiled_matches_eager, assert_same_bits, memory_layouts, python_calls_in_autograd)
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -513,3 +513,12 @@ def test_naive_baseline_is_the_same_function():
     assert dropped.any() and not (dropped & ~covered_by_allowed_blocks(allowed, 3)).any()
     kept = (~dropped).sum().item()
     torch.testing.assert_close(y[~dropped], x[~dropped] * (x.numel() / (1e-6 + kept)))
+
+
+@pytest.mark.parametrize("device", COMPILED_DEVICES)
+def test_compiled_op_autograd_runs_no_python(device):
+    x = torch.randn(2, 4, 9, 10, device=device, requires_grad=True)
+    weight = torch.randn(5, 8, device=device)
+    target = torch.tensor([1, 4], device=device)
+    forward = torch.ops.robustdrop.cam_mask_forward
+    assert python_calls_in_autograd(lambda t: forward(t, weight, target, None, 5, 0.3, 3, 10, 2, True, 1e-6)[0], x) == []

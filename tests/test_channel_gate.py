@@ -6,8 +6,8 @@ import torch
 import robustdrop
 from robustdrop.ews import channel_gate
 from robustdrop.reference import channel_gate as reference
-from conftest import (DEVICE_BACKENDS, KERNEL_BACKENDS, assert_backend_matches_reference, assert_compiled_matches_eager,
-                      assert_same_bits, memory_layouts)
+from conftest import (COMPILED_DEVICES, DEVICE_BACKENDS, KERNEL_BACKENDS, assert_backend_matches_reference,
+                      assert_compiled_matches_eager, assert_same_bits, memory_layouts, python_calls_in_autograd)
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -173,3 +173,11 @@ def test_keep_on_another_device_is_a_clear_error():
     for keep in (torch.ones(2, 3, dtype=torch.bool), torch.ones(2, 1, dtype=torch.uint8)):
         with pytest.raises(ValueError, match="keep must be on x's device"):
             channel_gate(x, keep)
+
+
+@pytest.mark.parametrize("device", COMPILED_DEVICES)
+def test_compiled_op_autograd_runs_no_python(device):
+    x = torch.randn(4, 10, 3, 3, device=device, requires_grad=True)
+    mask = torch.randint(0, 256, (4, 2), dtype=torch.uint8, device=device)
+    scale = torch.ones((), device=device)
+    assert python_calls_in_autograd(lambda t: torch.ops.robustdrop.channel_mask_backward(t, mask, scale), x) == []

@@ -12,8 +12,8 @@ import torch
 import robustdrop
 from robustdrop.nn import FeatureDensityDropout1d, FeatureDensityDropout2d
 from robustdrop.reference import feature_density as reference
-from conftest import (DEVICE_BACKENDS, KERNEL_BACKENDS, assert_backend_matches_reference, assert_compiled_matches_eager,
-                      assert_same_bits, memory_layouts)
+from conftest import (COMPILED_DEVICES, DEVICE_BACKENDS, KERNEL_BACKENDS, assert_backend_matches_reference,
+                      assert_compiled_matches_eager, assert_same_bits, memory_layouts, python_calls_in_autograd)
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 EDGE_BOUND = 1e-4  # DESIGN.md 4.3
@@ -448,3 +448,11 @@ def test_naive_baseline_is_the_same_function():
     p = reference.drop_probabilities(counts, -0.8, 0.9).double()[0, cell[0]]
     rate = (reference.naive_feature_density_dropout(x, 2, 5).flatten(2) == 0).all(2).double().mean(0)
     assert bool(((rate - p).abs() <= 4 * (p * (1 - p) / 3000).sqrt() + 1e-9).all())
+
+
+@pytest.mark.parametrize("device", COMPILED_DEVICES)
+def test_compiled_ops_autograd_runs_no_python(device):
+    x = torch.randn(3, 6, 4, 5, device=device, requires_grad=True)
+    forward = torch.ops.robustdrop.feature_density_forward
+    for rescale in (False, True):
+        assert python_calls_in_autograd(lambda t: forward(t, 2, 4, 7, -0.8, 0.9, rescale)[0], x) == []

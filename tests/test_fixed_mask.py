@@ -5,8 +5,8 @@ import torch
 import robustdrop
 from robustdrop.reference import fixed_mask as reference
 from robustdrop.reference.block_mask import pack_keep_mask
-from conftest import (DEVICE_BACKENDS, KERNEL_BACKENDS, assert_backend_matches_reference, assert_compiled_matches_eager,
-                      assert_same_bits, memory_layouts)
+from conftest import (COMPILED_DEVICES, DEVICE_BACKENDS, KERNEL_BACKENDS, assert_backend_matches_reference,
+                      assert_compiled_matches_eager, assert_same_bits, memory_layouts, python_calls_in_autograd)
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -235,3 +235,10 @@ def test_ops_called_directly_reject_bad_input(device, backend):
             op(x, mask[:, :, :1])
         with pytest.raises(ValueError, match=r"mask must have shape \(C, H, ceil\(W/8\)\)"):
             op(x, mask[:2])
+
+
+@pytest.mark.parametrize("device", COMPILED_DEVICES)
+def test_compiled_op_autograd_runs_no_python(device):
+    x = torch.randn(2, 3, 5, 11, device=device, requires_grad=True)
+    mask = pack_keep_mask(torch.rand(3, 5, 11, device=device) < 0.5)
+    assert python_calls_in_autograd(lambda t: torch.ops.robustdrop.fixed_mask_apply(t, mask), x) == []

@@ -34,7 +34,7 @@ import robustdrop
 from robustdrop.ews import kl_distill
 from robustdrop.reference import kl_distill as reference
 from robustdrop.reference.kl_distill import math_dtype
-from conftest import DEVICE_BACKENDS, KERNEL_BACKENDS
+from conftest import COMPILED_DEVICES, DEVICE_BACKENDS, KERNEL_BACKENDS, python_calls_in_autograd
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 REDUCTIONS = ["batchmean", "sum", "mean", "none"]
@@ -351,3 +351,11 @@ def test_ops_called_directly_reject_bad_input(device, backend):
     for temperature in (0.0, -2.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
             op(s, s, temperature)
+
+
+@pytest.mark.parametrize("device", COMPILED_DEVICES)
+def test_compiled_op_autograd_runs_no_python(device):
+    student = torch.randn(4, 7, device=device, requires_grad=True)
+    teacher = torch.randn(4, 7, device=device)
+    forward = torch.ops.robustdrop.kl_distill_forward
+    assert python_calls_in_autograd(lambda s: forward(s, teacher, 2.0)[0], student) == []

@@ -27,22 +27,27 @@ __all__ = [
 
 
 def _register_ops() -> None:
-    """Autograd and fake implementations for the ops this install has."""
+    """Fake implementations for the ops this install has, and autograd for the Triton ops.
+
+    The compiled ops (CPU and CUDA kernels) have their autograd in C++
+    (csrc/autograd), registered when robustdrop._C imports.
+    """
     if _backend.extension_error() is None:
-        _block_mask.register("block_mask_forward", "block_mask_backward")
-        _cam_mask.register("cam_mask_forward", "block_mask_backward")
-        _feature_density.register("feature_density", "feature_density_forward", "channel_mask_backward")
-        _fixed_mask.register("fixed_mask_apply")
-        _kl_distill.register("kl_distill_forward")
+        _block_mask.register("block_mask_forward", "block_mask_backward", autograd=False)
+        _cam_mask.register("cam_mask_forward", "block_mask_backward", autograd=False)
+        _feature_density.register("feature_density", "feature_density_forward", "channel_mask_backward",
+                                  autograd=False)
+        _fixed_mask.register("fixed_mask_apply", autograd=False)
+        _kl_distill.register("kl_distill_forward", autograd=False)
     else:
         _backend.warn_fallback(_backend.extension_error())
     if _backend.triton_error() is None:
-        _block_mask.register("block_mask_forward_triton", "block_mask_backward_triton")
-        _cam_mask.register("cam_mask_forward_triton", "block_mask_backward_triton")
+        _block_mask.register("block_mask_forward_triton", "block_mask_backward_triton", autograd=True)
+        _cam_mask.register("cam_mask_forward_triton", "block_mask_backward_triton", autograd=True)
         _feature_density.register("feature_density_triton", "feature_density_forward_triton",
-                                  "channel_mask_backward_triton")
-        _fixed_mask.register("fixed_mask_apply_triton")
-        _kl_distill.register("kl_distill_forward_triton")
+                                  "channel_mask_backward_triton", autograd=True)
+        _fixed_mask.register("fixed_mask_apply_triton", autograd=True)
+        _kl_distill.register("kl_distill_forward_triton", autograd=True)
 
 
 _register_ops()

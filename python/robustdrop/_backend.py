@@ -111,12 +111,26 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
     return _resolve(backend, tensor.device.type)
 
 
+# What _resolve answered, by (backend, device type, ROBUSTDROP_BACKEND, TRITON_INTERPRET):
+# everything else it reads is fixed for the process, and the probes cost microseconds
+# that every op call would pay. Errors are not remembered: they are raised again.
+_resolved: dict[tuple, str] = {}
+
+
 # Evaluated once per (backend, device type) while torch.compile traces, so the
 # environment and availability probes never enter a graph.
 @torch.compiler.assume_constant_result
 def _resolve(backend: str, device_type: str) -> str:
     if not isinstance(backend, str) or backend not in BACKEND_NAMES + ("auto",):
         raise ValueError(f"backend must be one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
+    key = (backend, device_type, os.environ.get(ENV_VARIABLE), os.environ.get("TRITON_INTERPRET"))
+    name = _resolved.get(key)
+    if name is None:
+        name = _resolved[key] = _resolve_uncached(backend, device_type)
+    return name
+
+
+def _resolve_uncached(backend: str, device_type: str) -> str:
     if backend == "auto":
         backend = os.environ.get(ENV_VARIABLE, "auto") or "auto"
         if backend not in BACKEND_NAMES + ("auto",):

@@ -5,6 +5,8 @@ The compiled op ``robustdrop::block_mask_forward`` (CPU and CUDA kernels) and
 its Triton twin ``robustdrop::block_mask_forward_triton`` both return
 ``(y, mask, scale)``: the bit-packed keep mask (N, Cm, H, ceil(W/8)) uint8 and
 the float32 scale are all that the backward keeps (one bit per element).
+The compiled op's autograd is in C++ (csrc/autograd/block_mask_autograd.cpp); the
+Triton op's is registered here, with the same formulas.
 """
 import torch
 
@@ -112,27 +114,35 @@ def _make_backward(backward_op, num_inputs: int):
     return backward
 
 
-def register(forward_name: str, backward_name: str) -> None:
-    """Fake implementations and autograd for DropBlock's (forward, backward) op pair."""
-    register_backward(backward_name)
-    register_forward(forward_name, backward_name, _fake_forward, num_inputs=9)
+def register(forward_name: str, backward_name: str, *, autograd: bool) -> None:
+    """Fake implementations of DropBlock's (forward, backward) op pair and, with ``autograd``, their autograd.
+
+    ``autograd=False`` is for the compiled ops, whose autograd csrc/autograd
+    registers in C++ with the same formulas (no Python on their forward or backward).
+    """
+    register_backward(backward_name, autograd=autograd)
+    register_forward(forward_name, backward_name, _fake_forward, num_inputs=9, autograd=autograd)
 
 
-def register_forward(forward_name: str, backward_name: str, fake_forward, *, num_inputs: int) -> None:
-    """Fake implementation and autograd of a forward op that returns (y, mask, scale).
+def register_forward(forward_name: str, backward_name: str, fake_forward, *, num_inputs: int, autograd: bool) -> None:
+    """Fake implementation and, with ``autograd``, autograd of a forward op that returns (y, mask, scale).
 
     Any block-mask op whose backward is ``backward_name`` (keep ? dy * scale : 0)
     registers through here; x must be its first input.
     """
     torch.library.register_fake(f"robustdrop::{forward_name}", fake_forward)
+    if not autograd:
+        return
     backward_op = getattr(torch.ops.robustdrop, backward_name)
     torch.library.register_autograd(f"robustdrop::{forward_name}", _make_backward(backward_op, num_inputs),
                                     setup_context=_setup_context)
 
 
-def register_backward(backward_name: str) -> None:
-    """Fake implementation and autograd (a double backward) of a block-mask backward op."""
+def register_backward(backward_name: str, *, autograd: bool) -> None:
+    """Fake implementation and, with ``autograd``, autograd (a double backward) of a block-mask backward op."""
     torch.library.register_fake(f"robustdrop::{backward_name}", _fake_backward)
+    if not autograd:
+        return
     backward_op = getattr(torch.ops.robustdrop, backward_name)
     # A double backward goes through the same op: the backward is linear in grad_y.
     torch.library.register_autograd(f"robustdrop::{backward_name}", _make_double_backward(backward_op),

@@ -94,7 +94,8 @@ def _fake_forward(x, weight, target, guided, seed, gamma, block_size, spatial_to
     return _block_mask.fake_outputs(x, x.shape[1])
 
 
-def register(forward_name: str, backward_name: str) -> None:
-    """Fake implementation and autograd of a CamDrop forward op; its backward op
-    is DropBlock's, registered by ``block_mask.register``."""
-    _block_mask.register_forward(forward_name, backward_name, _fake_forward, num_inputs=11)
+def register(forward_name: str, backward_name: str, *, autograd: bool) -> None:
+    """Fake implementation and, with ``autograd`` (False for the compiled op: csrc/autograd has
+    it), autograd of a CamDrop forward op; its backward op is DropBlock's, registered by
+    ``block_mask.register``."""
+    _block_mask.register_forward(forward_name, backward_name, _fake_forward, num_inputs=11, autograd=autograd)

@@ -115,8 +115,9 @@ def _fake_forward(x, dims, grids, seed, kappa, alpha, rescale):
     return y, mask, scale
 
 
-def register(density_name: str, forward_name: str, backward_name: str) -> None:
-    """Fake implementations and autograd of one backend family's three FDD ops."""
+def register(density_name: str, forward_name: str, backward_name: str, *, autograd: bool) -> None:
+    """Fake implementations and, with ``autograd`` (False for the compiled ops: csrc/autograd has
+    theirs), autograd of one backend family's three FDD ops."""
     torch.library.register_fake(f"robustdrop::{density_name}", _fake_density)
-    _block_mask.register_backward(backward_name)
-    _block_mask.register_forward(forward_name, backward_name, _fake_forward, num_inputs=7)
+    _block_mask.register_backward(backward_name, autograd=autograd)
+    _block_mask.register_forward(forward_name, backward_name, _fake_forward, num_inputs=7, autograd=autograd)

@@ -125,10 +125,13 @@ def _make_backward(apply_op):
     return backward
 
 
-def register(apply_name: str) -> None:
-    """Fake implementations of the (apply, in-place apply) pair and autograd of the apply."""
+def register(apply_name: str, *, autograd: bool) -> None:
+    """Fake implementations of the (apply, in-place apply) pair and, with ``autograd`` (False for
+    the compiled op: csrc/autograd has it), autograd of the apply."""
     torch.library.register_fake(f"robustdrop::{apply_name}", _fake_apply)
     torch.library.register_fake(f"robustdrop::{apply_name}_", _fake_apply_)
+    if not autograd:
+        return
     apply_op = getattr(torch.ops.robustdrop, apply_name)
     torch.library.register_autograd(f"robustdrop::{apply_name}", _make_backward(apply_op),
                                     setup_context=_setup_context)

@@ -8,7 +8,9 @@ temperature) -> (rows, grad)`` (CPU and CUDA kernels) and its Triton twin
 the KL and its gradient with respect to the student logits, both float32 (float64
 for float64 logits). The reduction over rows is a torch op on the (N,) rows, and the
 backward is one scale of the saved gradient by the upstream gradient of each row
-(and a cast to the student's dtype): no second pass over the logits.
+(and a cast to the student's dtype): no second pass over the logits. The compiled
+op's autograd is in C++ (csrc/autograd/kl_distill_autograd.cpp), the Triton op's
+below, with the same formula.
 
 Saving the gradient costs N*K*4 bytes (N*K*8 for float64) until the backward.
 Recomputing it in a backward kernel instead would save that memory but repeat the
@@ -71,8 +73,6 @@ def kl_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, te
     teacher = teacher_logits.detach()
     if name == "reference":
         return reference.kl_distill(student_logits, teacher, temperature, reduction)
-    if torch.is_grad_enabled() and student_logits.requires_grad:
-        return _KlDistill.apply(student_logits, teacher, temperature, reduction, name)
     return _reduce(_FORWARD[name](student_logits, teacher, temperature)[0], reduction, student_logits.shape)
 
 
@@ -129,35 +129,6 @@ def _reduce(rows: torch.Tensor, reduction: str, shape) -> torch.Tensor:
     return total if reduction == "sum" else total / _reduction_count(reduction, shape)
 
 
-class _KlDistill(torch.autograd.Function):
-    """The public API's loss: the forward op, the reduction and their backward in one autograd node.
-
-    Equivalent to the forward op (whose autograd is registered below) followed
-    by a torch reduction, with one node instead of two and without the op's
-    generic autograd wrapper: about 20 us less per forward + backward on the
-    CPU (5% at 256 x 1000, 10% at 128 x 100).
-    """
-
-    @staticmethod
-    def forward(ctx, student, teacher, temperature, reduction, backend):
-        rows, grad = _FORWARD[backend](student, teacher, temperature)
-        ctx.save_for_backward(grad)
-        ctx.reduction = reduction
-        ctx.student_dtype = student.dtype
-        return _reduce(rows, reduction, student.shape)
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        if ctx.reduction == "none":
-            scale = grad_loss.unsqueeze(-1)
-        elif ctx.reduction == "sum":
-            scale = grad_loss
-        else:
-            scale = grad_loss / _reduction_count(ctx.reduction, grad.shape)
-        return _student_gradient(grad, scale, ctx.student_dtype), None, None, None, None
-
-
 _FORWARD = _backend.forward_table("kl_distill_forward", reference.kl_distill_forward)
 
 
@@ -189,7 +160,10 @@ def _backward(ctx, grad_rows, _grad_grad):
     return _student_gradient(grad, grad_rows.unsqueeze(-1), ctx.student_dtype), None, None
 
 
-def register(forward_name: str) -> None:
-    """Fake implementation and autograd of one backend family's kl_distill forward op."""
+def register(forward_name: str, *, autograd: bool) -> None:
+    """Fake implementation and, with ``autograd`` (False for the compiled op: csrc/autograd has
+    it), autograd of one backend family's kl_distill forward op."""
     torch.library.register_fake(f"robustdrop::{forward_name}", _fake_forward)
+    if not autograd:
+        return
     torch.library.register_autograd(f"robustdrop::{forward_name}", _backward, setup_context=_setup_context)

@@ -1,0 +1,33 @@
+// Autograd of CamDrop's forward (DESIGN.md 4.2): the backward is DropBlock's
+// (block_mask_backward); no gradient flows through the CAM, the weight or the target.
+#include "mask_autograd.h"
+
+#include <torch/library.h>
+
+namespace robustdrop::autograd {
+namespace {
+
+struct CamMaskForwardOp {
+  static constexpr size_t kInputs = 11;
+  static MaskOutputs call(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
+                          const std::optional<at::Tensor>& guided, c10::SymInt seed, double gamma, int64_t block_size,
+                          int64_t spatial_topk, int64_t channel_topk, bool normalize, double eps) {
+    static const auto op =
+        op_handle<MaskOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                              c10::SymInt, double, int64_t, int64_t, int64_t, bool, double)>(
+            "robustdrop::cam_mask_forward");
+    return op.call(x, weight, target, guided, std::move(seed), gamma, block_size, spatial_topk, channel_topk,
+                   normalize, eps);
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(robustdrop, Autograd, m) {
+  m.impl("cam_mask_forward",
+         &mask_forward_autograd<CamMaskForwardOp, BlockMaskBackwardOp, const at::Tensor&, const at::Tensor&,
+                                const std::optional<at::Tensor>&, c10::SymInt, double, int64_t, int64_t, int64_t, bool,
+                                double>);
+}
+
+}  // namespace robustdrop::autograd
