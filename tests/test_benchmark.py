@@ -46,15 +46,38 @@ def test_csv_columns_and_rows(bench_run):
             if row["kind"] == "anchor" and row["status"].startswith("failed: "):
                 continue  # an optional anchor may fail; the run must go on
             assert row["status"] == "ok", (impl, row["status"])
-            for column in ("fwd_ms", "fwd_bwd_ms", "speedup_fwd_bwd", "x_mul_fwd_bwd"):
+            for column in ("fwd_ms", "fwd_bwd_ms", "speedup_fwd_bwd", "x_mul_fwd_bwd", "fwd_gbps", "fwd_bwd_gbps",
+                           "copy_fraction_fwd", "copy_fraction_fwd_bwd", "copy_gbps"):
                 value = float(row[column])
                 assert math.isfinite(value) and value > 0, (impl, column, row[column])
+            # The bandwidths count the speed of light's bytes: 2 * x.nbytes forward, 4 * x.nbytes forward + backward.
+            nbytes = math.prod(case.shape) * 4
+            assert float(row["fwd_gbps"]) * float(row["fwd_ms"]) * 1e6 == pytest.approx(2 * nbytes, rel=1e-4)
+            assert float(row["fwd_bwd_gbps"]) * float(row["fwd_bwd_ms"]) * 1e6 == pytest.approx(4 * nbytes, rel=1e-4)
+            assert float(row["copy_fraction_fwd_bwd"]) * float(row["copy_gbps"]) == pytest.approx(
+                float(row["fwd_bwd_gbps"]), rel=1e-4)
             assert int(row["saved_bytes"]) >= 0
             assert row["saved_full_size"] in ("True", "False")
             assert row["device"] == "cpu" and row["dtype"] == "float32" and row["device_name"] and row["date"]
         assert float(case_rows[NAIVE]["speedup_fwd_bwd"]) == 1.0
         assert float(case_rows[SPEED_OF_LIGHT]["x_mul_fwd_bwd"]) == 1.0
     assert "speedup vs naive" in stdout and "robustdrop[cpu]" in stdout
+    assert "device-to-device copy" in stdout and "against the naive baseline and each anchor" in stdout
+
+
+def test_anchor_ratios_divide_their_time_by_ours():
+    def row(impl, kind, fwd_ms, fwd_bwd_ms, status="ok"):
+        return benchmark.Row("op", "p=1", "2x3", "float32", "cpu", impl, kind, fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms,
+                             x_mul_fwd=fwd_ms / 0.5, x_mul_fwd_bwd=fwd_bwd_ms / 1.0, status=status)
+
+    rows = [row(NAIVE, "naive", 4.0, 8.0), row("robustdrop[cpu]", "robustdrop", 1.0, 2.0),
+            row("timm", "anchor", 3.0, 3.0), row("broken", "anchor", math.nan, math.nan, status="failed: x"),
+            row(SPEED_OF_LIGHT, "speed-of-light", 0.5, 1.0)]
+    header, cells = benchmark.anchor_ratios(rows)
+    assert header == ["op", "shape", "dtype", "robustdrop", "fwd+bwd ms", f"vs {NAIVE} (fwd / fwd+bwd)",
+                      "vs timm (fwd / fwd+bwd)", "vs broken (fwd / fwd+bwd)", "x mul (fwd / fwd+bwd)"]
+    assert cells == [["op p=1", "2x3", "float32", "robustdrop[cpu]", "2.000", "4.00x / 4.00x", "3.00x / 1.50x", "-",
+                      "2.00 / 2.00"]]
 
 
 def test_plot_written_when_matplotlib_is_there(bench_run):

@@ -15,6 +15,12 @@ implementation is timed the same way:
 * ``torch.mul(x, 2.0)`` of the same size: the memory speed of light (one read,
   one write; its backward is the same again).
 
+Bandwidth: every row also reports the bandwidth it achieves over the bytes any
+implementation must move, those of the speed of light (x read and y written in
+the forward, 2 * x.nbytes; the gradient read and dx written as well in the
+forward + backward, 4 * x.nbytes), and that bandwidth as a fraction of a large
+device-to-device copy measured in the same run (bytes read plus bytes written).
+
 Adding an op's cases means adding one module to ``robustdrop/benchmarks/``
 (see that package's docstring); nothing here changes.
 """
@@ -44,6 +50,10 @@ Fn = Callable[[torch.Tensor], torch.Tensor]
 
 ASSUMED_CACHE_BYTES = 64 * 1024 * 1024
 MAX_INPUT_COPIES = 1024
+# The copy that measures the memory bandwidth: at least this size and 4x the cache.
+MIN_COPY_BYTES = {"cuda": 1 << 30, "cpu": 128 << 20}
+# The bytes every implementation must move, in units of x.nbytes (see the module docstring).
+FORWARD_TRAFFIC, FORWARD_BACKWARD_TRAFFIC = 2, 4
 
 
 # --------------------------------------------------------------------------- registry
@@ -343,6 +353,16 @@ def saved_for_backward(fn: Fn, x: torch.Tensor) -> tuple[int, bool]:
     return sum(storages.values()), full
 
 
+def copy_bandwidth(device: torch.device, timer: "Timer") -> float:
+    """GB/s of a device-to-device copy too large for the cache, counting bytes read plus bytes written."""
+    nbytes = max(MIN_COPY_BYTES.get(device.type, MIN_COPY_BYTES["cpu"]), 4 * cache_bytes(device))
+    source = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    target = torch.empty_like(source)
+    milliseconds = timer(lambda i: target.copy_(source))
+    del source, target
+    return 2 * nbytes / (milliseconds * 1e-3) / 1e9
+
+
 @dataclasses.dataclass
 class Row:
     op: str
@@ -360,6 +380,10 @@ class Row:
     x_mul_fwd_bwd: float = math.nan
     saved_bytes: int | None = None
     saved_full_size: bool | None = None
+    fwd_gbps: float = math.nan
+    fwd_bwd_gbps: float = math.nan
+    copy_fraction_fwd: float = math.nan
+    copy_fraction_fwd_bwd: float = math.nan
     status: str = "ok"
 
 
@@ -393,8 +417,12 @@ def measure(impl: Impl, inputs: list[torch.Tensor], grads: list[torch.Tensor], t
 
 
 def run_case(case: Case, config: BenchConfig, backends: Sequence[str], use_compile: bool, repeats: int,
-             budget_s: float, log=print) -> tuple[list[Row], list[str]]:
-    """Every implementation of one case: its rows (ratios filled in) and notes."""
+             budget_s: float, log=print, copy_gbps: float = math.nan) -> tuple[list[Row], list[str]]:
+    """Every implementation of one case: its rows (ratios and bandwidths filled in) and notes.
+
+    ``copy_gbps`` is the run's measured copy bandwidth (``copy_bandwidth``), which the
+    rows' copy fractions divide by.
+    """
     device, dtype = config.device, case.dtype or config.dtype
     impls, notes = implementations(case, device, backends, use_compile)
     generator = torch.Generator(device="cpu").manual_seed(0)
@@ -415,11 +443,16 @@ def run_case(case: Case, config: BenchConfig, backends: Sequence[str], use_compi
         torch.cuda.empty_cache()
     naive = rows[0]
     mul = next(row for row in rows if row.kind == "speed-of-light")
+    nbytes = base.numel() * base.element_size()
     for row in rows:
         row.speedup_fwd = naive.fwd_ms / row.fwd_ms
         row.speedup_fwd_bwd = naive.fwd_bwd_ms / row.fwd_bwd_ms
         row.x_mul_fwd = row.fwd_ms / mul.fwd_ms
         row.x_mul_fwd_bwd = row.fwd_bwd_ms / mul.fwd_bwd_ms
+        row.fwd_gbps = FORWARD_TRAFFIC * nbytes / (row.fwd_ms * 1e-3) / 1e9
+        row.fwd_bwd_gbps = FORWARD_BACKWARD_TRAFFIC * nbytes / (row.fwd_bwd_ms * 1e-3) / 1e9
+        row.copy_fraction_fwd = row.fwd_gbps / copy_gbps
+        row.copy_fraction_fwd_bwd = row.fwd_bwd_gbps / copy_gbps
     return rows, notes
 
 
@@ -450,11 +483,13 @@ def git_commit() -> str:
 
 
 TABLE_COLUMNS = ("op", "shape", "dtype", "device", "impl", "fwd ms", "fwd+bwd ms", "speedup vs naive (fwd)",
-                 "speedup vs naive (fwd+bwd)", "x mul (fwd+bwd)", "saved bytes for backward")
+                 "speedup vs naive (fwd+bwd)", "x mul (fwd+bwd)", "GB/s (fwd+bwd)", "of copy (fwd+bwd)",
+                 "saved bytes for backward")
 
 CSV_COLUMNS = ("op", "params", "shape", "dtype", "device", "impl", "kind", "fwd_ms", "fwd_bwd_ms", "speedup_fwd",
-               "speedup_fwd_bwd", "x_mul_fwd", "x_mul_fwd_bwd", "saved_bytes", "saved_full_size", "status",
-               "device_name", "torch_version", "git_commit", "date")
+               "speedup_fwd_bwd", "x_mul_fwd", "x_mul_fwd_bwd", "fwd_gbps", "fwd_bwd_gbps", "copy_fraction_fwd",
+               "copy_fraction_fwd_bwd", "saved_bytes", "saved_full_size", "status", "device_name", "torch_version",
+               "git_commit", "date", "copy_gbps")
 
 
 def _number(value: float, digits: int = 3) -> str:
@@ -471,16 +506,20 @@ def table_cells(row: Row) -> list[str]:
     """The stdout table's cells of one row; a failed row carries its reason in the last column."""
     cells = [f"{row.op} {row.params}", row.shape, row.dtype, row.device, row.impl]
     if row.status != "ok":
-        return cells + ["-", "-", "-", "-", "-", row.status]
+        return cells + ["-"] * 7 + [row.status]
     return cells + [_number(row.fwd_ms), _number(row.fwd_bwd_ms), _number(row.speedup_fwd, 2) + "x",
-                    _number(row.speedup_fwd_bwd, 2) + "x",
-                    _number(row.x_mul_fwd_bwd, 2), _saved(row)]
+                    _number(row.speedup_fwd_bwd, 2) + "x", _number(row.x_mul_fwd_bwd, 2),
+                    _number(row.fwd_bwd_gbps, 1), _percent(row.copy_fraction_fwd_bwd), _saved(row)]
+
+
+def _percent(fraction: float) -> str:
+    return "-" if not math.isfinite(fraction) else f"{100 * fraction:.0f}%"
 
 
 def format_table(rows: Sequence[Row]) -> str:
     body = [table_cells(row) for row in rows]
     widths = [max(len(col), *(len(cells[i]) for cells in body)) if body else len(col) for i, col in enumerate(TABLE_COLUMNS)]
-    numeric = set(range(5, 10))
+    numeric = set(range(5, 12))
 
     def line(cells):
         return "  ".join(cell.rjust(w) if i in numeric else cell.ljust(w) for i, (cell, w) in enumerate(zip(cells, widths))).rstrip()
@@ -537,13 +576,50 @@ def write_row_outputs(stem: str, rows: Sequence[dict], columns: Sequence[str], m
     print(f"wrote {stem}.csv, {stem}.md")
 
 
+def anchor_ratios(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
+    """(header, cells) of the table that compares each robustdrop row with every other implementation of its case.
+
+    One row per case and robustdrop backend: its fwd+bwd time, then for the naive
+    baseline and each anchor ``their time / ours`` (above 1 means robustdrop is
+    faster), forward and forward + backward, and ``ours / torch.mul`` (the speed of
+    light; 1 is the floor).
+    """
+    cases: dict[tuple, list[Row]] = {}
+    for row in rows:
+        cases.setdefault((row.op, row.params, row.shape, row.dtype), []).append(row)
+    others = list(dict.fromkeys(row.impl for row in rows if row.kind in ("naive", "anchor")))
+    header = ["op", "shape", "dtype", "robustdrop", "fwd+bwd ms"]
+    header += [f"vs {name} (fwd / fwd+bwd)" for name in others] + ["x mul (fwd / fwd+bwd)"]
+    cells = []
+    for (op, params, shape, dtype), case_rows in cases.items():
+        by_impl = {row.impl: row for row in case_rows if row.status == "ok"}
+        mul = by_impl.get(SPEED_OF_LIGHT)
+        for ours in (row for row in case_rows if row.kind == "robustdrop" and row.status == "ok"):
+            line = [f"{op} {params}", shape, dtype, ours.impl, _number(ours.fwd_bwd_ms)]
+            for name in others:
+                other = by_impl.get(name)
+                line.append("-" if other is None else f"{_number(other.fwd_ms / ours.fwd_ms, 2)}x / "
+                                                      f"{_number(other.fwd_bwd_ms / ours.fwd_bwd_ms, 2)}x")
+            line.append("-" if mul is None else f"{_number(ours.x_mul_fwd, 2)} / {_number(ours.x_mul_fwd_bwd, 2)}")
+            cells.append(line)
+    return header, cells
+
+
 def format_markdown(rows: Sequence[Row], meta: dict) -> str:
-    """The table as Markdown with its provenance: what benchmarks/results/<device>.md records."""
+    """The tables as Markdown with their provenance: what benchmarks/results/<device>.md records."""
+    copy = meta.get("copy_gbps")
     out = [f"# robustdrop bench: {meta['device_name']}", "",
-           f"- commit `{meta['git_commit']}`, {meta['date']}, torch {meta['torch_version']}", "",
+           f"- commit `{meta['git_commit']}`, {meta['date']}, torch {meta['torch_version']}",
+           f"- device-to-device copy: {_number(copy, 1)} GB/s (bytes read plus written); GB/s below counts the "
+           f"bytes of torch.mul(x, 2.0), 2 * x.nbytes forward and 4 * x.nbytes forward + backward", "",
            "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     for row in rows:
         out.append("| " + " | ".join(table_cells(row)) + " |")
+    header, cells = anchor_ratios(rows)
+    if cells:
+        out += ["", "## robustdrop against the naive baseline and each anchor", "",
+                "Their time over ours (above 1: robustdrop is faster); the last column is ours over torch.mul.", "",
+                markdown_table(header, cells)]
     return "\n".join(out) + "\n"
 
 
@@ -653,17 +729,24 @@ def main(args: argparse.Namespace) -> int:
     meta = run_metadata(device)
     print(f"robustdrop {robustdrop.__version__} bench on {meta['device_name']}, torch {meta['torch_version']}, "
           f"commit {meta['git_commit']}, {repeats} repeats", flush=True)
+    meta["copy_gbps"] = copy_gbps = copy_bandwidth(device, Timer(device, repeats, warmup=2, budget_s=args.budget))
+    print(f"device-to-device copy: {copy_gbps:.1f} GB/s (bytes read plus written)", flush=True)
 
     rows = []
     for module in modules.values():
         for case in module.cases(config):
             case_rows, case_notes = run_case(case, config, backends, use_compile, repeats, args.budget,
-                                             log=lambda *a, **k: print(*a, file=sys.stderr, **k))
+                                             log=lambda *a, **k: print(*a, file=sys.stderr, **k), copy_gbps=copy_gbps)
             rows += case_rows
             notes += [note for note in case_notes if note not in notes]
 
     print()
     print(format_table(rows))
+    header, cells = anchor_ratios(rows)
+    if cells:
+        print()
+        print("robustdrop against the naive baseline and each anchor (their time / ours; last column ours / mul):")
+        print(markdown_table(header, cells))
     for note in notes:
         print(f"note: {note}")
     os.makedirs(args.out, exist_ok=True)
