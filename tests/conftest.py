@@ -25,6 +25,10 @@ def available_backends(device: str) -> list[str]:
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# ROBUSTDROP_TEST_DEVICES=cuda keeps only the CUDA parametrisations (benchmarks/gpu_check.sh runs
+# the op tests so under compute-sanitizer); tests written for one device are unaffected.
+if os.environ.get("ROBUSTDROP_TEST_DEVICES"):
+    DEVICES = [device for device in DEVICES if device in os.environ["ROBUSTDROP_TEST_DEVICES"].split(",")]
 # The devices whose compiled kernels (the cpu and cuda backends) are built here.
 COMPILED_DEVICES = [device for device in DEVICES if robustdrop.backends()[device].available]
 DEVICE_BACKENDS = [(device, backend) for device in DEVICES for backend in available_backends(device)]

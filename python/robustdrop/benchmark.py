@@ -473,7 +473,13 @@ def device_name(device: torch.device) -> str:
 
 
 def git_commit() -> str:
-    """``git rev-parse --short HEAD`` of robustdrop's checkout, else 'unknown'."""
+    """``git rev-parse --short HEAD`` of robustdrop's checkout, else 'unknown'.
+
+    ``ROBUSTDROP_GIT_COMMIT`` overrides it, for a copy of a checkout without its .git
+    (a GPU machine that receives only the working tree).
+    """
+    if os.environ.get("ROBUSTDROP_GIT_COMMIT"):
+        return os.environ["ROBUSTDROP_GIT_COMMIT"]
     try:
         result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
                                 capture_output=True, text=True, timeout=10)

@@ -19,10 +19,12 @@ TYPICAL = [((32, 256, 28, 28), 0.1, 5, False), ((32, 512, 14, 14), 0.1, 3, False
 # One mask per sample shared by every channel: timm's default since 1.0.23.
 COUPLED = [((32, 64, 56, 56), 0.1, 7, True)]
 QUICK = [((4, 16, 28, 28), 0.1, 7, False), ((2, 32, 15, 17), 0.1, 3, True)]  # --quick: small, odd sizes included
+# On a GPU only: a batch that fills it (hundreds of MB), so launch and host time no longer hide the kernels.
+FILL = [((256, 64, 56, 56), 0.1, 7, False)]
 
 
 def cases(config: BenchConfig) -> list[Case]:
-    settings = QUICK if config.quick else [TARGET, *TYPICAL, *COUPLED]
+    settings = QUICK if config.quick else [TARGET, *TYPICAL, *COUPLED, *(FILL if config.device.type == "cuda" else [])]
     return [_case(*setting) for setting in settings]
 
 

@@ -15,10 +15,12 @@ OP = "cam_drop2d"
 TARGET = ((32, 256, 14, 14), 0.1, 3, 100, 256)  # the target, forward + backward
 TYPICAL = [((32, 128, 28, 28), 0.1, 5, 100, 512)]  # an earlier stage guided by a 4x wider classifier
 QUICK = [((4, 16, 14, 14), 0.1, 3, 10, 32), ((2, 24, 9, 11), 0.1, 3, 10, 24)]  # --quick: small, odd sizes
+# On a GPU only: a batch that fills it (hundreds of MB), so launch and host time no longer hide the kernels.
+FILL = [((256, 256, 14, 14), 0.1, 3, 100, 256)]
 
 
 def cases(config: BenchConfig) -> list[Case]:
-    settings = QUICK if config.quick else [TARGET, *TYPICAL]
+    settings = QUICK if config.quick else [TARGET, *TYPICAL, *(FILL if config.device.type == "cuda" else [])]
     return [_case(config.device, *setting) for setting in settings]
 
 

@@ -21,10 +21,12 @@ OP = "feature_density_dropout"
 TARGETS = [((64, 512, 4, 4), 2), ((64, 128, 16, 16), 2)]
 TYPICAL = [((64, 512, 4, 4), 3), ((64, 512), 1)]  # FDD-3D, and FDD-1D on ResNet-18's FC features
 QUICK = [((4, 32, 4, 4), 2), ((3, 12, 5, 7), 3), ((8, 40), 1)]  # --quick: small, odd sizes
+# On a GPU only: a batch that fills it (hundreds of MB), so launch and host time no longer hide the kernels.
+FILL = [((1024, 512, 4, 4), 2), ((512, 128, 16, 16), 2)]
 
 
 def cases(config: BenchConfig) -> list[Case]:
-    settings = QUICK if config.quick else [*TARGETS, *TYPICAL]
+    settings = QUICK if config.quick else [*TARGETS, *TYPICAL, *(FILL if config.device.type == "cuda" else [])]
     return [_case(shape, dims) for shape, dims in settings]
 
 
