@@ -86,11 +86,15 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     """Launches ``kernel[grid](*args, **kwargs)`` through ``wrap_triton``.
 
     On a GPU, wrap_triton makes the launch visible to torch.compile and to
-    fake-tensor tracing (where it is a no-op). Under the interpreter it hands
-    back the raw kernel, which would try to read fake tensors' memory, so
-    there a launch on fake tensors (shape propagation only) is skipped.
+    fake-tensor tracing (where it is a no-op). Under the interpreter the ops
+    are opaque (``register_op``), so the kernel is launched as it is (torch
+    before 2.13's wrap_triton rejects an interpreted kernel), and a launch on
+    fake tensors (shape propagation only) is skipped: the interpreter would
+    read their memory.
     """
-    if _interpreted(kernel) and any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
+    if _interpreted(kernel):
+        if not any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
+            kernel[grid](*args, **kwargs)
         return
     wrap_triton(kernel)[grid](*args, **kwargs)
 
