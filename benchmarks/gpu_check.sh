@@ -118,6 +118,7 @@ run_stage() {
   local stage=$1 start status
   if ! declare -F "stage_$stage" >/dev/null; then
     echo "unknown stage '$stage'; stages: $ALL_STAGES" >&2
+    echo "| $stage | FAILED (unknown stage) | - | $(date -u +%FT%TZ) |" >> "$OUT/summary.md"
     return 2
   fi
   echo "##### $stage"

@@ -3,7 +3,10 @@ and PNG are what the harness promises. Timing is never asserted (DESIGN.md 7).""
 import csv
 import importlib.util
 import math
+import os
 import pkgutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,3 +140,17 @@ def test_training_step_bench_runs(tmp_path):
         assert math.isfinite(float(row["median_ms"])) and float(row["median_ms"]) > 0
     assert float(rows[0]["x_dropblock"]) == 1.0
     assert "ActiveDropBlock2d batched" in stdout
+
+
+def test_gpu_check_script_parses_and_names_its_stages(tmp_path):
+    """benchmarks/gpu_check.sh runs only on a GPU machine; here: its syntax, and an unknown stage is
+    refused with the list of stages (and recorded as failed) without running anything else."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    result = subprocess.run(["bash", str(script), "no-such-stage"], capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, GPU_CHECK_OUT=str(tmp_path)))
+    assert result.returncode != 0
+    assert "unknown stage 'no-such-stage'" in result.stderr
+    for stage in ("info", "build", "test", "sanitize", "bench-fp32", "bench-bf16", "bench-models"):
+        assert stage in result.stderr
+    assert "| no-such-stage | FAILED" in (tmp_path / "summary.md").read_text()
