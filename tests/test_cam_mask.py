@@ -6,11 +6,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import robustdrop
-from robustdrop import _seed
 from robustdrop.nn import CamDrop2d, cam_targets, set_cam_targets
 from robustdrop.reference import block_mask as block_reference
 from robustdrop.reference import cam_mask as reference
-from conftest import (COMPILED_DEVICES, DEVICE_BACKENDS, DEVICES, KERNEL_BACKENDS, assert_backend_matches_reference,
+from conftest import (COMPILED_DEVICES, DEVICE_BACKENDS, KERNEL_BACKENDS, assert_backend_matches_reference,
                       assert_compiled_matches_eager, assert_same_bits, memory_layouts, python_calls_in_autograd)
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]

@@ -7,14 +7,15 @@ import torch
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-# The checks run on every op call: a plain int or float is answered without the
-# numbers ABCs' isinstance (about 0.5 us each). bool is never a number here.
-def _is_real(value) -> bool:
+# Every argument check in robustdrop asks these. They run on every op call, so a
+# plain int or float is answered without the numbers ABCs' isinstance (about 0.5 us
+# each). bool is never a number here.
+def is_real(value) -> bool:
     kind = type(value)
     return kind is float or kind is int or (kind is not bool and isinstance(value, numbers.Real))
 
 
-def _is_integral(value) -> bool:
+def is_integral(value) -> bool:
     kind = type(value)
     return kind is int or (kind is not bool and isinstance(value, numbers.Integral))
 
@@ -29,7 +30,7 @@ def check_feature_map(x, name: str = "x", ndim: int = 4) -> None:
 
 
 def check_probability(value, name: str = "p") -> float:
-    if not _is_real(value):
+    if not is_real(value):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value}")
@@ -37,7 +38,7 @@ def check_probability(value, name: str = "p") -> float:
 
 
 def check_positive_int(value, name: str) -> int:
-    if not _is_integral(value):
+    if not is_integral(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
@@ -45,7 +46,7 @@ def check_positive_int(value, name: str) -> int:
 
 
 def check_non_negative(value, name: str) -> float:
-    if not _is_real(value):
+    if not is_real(value):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not value >= 0.0:
         raise ValueError(f"{name} must be >= 0, got {value}")
@@ -59,7 +60,7 @@ def check_choice(value, name: str, choices: tuple) -> str:
 
 
 def check_seed(seed, name: str = "seed") -> None:
-    if seed is not None and not _is_integral(seed) and not isinstance(seed, torch.SymInt):
+    if seed is not None and not is_integral(seed) and not isinstance(seed, torch.SymInt):
         raise TypeError(f"{name} must be an int or None, got {type(seed).__name__}")
 
 
@@ -132,7 +133,7 @@ def check_density_input(x, dims) -> int:
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x must be a floating-point tensor (float16, bfloat16, float32 or float64), got {x.dtype}")
-    if not _is_integral(dims):
+    if not is_integral(dims):
         raise TypeError(f"dims must be an int, got {type(dims).__name__}")
     if dims not in (1, 2, 3):
         raise ValueError(f"dims must be 1, 2 or 3, got {dims}")
@@ -153,7 +154,7 @@ def check_grids(grids, dims: int) -> int:
 
 
 def check_finite(value, name: str) -> float:
-    if not _is_real(value):
+    if not is_real(value):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not abs(float(value)) < float("inf"):
         raise ValueError(f"{name} must be finite, got {value}")

@@ -30,13 +30,12 @@ If x itself lies in [low, high], clamping keeps x_adv in the eps-ball.
 """
 import contextlib
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustdrop._checks import check_choice, check_positive_int
+from robustdrop._checks import check_choice, check_positive_int, is_real
 from robustdrop.training import _scalar_loss
 
 __all__ = ["fgsm", "bim", "mim", "pgd", "adp"]
@@ -306,7 +305,7 @@ def _check_batch(x, y) -> None:
 
 def _check_real(value, name: str, *, minimum: float, strict: bool = False) -> float:
     """A finite real number >= minimum (> minimum when strict)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real(value):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value) or value < minimum or (strict and value == minimum):
@@ -319,7 +318,7 @@ def _check_clamp(clamp):
     if clamp is None:
         return None
     if not isinstance(clamp, (tuple, list)) or len(clamp) != 2 or not all(
-            isinstance(bound, numbers.Real) and not isinstance(bound, bool) for bound in clamp):
+            is_real(bound) for bound in clamp):
         raise TypeError(f"clamp must be None or a (low, high) pair of real numbers, got {clamp!r}")
     low, high = float(clamp[0]), float(clamp[1])
     if not low < high:
@@ -333,7 +332,7 @@ def _check_accuracy(value, name: str) -> float:
             raise ValueError(f"{name} must be one accuracy (a number or a one-element tensor), "
                              f"got shape {tuple(value.shape)}")
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real(value):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not 0.0 <= value <= 1.0:

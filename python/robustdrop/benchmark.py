@@ -67,6 +67,10 @@ class BenchConfig:
     dtype: torch.dtype
     quick: bool
 
+    def gpu_only(self, settings: list) -> list:
+        """``settings`` on a GPU, none on a CPU: the cases sized to fill a GPU, too slow for a CPU run."""
+        return list(settings) if self.device.type == "cuda" else []
+
 
 class Skip(Exception):
     """Raised by an anchor's builder when the anchor cannot run here (not an error)."""
@@ -359,7 +363,6 @@ def copy_bandwidth(device: torch.device, timer: "Timer") -> float:
     source = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     target = torch.empty_like(source)
     milliseconds = timer(lambda i: target.copy_(source))
-    del source, target
     return 2 * nbytes / (milliseconds * 1e-3) / 1e9
 
 

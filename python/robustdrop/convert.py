@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import numbers
 
 from torch import nn
 
@@ -280,7 +279,7 @@ def _timm_options(module: nn.Module, approximate: bool) -> tuple[dict, str]:
         normalize = "batch" if _flag(module, "scale_by_keep") else "none"
     drop_prob, gamma_scale = _attribute(module, "drop_prob"), _attribute(module, "gamma_scale")
     for value, name in ((drop_prob, "drop_prob"), (gamma_scale, "gamma_scale")):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        if not _checks.is_real(value):
             raise _Unsupported(f"{name} is not a real number ({value!r})")
     p = _probability(float(drop_prob) * float(gamma_scale), f"drop_prob * gamma_scale = {drop_prob} * {gamma_scale}")
     block_size = _block_size(_attribute(module, "block_size"))
@@ -311,19 +310,19 @@ def _flag(module: nn.Module, name: str) -> bool:
 
 
 def _probability(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+    if not _checks.is_real(value) or not 0.0 <= float(value) <= 1.0:
         raise _Unsupported(f"{what} is not a drop rate in [0, 1]")
     return float(value)
 
 
 def _block_size(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if not _checks.is_integral(value) or value < 1:
         raise _Unsupported(f"block_size {value!r} is not an int >= 1")
     return int(value)
 
 
 def _eps(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0.0:
+    if not _checks.is_real(value) or not value >= 0.0:
         raise _Unsupported(f"eps {value!r} is not a real number >= 0")
     return float(value)
 

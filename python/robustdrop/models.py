@@ -32,11 +32,12 @@ A CamDrop model needs the batch's targets in training::
     with robustdrop.nn.cam_targets(model, labels):
         loss = F.cross_entropy(model(images), labels)
 """
-import numbers
 from collections import OrderedDict
 
 import torch
 from torch import nn
+
+from robustdrop import _checks
 
 __all__ = ["METHODS", "BasicBlock", "ResNet", "SmallCNN", "resnet18"]
 
@@ -47,7 +48,7 @@ METHODS = ("none", "dropout", "dropblock", "active_dropblock", "camdrop", "fdd",
 def _check_method(method, stage) -> None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if isinstance(stage, bool) or not isinstance(stage, numbers.Integral):
+    if not _checks.is_integral(stage):
         raise TypeError(f"stage must be an int in 1..4, got {type(stage).__name__}")
     if not 1 <= stage <= 4:
         raise ValueError(f"stage must be in 1..4 (the layer goes after stage k), got {stage}")

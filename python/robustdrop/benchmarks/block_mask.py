@@ -24,7 +24,7 @@ FILL = [((256, 64, 56, 56), 0.1, 7, False)]
 
 
 def cases(config: BenchConfig) -> list[Case]:
-    settings = QUICK if config.quick else [TARGET, *TYPICAL, *COUPLED, *(FILL if config.device.type == "cuda" else [])]
+    settings = QUICK if config.quick else [TARGET, *TYPICAL, *COUPLED, *config.gpu_only(FILL)]
     return [_case(*setting) for setting in settings]
 
 

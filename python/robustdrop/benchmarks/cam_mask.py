@@ -20,7 +20,7 @@ FILL = [((256, 256, 14, 14), 0.1, 3, 100, 256)]
 
 
 def cases(config: BenchConfig) -> list[Case]:
-    settings = QUICK if config.quick else [TARGET, *TYPICAL, *(FILL if config.device.type == "cuda" else [])]
+    settings = QUICK if config.quick else [TARGET, *TYPICAL, *config.gpu_only(FILL)]
     return [_case(config.device, *setting) for setting in settings]
 
 

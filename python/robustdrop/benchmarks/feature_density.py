@@ -26,7 +26,7 @@ FILL = [((1024, 512, 4, 4), 2), ((512, 128, 16, 16), 2)]
 
 
 def cases(config: BenchConfig) -> list[Case]:
-    settings = QUICK if config.quick else [*TARGETS, *TYPICAL, *(FILL if config.device.type == "cuda" else [])]
+    settings = QUICK if config.quick else [*TARGETS, *TYPICAL, *config.gpu_only(FILL)]
     return [_case(shape, dims) for shape, dims in settings]
 
 

@@ -19,7 +19,7 @@ FILL = [((256, 64, 56, 56), 0.5)]
 
 
 def cases(config: BenchConfig) -> list[Case]:
-    settings = QUICK if config.quick else [*SETTINGS, *(FILL if config.device.type == "cuda" else [])]
+    settings = QUICK if config.quick else [*SETTINGS, *config.gpu_only(FILL)]
     return [_case(shape, ratio, config) for shape, ratio in settings]
 
 

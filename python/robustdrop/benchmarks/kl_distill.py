@@ -29,7 +29,7 @@ FILL = [((4096, 32000), 1.0)]
 
 
 def cases(config: BenchConfig) -> list[Case]:
-    settings = QUICK if config.quick else [*SETTINGS, *(FILL if config.device.type == "cuda" else [])]
+    settings = QUICK if config.quick else [*SETTINGS, *config.gpu_only(FILL)]
     return [_case(shape, temperature, config) for shape, temperature in settings]
 
 

@@ -40,12 +40,11 @@ and an entropy bonus::
 then one step of the controller's own Adam optimizer.
 """
 import math
-import numbers
 
 import torch
 from torch import nn
 
-from robustdrop._checks import check_non_negative, check_positive_int
+from robustdrop._checks import check_non_negative, check_positive_int, is_real
 from robustdrop.ews.gates import KINDS, Decision, GatedNetwork, Subnet
 
 __all__ = ["Controller", "plackett_luce_log_prob", "choices_to_masks"]
@@ -334,7 +333,7 @@ def _check_names(names, count: int) -> tuple[str, ...]:
 
 
 def _check_decay(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real(value):
         raise TypeError(f"baseline_decay must be a real number, got {type(value).__name__}")
     if not 0.0 <= float(value) < 1.0:
         raise ValueError(f"baseline_decay must be in [0, 1), got {value}")
@@ -342,7 +341,7 @@ def _check_decay(value) -> float:
 
 
 def _check_lr(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real(value):
         raise TypeError(f"lr must be a real number, got {type(value).__name__}")
     if not 0.0 < float(value) < math.inf:
         raise ValueError(f"lr must be > 0 and finite, got {value}")

@@ -55,7 +55,6 @@ The full subnet (every gate True) runs no gate op: in eval mode
 import contextlib
 import dataclasses
 import math
-import numbers
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -565,7 +564,7 @@ def _check_model(model) -> None:
 
 
 def _check_width(width) -> float:
-    if isinstance(width, bool) or not isinstance(width, numbers.Real):
+    if not _checks.is_real(width):
         raise TypeError(f"width must be a real number in (0, 1], got {type(width).__name__}")
     if not 0.0 < float(width) <= 1.0:
         raise ValueError(f"width must be in (0, 1], got {width}")

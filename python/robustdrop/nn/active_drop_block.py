@@ -8,7 +8,6 @@ experiments pool 0, 0.025, ..., 0.225 next to a vanilla DropBlock of "gamma"
 dropped, and derives the seed probability gamma from p as DropBlock does
 (DESIGN.md 4.1). A pool value of 0 means no drop.
 """
-import numbers
 
 import torch
 from torch import nn
@@ -166,7 +165,7 @@ def _check_policies(policies) -> tuple[float, ...]:
 def _check_threshold(threshold) -> float | None:
     if threshold is None:
         return None
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+    if not _checks.is_real(threshold):
         raise TypeError(f"change_threshold must be a real number or None, got {type(threshold).__name__}")
     if not 0.0 < float(threshold) < float("inf"):
         raise ValueError(f"change_threshold must be > 0 and finite, got {threshold}")

@@ -11,7 +11,6 @@ model and applied in training and evaluation alike, without rescale::
 Each chosen conv becomes ``nn.Sequential(conv, RandomMask2d(...))``; the masks
 are built at the first forward (the conv's output shape is not known before).
 """
-import numbers
 
 import torch
 from torch import nn
@@ -27,7 +26,7 @@ __all__ = ["RandomMask2d", "apply_random_mask", "shallow_convolutions"]
 
 
 def _check_ratio(ratio) -> float:
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
+    if not _checks.is_real(ratio):
         raise TypeError(f"ratio must be a real number, got {type(ratio).__name__}")
     if not 0.0 <= float(ratio) < 1.0:
         raise ValueError(f"ratio must be in [0, 1) (the fraction of neurons removed), got {ratio}")
@@ -45,7 +44,7 @@ def _check_shape(shape) -> tuple[int, int, int] | None:
         return None
     if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 3:
         raise ValueError(f"shape must be None or (C, H, W), got {shape!r}")
-    if any(isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1 for size in shape):
+    if any(not _checks.is_integral(size) or size < 1 for size in shape):
         raise ValueError(f"shape must be None or (C, H, W) of positive ints, got {tuple(shape)!r}")
     return tuple(int(size) for size in shape)
 

@@ -21,11 +21,10 @@ about 25 us, so the backward would cost about 10x more. No double backward: the 
 gradient is a constant (create_graph=True through the loss is an error).
 """
 import math
-import numbers
 
 import torch
 
-from robustdrop import _backend
+from robustdrop import _backend, _checks
 from robustdrop.reference import kl_distill as reference
 from robustdrop.reference.kl_distill import REDUCTIONS
 
@@ -100,7 +99,7 @@ def check_logits(student_logits, teacher_logits) -> None:
 
 def check_temperature(temperature) -> float:
     """A finite temperature > 0, as a float."""
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+    if not _checks.is_real(temperature):
         raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
     if not 0.0 < float(temperature) < math.inf:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
