@@ -1,0 +1,34 @@
+// The emulator's controls, for the tests: how blocks and threads are ordered,
+// how many multiprocessors the emulated device has, and what has run.
+#include <torch/library.h>
+
+#include <vector>
+
+#include "emulator.h"
+
+namespace {
+
+void configure(int64_t thread_order, int64_t block_order, int64_t shuffle_seed, int64_t multiprocessors) {
+  TORCH_CHECK(thread_order >= 0 && thread_order <= 2, "thread_order must be 0 (forward), 1 (reverse) or 2 (shuffled)");
+  TORCH_CHECK(block_order >= 0 && block_order <= 2, "block_order must be 0 (forward), 1 (reverse) or 2 (shuffled)");
+  TORCH_CHECK(multiprocessors >= 1, "multiprocessors must be at least 1");
+  emu::Config& c = emu::config();
+  c.thread_order = static_cast<emu::Order>(thread_order);
+  c.block_order = static_cast<emu::Order>(block_order);
+  c.shuffle_seed = static_cast<uint64_t>(shuffle_seed);
+  c.multiprocessors = static_cast<int>(multiprocessors);
+}
+
+// launches, blocks, barriers and shuffles run since the library was loaded.
+std::vector<int64_t> counters() {
+  const emu::Counters& c = emu::counters();
+  return {c.launches, c.blocks, c.barriers, c.shuffles};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(robustdrop_emulated, m) {
+  m.def("emulator_configure(int thread_order, int block_order, int shuffle_seed, int multiprocessors) -> ()",
+        &configure);
+  m.def("emulator_counters() -> int[]", &counters);
+}

@@ -1,0 +1,19 @@
+// Stands in for c10/cuda/CUDAGuard.h in the emulated build: the one device needs no switching.
+#pragma once
+#include <c10/core/Device.h>
+
+#include "CUDAFunctions.h"
+
+namespace c10 {
+namespace cuda {
+struct CUDAGuard {
+  explicit CUDAGuard(Device) {}
+  explicit CUDAGuard(DeviceIndex) {}
+};
+struct OptionalCUDAGuard {
+  OptionalCUDAGuard() = default;
+  explicit OptionalCUDAGuard(Device) {}
+  explicit OptionalCUDAGuard(std::optional<Device>) {}
+};
+}  // namespace cuda
+}  // namespace c10
