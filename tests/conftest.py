@@ -38,7 +38,11 @@ class _EmulatedOpsFirst:
 if EMULATED_CUDA:
     from cuda_emulation import build as _emulation_build  # noqa: E402
 
-    torch.ops.robustdrop = _EmulatedOpsFirst(_emulation_build.load(), torch.ops.robustdrop)
+    _emulated_ops = _emulation_build.load()
+    # Blocks and threads in a shuffled order on 3 multiprocessors: grid-stride loops take
+    # several steps and no kernel can lean on the order threads happen to run in.
+    _emulated_ops.emulator_configure(2, 2, 1, 3)
+    torch.ops.robustdrop = _EmulatedOpsFirst(_emulated_ops, torch.ops.robustdrop)
 
 
 def available_backends(device: str) -> list[str]:

@@ -8,7 +8,7 @@ import torch
 
 import robustdrop
 from robustdrop.reference.philox import philox_uniform, philox_words
-from conftest import DEVICES
+from conftest import DEVICES, available_backends
 
 VECTORS = json.load(open(os.path.join(os.path.dirname(__file__), "data", "philox_vectors.json")))
 
@@ -26,7 +26,7 @@ def rng_implementations(device: str):
     if status[compiled].available:
         impls.append((compiled, lambda i, s: torch.ops.robustdrop.philox_words(i, op_seed(s)),
                       lambda i, s: torch.ops.robustdrop.philox_uniform(i, op_seed(s))))
-    if status["triton"].available:
+    if "triton" in available_backends(device):
         impls.append(("triton", lambda i, s: torch.ops.robustdrop.philox_words_triton(i, op_seed(s)),
                       lambda i, s: torch.ops.robustdrop.philox_uniform_triton(i, op_seed(s))))
     return impls

@@ -16,7 +16,8 @@ The C++ autograd of csrc/autograd is built along, with its op names moved to
 ``robustdrop_emulated``, so the emulated ops differentiate as the real ones do.
 
 The ``include/`` folder stands in for ``cuda_runtime.h`` and the four c10/cuda
-headers the launchers use. ``load()`` compiles once per source change (ninja
+headers the launchers use. ``selftest_kernels.cu`` adds kernels that check the emulator itself.
+``load()`` compiles once per source change (ninja
 keeps the objects under build/cuda_emulation) and returns
 ``torch.ops.robustdrop_emulated``.
 """
@@ -124,9 +125,10 @@ def load(verbose: bool = False):
     sources = build / "sources"
     sources.mkdir(parents=True, exist_ok=True)
     paths = []
-    for kernel in sorted((CSRC / "cuda").glob("*.cu")):
+    kernels = sorted((CSRC / "cuda").glob("*.cu")) + [HERE / "selftest_kernels.cu"]
+    for kernel in kernels:
         path = sources / (kernel.stem + ".cpp")
-        _write_if_changed(path, rewrite_kernel_source(kernel.read_text(), f"csrc/cuda/{kernel.name}"))
+        _write_if_changed(path, rewrite_kernel_source(kernel.read_text(), str(kernel.relative_to(ROOT))))
         paths.append(str(path))
     for autograd in sorted((CSRC / "autograd").iterdir()):
         # The headers are copied too: "mask_autograd.h" resolves next to its includer first.

@@ -6,6 +6,36 @@
 
 #include "emulator.h"
 
+#if defined(__x86_64__)
+// robustdrop_emu_switch(save, load): pushes the callee-saved registers, stores
+// the stack pointer to *save, loads `load` and pops the registers saved there
+// (System V x86-64 ABI; the floating-point control words are never changed by
+// the kernels, so they are not saved).
+asm(R"(
+  .text
+  .globl robustdrop_emu_switch
+  .hidden robustdrop_emu_switch
+  .type robustdrop_emu_switch, @function
+robustdrop_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size robustdrop_emu_switch, .-robustdrop_emu_switch
+)");
+#endif
+
 namespace {
 
 void configure(int64_t thread_order, int64_t block_order, int64_t shuffle_seed, int64_t multiprocessors) {

@@ -4,7 +4,7 @@
 //
 // What it models:
 //   - a launch runs its blocks one after another and, within a block, every
-//     thread as a fiber (its own stack, ucontext) that runs until it reaches a
+//     thread as a fiber (its own stack) that runs until it reaches a
 //     barrier or returns. __syncthreads() (and its _or / _and / _count forms)
 //     resumes the block's threads once all of them wait at the same barrier;
 //     the warp shuffles exchange values once all 32 lanes of the warp are at
@@ -85,6 +85,47 @@ using std::sqrt;
 
 namespace emu {
 
+// ---- Fibers ---------------------------------------------------------------------
+// A saved execution context. On x86-64 a switch saves the callee-saved
+// registers on the old stack and swaps stack pointers (controls.cpp holds the
+// routine): no system call, unlike swapcontext, which saves the signal mask
+// and made barrier-heavy kernels spend most of their time in the kernel.
+#if defined(__x86_64__)
+}  // namespace emu
+extern "C" void robustdrop_emu_switch(void** save_stack_pointer, void* load_stack_pointer);
+namespace emu {
+
+struct Context {
+  void* stack_pointer = nullptr;
+
+  // A context whose first resumption calls entry() on the given stack.
+  void prepare(char* stack, size_t bytes, void (*entry)()) {
+    auto top = reinterpret_cast<uintptr_t>(stack + bytes) & ~uintptr_t{15};
+    void** sp = reinterpret_cast<void**>(top);
+    *--sp = nullptr;                            // entry's return address: it never returns
+    *--sp = reinterpret_cast<void*>(entry);     // where the first switch returns to
+    for (int r = 0; r < 6; ++r) *--sp = nullptr;  // rbp, rbx, r12 .. r15
+    stack_pointer = sp;
+  }
+};
+
+inline void switch_context(Context& from, Context& to) { robustdrop_emu_switch(&from.stack_pointer, to.stack_pointer); }
+#else
+struct Context {
+  ucontext_t context;
+
+  void prepare(char* stack, size_t bytes, void (*entry)()) {
+    getcontext(&context);
+    context.uc_stack.ss_sp = stack;
+    context.uc_stack.ss_size = bytes;
+    context.uc_link = nullptr;
+    makecontext(&context, entry, 0);
+  }
+};
+
+inline void switch_context(Context& from, Context& to) { swapcontext(&from.context, &to.context); }
+#endif
+
 // The built-in variables of the thread that runs now.
 inline uint3 thread_index{0, 0, 0};
 inline uint3 block_index{0, 0, 0};
@@ -120,7 +161,7 @@ enum class Vote { any, all, count };
 enum class Wait { running, block_barrier, warp_shuffle, done };
 
 struct Fiber {
-  ucontext_t context;
+  Context context;
   char* stack = nullptr;  // usable stack (a guard page lies below it)
   uint3 index{0, 0, 0};
   unsigned linear = 0;
@@ -198,7 +239,7 @@ class Emulator {
     if (current_ != nullptr) {
       Fiber& f = *current_;
       f.wait = Wait::done;  // abandoned: the scheduler stops at the error
-      swapcontext(&f.context, &scheduler_);
+      switch_context(f.context, scheduler_);
     }
     throw std::runtime_error(message);
   }
@@ -249,11 +290,11 @@ class Emulator {
       if (e.error_.empty()) e.error_ = std::string("a thread raised: ") + error.what();
     }
     e.current_->wait = Wait::done;
-    swapcontext(&e.current_->context, &e.scheduler_);
+    switch_context(e.current_->context, e.scheduler_);
   }
 
   void yield(Fiber& f) {
-    swapcontext(&f.context, &scheduler_);
+    switch_context(f.context, scheduler_);
     // Resumed: restore this thread's built-in variables.
     thread_index = f.index;
   }
@@ -262,7 +303,7 @@ class Emulator {
     current_ = &f;
     thread_index = f.index;
     f.wait = Wait::running;
-    swapcontext(&scheduler_, &f.context);
+    switch_context(scheduler_, f.context);
     current_ = nullptr;
   }
 
@@ -274,11 +315,7 @@ class Emulator {
       f.index = {t % block_dim.x, t / block_dim.x % block_dim.y, t / (block_dim.x * block_dim.y)};
       f.wait = Wait::running;
       f.warp_ops = 0;
-      getcontext(&f.context);
-      f.context.uc_stack.ss_sp = f.stack;
-      f.context.uc_stack.ss_size = kStackBytes;
-      f.context.uc_link = nullptr;
-      makecontext(&f.context, &Emulator::entry, 0);
+      f.context.prepare(f.stack, kStackBytes, &Emulator::entry);
     }
     const std::vector<uint64_t> order = ordering(threads, config().thread_order, block_number + 1);
     while (true) {
@@ -371,7 +408,7 @@ class Emulator {
   std::vector<std::max_align_t> dynamic_shared_;
   const std::function<void()>* body_ = nullptr;
   Fiber* current_ = nullptr;
-  ucontext_t scheduler_;
+  Context scheduler_;
   std::string error_;
 };
 

@@ -1,0 +1,140 @@
+// Kernels that check the emulator itself (tests/test_cuda_emulation.py): that
+// it computes what a GPU computes for shuffles, votes and barriers, and that it
+// fails what a GPU would hang on or refuse. Built with the emulated library
+// only: robustdrop_emulated::emulator_selftest(case, input) -> output.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <string>
+
+namespace {
+
+constexpr unsigned kFullWarp = 0xFFFFFFFFu;
+
+// out[t] = the sum of in over t's warp, by an xor-shuffle tree.
+__global__ void warp_sum_kernel(const float* in, float* out) {
+  float value = in[threadIdx.x];
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(kFullWarp, value, offset);
+  out[threadIdx.x] = value;
+}
+
+// out[t] = the inclusive prefix sum of in over t's warp, by shuffles up.
+__global__ void warp_scan_kernel(const float* in, float* out) {
+  const unsigned lane = threadIdx.x % 32;
+  float value = in[threadIdx.x];
+  for (unsigned offset = 1; offset < 32; offset *= 2) {
+    const float other = __shfl_up_sync(kFullWarp, value, offset);
+    if (lane >= offset) value += other;
+  }
+  out[threadIdx.x] = value;
+}
+
+// out[3t .. 3t + 2] = the block's or / and / count of in != 0.
+__global__ void votes_kernel(const float* in, float* out) {
+  const bool predicate = in[threadIdx.x] != 0.0f;
+  out[3 * threadIdx.x] = static_cast<float>(__syncthreads_or(predicate));
+  out[3 * threadIdx.x + 1] = static_cast<float>(__syncthreads_and(predicate));
+  out[3 * threadIdx.x + 2] = static_cast<float>(__syncthreads_count(predicate));
+}
+
+// out[t] = a dynamic shared value never written: what the emulator fills it with.
+__global__ void unwritten_shared_kernel(float* out) {
+  extern __shared__ float scratch[];
+  out[threadIdx.x] = scratch[threadIdx.x];
+}
+
+// Thread t stores in[t] and reads its right neighbour's slot: with the barrier
+// the neighbour's value, in every order; without it, a race whose outcome
+// depends on the order the threads run in.
+template <bool kBarrier>
+__global__ void neighbour_kernel(const float* in, float* out) {
+  __shared__ float slots[64];
+  slots[threadIdx.x] = -1.0f;
+  __syncthreads();
+  slots[threadIdx.x] = in[threadIdx.x];
+  if (kBarrier) __syncthreads();
+  out[threadIdx.x] = slots[(threadIdx.x + 1) % blockDim.x];
+}
+
+// Half the block waits at one barrier, half at another.
+__global__ void divergent_barrier_kernel(float* out) {
+  if (threadIdx.x < 16) {
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+  out[threadIdx.x] = 1.0f;
+}
+
+// Thread 0 returns; the others wait for it at a barrier.
+__global__ void early_return_kernel(float* out) {
+  if (threadIdx.x == 0) return;
+  __syncthreads();
+  out[threadIdx.x] = 1.0f;
+}
+
+// A full-mask shuffle in a block of 48 threads: the second warp has 16 lanes.
+__global__ void partial_warp_kernel(float* out) {
+  out[threadIdx.x] = __shfl_xor_sync(kFullWarp, 1.0f, 1);
+}
+
+// A shuffle whose mask names half the warp.
+__global__ void partial_mask_kernel(float* out) {
+  out[threadIdx.x] = __shfl_xor_sync(0x0000FFFFu, 1.0f, 1);
+}
+
+__global__ void device_assert_kernel(const float* in, float* out) {
+  CUDA_KERNEL_ASSERT(in[threadIdx.x] >= 0.0f);
+  out[threadIdx.x] = in[threadIdx.x];
+}
+
+__global__ void copy_kernel(const float* in, float* out) { out[threadIdx.x] = in[threadIdx.x]; }
+
+at::Tensor selftest(const std::string& name, const at::Tensor& input) {
+  const at::Tensor in = input.contiguous();
+  const auto threads = static_cast<unsigned>(in.numel());
+  at::Tensor out = at::zeros({name == "votes" ? 3 * in.numel() : in.numel()}, in.options());
+  const float* x = in.data_ptr<float>();
+  float* y = out.data_ptr<float>();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (name == "warp_sum") {
+    warp_sum_kernel<<<1, threads, 0, stream>>>(x, y);
+  } else if (name == "warp_scan") {
+    warp_scan_kernel<<<1, threads, 0, stream>>>(x, y);
+  } else if (name == "votes") {
+    votes_kernel<<<1, threads, 0, stream>>>(x, y);
+  } else if (name == "unwritten_shared") {
+    unwritten_shared_kernel<<<1, threads, threads * sizeof(float), stream>>>(y);
+  } else if (name == "neighbour_synchronised") {
+    neighbour_kernel<true><<<1, threads, 0, stream>>>(x, y);
+  } else if (name == "neighbour_racy") {
+    neighbour_kernel<false><<<1, threads, 0, stream>>>(x, y);
+  } else if (name == "divergent_barrier") {
+    divergent_barrier_kernel<<<1, threads, 0, stream>>>(y);
+  } else if (name == "early_return") {
+    early_return_kernel<<<1, threads, 0, stream>>>(y);
+  } else if (name == "partial_warp") {
+    partial_warp_kernel<<<1, threads, 0, stream>>>(y);
+  } else if (name == "partial_mask") {
+    partial_mask_kernel<<<1, threads, 0, stream>>>(y);
+  } else if (name == "device_assert") {
+    device_assert_kernel<<<1, threads, 0, stream>>>(x, y);
+  } else if (name == "empty_grid") {
+    copy_kernel<<<0, threads, 0, stream>>>(x, y);
+  } else if (name == "too_many_threads") {
+    copy_kernel<<<1, 2048, 0, stream>>>(x, y);
+  } else if (name == "too_much_shared") {
+    copy_kernel<<<1, threads, 64 * 1024, stream>>>(x, y);
+  } else {
+    TORCH_CHECK(false, "no self-test case named ", name);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(robustdrop_emulated, m) { m.def("emulator_selftest(str name, Tensor input) -> Tensor", &selftest); }
