@@ -6,20 +6,23 @@ would hang on or refuse), and every CUDA op giving the same bits whatever order
 its blocks and threads run in and however many multiprocessors the device has,
 which is how the emulation finds races. That the CUDA ops match the references
 is checked by the op tests themselves, run with ROBUSTDROP_EMULATE_CUDA=1 by
-scripts/test.sh.
+scripts/test.sh, as is this file (under AddressSanitizer where the compiler has
+it, so an out-of-bounds access by a kernel fails the run).
 """
 import inspect
+import os
 import re
-import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import assert_same_bits
+from conftest import EMULATED_CUDA, assert_same_bits
 
-pytestmark = pytest.mark.skipif(shutil.which("ninja") is None or shutil.which("c++") is None,
-                                reason="the emulated kernels need a C++ compiler and ninja")
+pytestmark = pytest.mark.skipif(not EMULATED_CUDA, reason="ROBUSTDROP_EMULATE_CUDA=1 only: scripts/test.sh runs "
+                                "this file so, with the op tests (one build of the emulated kernels)")
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +33,8 @@ def emulated():
     yield ops
     ops.emulator_configure(0, 0, 0, 2)
 
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # (thread order, block order, shuffle seed, multiprocessors): 0 forward, 1 reverse, 2 shuffled.
 SCHEDULES = [(0, 0, 0, 2), (1, 1, 0, 1), (2, 2, 1, 3), (2, 2, 7, 5)]
@@ -85,6 +90,18 @@ def test_what_a_gpu_would_hang_on_or_refuse_is_an_error(emulated, case, threads,
         emulated.emulator_selftest(case, x)
     # The emulator stays usable after a failed launch.
     assert torch.equal(emulated.emulator_selftest("warp_sum", torch.ones(32)), torch.full((32,), 32.0))
+
+
+@pytest.mark.skipif(os.environ.get("ROBUSTDROP_EMULATE_ASAN") != "1", reason="only under AddressSanitizer")
+@pytest.mark.parametrize("case,report", [("read_past_end", "heap-buffer-overflow"),
+                                         ("shared_past_end", "global-buffer-overflow")])
+def test_address_sanitizer_stops_a_kernel_that_reads_out_of_bounds(case, report):
+    code = ("import sys, torch; sys.path.insert(0, 'tests'); from cuda_emulation import build; "
+            f"build.load().emulator_selftest('{case}', torch.zeros(32))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    # Caught at the first byte past the end: the tensor's 128 bytes or the 32-float shared array.
+    assert report in result.stderr and "0 bytes to the right of" in result.stderr
 
 
 def test_rewrite_deduces_template_arguments_and_keeps_line_numbers():
@@ -185,7 +202,7 @@ def test_every_schedule_gives_the_same_bits(emulated, case):
 
 
 def test_the_cases_cover_every_op_and_exercise_barriers_and_shuffles(emulated):
-    schema = (Path(__file__).resolve().parents[1] / "csrc" / "robustdrop.cpp").read_text()
+    schema = (ROOT / "csrc" / "robustdrop.cpp").read_text()
     defined = set(re.findall(r'm\.def\(\s*"(\w+)\(', schema))
     called = set(re.findall(r"ops\.(\w+)\(", inspect.getsource(_op_cases)))
     assert defined and defined <= called, sorted(defined - called)
@@ -198,7 +215,7 @@ def test_the_cases_cover_every_op_and_exercise_barriers_and_shuffles(emulated):
 
 
 # ---------------------------------------------------------------------------
-# Under ROBUSTDROP_EMULATE_CUDA=1: the public API reaches the emulated kernels
+# The public API reaches the emulated kernels
 # ---------------------------------------------------------------------------
 
 def _public_calls():
@@ -224,10 +241,6 @@ def _public_calls():
 @pytest.mark.parametrize("name", ["drop_block2d", "cam_drop2d", "feature_density_dropout", "fixed_mask2d",
                                   "channel_gate", "kl_distill"])
 def test_public_api_runs_the_emulated_kernels_forward_and_backward(emulated, name):
-    from conftest import EMULATED_CUDA
-
-    if not EMULATED_CUDA:
-        pytest.skip("ROBUSTDROP_EMULATE_CUDA=1 only (scripts/test.sh runs this file so too)")
     launches = emulated.emulator_counters()[0]
     y = _public_calls()[name]()
     forward = emulated.emulator_counters()[0]

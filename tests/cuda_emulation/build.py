@@ -24,6 +24,7 @@ keeps the objects under build/cuda_emulation) and returns
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -114,6 +115,13 @@ def _write_if_changed(path: Path, text: str) -> None:
         path.write_text(text)
 
 
+def address_sanitizer_requested() -> bool:
+    """ROBUSTDROP_EMULATE_ASAN=1: build with AddressSanitizer, which then must be
+    preloaded (LD_PRELOAD, as scripts/test.sh does): every read or write outside
+    a tensor, a shared array or a thread's stack becomes a reported error."""
+    return os.environ.get("ROBUSTDROP_EMULATE_ASAN") == "1"
+
+
 def load(verbose: bool = False):
     """Compiles (when a source changed) and loads the emulated kernels;
     returns ``torch.ops.robustdrop_emulated``."""
@@ -121,7 +129,8 @@ def load(verbose: bool = False):
         return getattr(torch.ops, LIBRARY)
     from torch.utils import cpp_extension
 
-    build = ROOT / "build" / "cuda_emulation"
+    sanitize = address_sanitizer_requested()
+    build = ROOT / "build" / ("cuda_emulation_asan" if sanitize else "cuda_emulation")
     sources = build / "sources"
     sources.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -139,14 +148,16 @@ def load(verbose: bool = False):
     registry = sources / "registry.cpp"
     _write_if_changed(registry, schema_source())
     paths.append(str(registry))
+    asan = ["-fsanitize=address", "-fno-omit-frame-pointer"] if sanitize else []
     cpp_extension.load(
-        name="robustdrop_cuda_emulated",
+        name="robustdrop_cuda_emulated_asan" if sanitize else "robustdrop_cuda_emulated",
         sources=paths,
         extra_include_paths=[str(HERE / "include"), str(HERE), str(CSRC / "cuda"), str(CSRC)],
-        # Plain rounding for every operation, as the kernels' explicit *_rn
-        # intrinsics ask of the device.
-        # Hidden symbols: nothing of this library can bind to robustdrop._C's.
-        extra_cflags=["-O1", "-ffp-contract=off", "-fvisibility=hidden", "-Wno-unused-function"],
+        # -ffp-contract=off: plain rounding for every operation, as the kernels'
+        # explicit *_rn intrinsics ask of the device. Hidden symbols: nothing of
+        # this library can bind to robustdrop._C's.
+        extra_cflags=["-O1", "-ffp-contract=off", "-fvisibility=hidden", "-Wno-unused-function"] + asan,
+        extra_ldflags=asan,
         build_directory=str(build),
         is_python_module=False,
         verbose=verbose,

@@ -50,6 +50,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#endif
+
 // ---- The CUDA language -------------------------------------------------------
 
 #define __global__
@@ -234,7 +238,10 @@ class Emulator {
     return slots[from < 32 ? from : lane];
   }
 
-  [[noreturn]] void fail(const std::string& message) {
+  // Fails the launch. Called by a thread, it never returns: the thread is
+  // abandoned and the launch raises on the host. (Not [[noreturn]]: under
+  // AddressSanitizer that would reset the shadow of a stack it does not know.)
+  void fail(const std::string& message) {
     if (error_.empty()) error_ = message;
     if (current_ != nullptr) {
       Fiber& f = *current_;
@@ -309,6 +316,7 @@ class Emulator {
 
   void run_block(unsigned threads, uint64_t block_number) {
     error_.clear();
+    if (abandoned_) clear_stacks();
     for (unsigned t = 0; t < threads; ++t) {
       Fiber& f = fibers_[t];
       f.linear = t;
@@ -324,7 +332,10 @@ class Emulator {
         Fiber& f = fibers_[t];
         if (f.wait != Wait::running) continue;
         resume(f);
-        if (!error_.empty()) throw std::runtime_error("CUDA emulation: " + error_);
+        if (!error_.empty()) {
+          abandoned_ = true;
+          throw std::runtime_error("CUDA emulation: " + error_);
+        }
       }
       if (!release(threads)) break;
     }
@@ -392,7 +403,18 @@ class Emulator {
     return true;
   }
 
+  // A failed launch leaves its threads' frames on their stacks, never returned
+  // from; under AddressSanitizer their red zones would stay poisoned for the
+  // next launch's frames.
+  void clear_stacks() {
+#if defined(__SANITIZE_ADDRESS__)
+    for (Fiber& f : fibers_) ASAN_UNPOISON_MEMORY_REGION(f.stack, kStackBytes);
+#endif
+    abandoned_ = false;
+  }
+
   [[noreturn]] void fail_host(const std::string& message) {
+    abandoned_ = true;
     throw std::runtime_error("CUDA emulation: " + message);
   }
 
@@ -410,6 +432,7 @@ class Emulator {
   Fiber* current_ = nullptr;
   Context scheduler_;
   std::string error_;
+  bool abandoned_ = false;  // a launch failed with threads mid-way
 };
 
 }  // namespace emu

@@ -91,6 +91,17 @@ __global__ void device_assert_kernel(const float* in, float* out) {
   out[threadIdx.x] = in[threadIdx.x];
 }
 
+// Thread t reads element t + 1: the last thread reads past the end of the tensor.
+__global__ void read_past_end_kernel(const float* in, float* out) { out[threadIdx.x] = in[threadIdx.x + 1]; }
+
+// The last thread reads past the end of a shared array.
+__global__ void shared_past_end_kernel(float* out) {
+  __shared__ float slots[32];
+  slots[threadIdx.x % 32] = 1.0f;
+  __syncthreads();
+  out[threadIdx.x] = slots[threadIdx.x + 1];
+}
+
 __global__ void copy_kernel(const float* in, float* out) { out[threadIdx.x] = in[threadIdx.x]; }
 
 at::Tensor selftest(const std::string& name, const at::Tensor& input) {
@@ -122,6 +133,10 @@ at::Tensor selftest(const std::string& name, const at::Tensor& input) {
     partial_mask_kernel<<<1, threads, 0, stream>>>(y);
   } else if (name == "device_assert") {
     device_assert_kernel<<<1, threads, 0, stream>>>(x, y);
+  } else if (name == "read_past_end") {
+    read_past_end_kernel<<<1, threads, 0, stream>>>(x, y);
+  } else if (name == "shared_past_end") {
+    shared_past_end_kernel<<<1, threads, 0, stream>>>(y);
   } else if (name == "empty_grid") {
     copy_kernel<<<0, threads, 0, stream>>>(x, y);
   } else if (name == "too_many_threads") {
