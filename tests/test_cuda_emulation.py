@@ -36,8 +36,9 @@ def emulated():
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# (thread order, block order, shuffle seed, multiprocessors): 0 forward, 1 reverse, 2 shuffled.
-SCHEDULES = [(0, 0, 0, 2), (1, 1, 0, 1), (2, 2, 1, 3), (2, 2, 7, 5)]
+# (thread order, block order, shuffle seed, multiprocessors): 0 forward, 1 reverse, 2 shuffled;
+# 132 multiprocessors as an H100's.
+SCHEDULES = [(0, 0, 0, 2), (1, 1, 0, 1), (2, 2, 1, 3), (2, 2, 7, 5), (0, 0, 0, 132)]
 
 
 # ---------------------------------------------------------------------------
@@ -174,9 +175,14 @@ def _op_cases(ops):
         "cam_channels_last": lambda: cam(x_cam_last, _randn(4, 16, seed=14), torch.tensor([1, 3]),
                                          torch.tensor(True), 3, 10, 5),
         "cam_separable": lambda: cam(x_cam_big, _randn(3, 2, seed=15), torch.tensor([2]), None, 65, 500, 1),
+        # H*W over the 10240 keys the selection caches in shared memory.
+        "cam_uncached_keys": lambda: cam(_randn(1, 2, 110, 110, seed=19), _randn(3, 2, seed=20), torch.tensor([1]),
+                                         None, 3, 5000, 1),
         "density_gram": lambda: density(_randn(4, 6, 5, 5, seed=16), 2, 3, False),
         "density_covariance": lambda: density(_randn(3, 40, 2, 2, seed=17), 3, 2, True),
         "density_features": lambda: density(_randn(5, 30, seed=18), 1, 4, True),
+        # min(C, H*W) = 520 > 512: the Lanczos workspace no longer fits shared memory.
+        "density_global_workspace": lambda: density(_randn(1, 520, 23, 23, seed=21), 2, 5, False),
         "fixed_mask": lambda: fixed_in_place(x_fixed, fixed),
         "kl_distill": lambda: list(ops.kl_distill_forward(student, teacher, 2.0)),
         "kl_distill_float64": lambda: list(ops.kl_distill_forward(student[:, :40].double(),
@@ -185,8 +191,9 @@ def _op_cases(ops):
 
 
 CASES = ["philox", "block_wide", "block_wide_coupled", "block_tall", "block_separable", "block_per_sample_groups",
-         "block_half_channels_last", "cam", "cam_channels_last", "cam_separable", "density_gram",
-         "density_covariance", "density_features", "fixed_mask", "kl_distill", "kl_distill_float64"]
+         "block_half_channels_last", "cam", "cam_channels_last", "cam_separable", "cam_uncached_keys",
+         "density_gram", "density_covariance", "density_features", "density_global_workspace", "fixed_mask",
+         "kl_distill", "kl_distill_float64"]
 
 
 @pytest.mark.parametrize("case", CASES)
