@@ -4,11 +4,11 @@
 //
 // What it models:
 //   - a launch runs its blocks one after another and, within a block, every
-//     thread as a fiber (its own stack) that runs until it reaches a
-//     barrier or returns. __syncthreads() (and its _or / _and / _count forms)
-//     resumes the block's threads once all of them wait at the same barrier;
-//     the warp shuffles exchange values once all 32 lanes of the warp are at
-//     the same shuffle.
+//     thread as a fiber (its own stack) that runs until it reaches a barrier or
+//     returns. __syncthreads() (and its _or / _and / _count forms) resumes the
+//     block's threads once all of them wait at the same barrier; the warp
+//     shuffles exchange values once all 32 lanes of the warp are at the same
+//     shuffle.
 //   - blocks and threads run in a configurable order (forward, reverse, or a
 //     permutation drawn from a seed). Between two barriers a thread's code runs
 //     without interruption, so a result that differs between orders is a race
@@ -16,18 +16,20 @@
 //   - shared memory: static __shared__ variables are static locals (one block
 //     runs at a time); dynamic shared memory is filled with 0xFF bytes (NaN as a
 //     float) before every block, so reading it before writing shows.
-//   - fewer multiprocessors than a GPU (configurable), so grid-stride loops take
-//     several steps.
+//   - the device's multiprocessor count is configurable (2 by default, so
+//     grid-stride loops take several steps; 132 as an H100).
 // What it reports as an error of the launch (a C++ exception on the host):
 //   a barrier that the threads of a block reach at different places or that
 //   some thread of the block never reaches (it returned), a shuffle that not
 //   all 32 lanes of a warp reach together or whose mask is not the full warp,
-//   a launch configuration a GPU would refuse (empty grid or block, more than
-//   1024 threads, dynamic shared memory above 48 KiB without opt-in).
+//   a failed CUDA_KERNEL_ASSERT, a launch configuration a GPU would refuse
+//   (empty grid or block, more than 1024 threads, dynamic shared memory above
+//   48 KiB without opt-in). Built with AddressSanitizer (build.py), a read or
+//   write outside a tensor, a shared array or a thread's stack stops the run.
 // What it cannot see: a race that needs a preemption inside a barrier interval
 // (a non-atomic read-modify-write of global memory by two threads), the
-// memory model, device-specific floating point (fused multiply-adds, the
-// device's expf / logf), timing.
+// memory model, the static shared memory a block uses, device-specific floating
+// point (fused multiply-adds, the device's expf / logf), timing.
 #pragma once
 
 #include <sys/mman.h>
@@ -507,69 +509,33 @@ struct Identity {
   using type = T;
 };
 
-// The atomics of CUDA, for the types CUDA has them for. One thread runs at a
-// time, so a plain read-modify-write is atomic here.
+// The atomics the kernels use (others follow the same pattern), for the types
+// CUDA has them for. One thread runs at a time, so a plain read-modify-write
+// is atomic here.
 template <typename T>
 constexpr bool kAtomicType = std::is_same<T, int>::value || std::is_same<T, unsigned>::value ||
                              std::is_same<T, unsigned long long>::value || std::is_same<T, float>::value ||
                              std::is_same<T, double>::value;
 
+template <typename T, typename Update>
+T atomic_update(T* address, Update update) {
+  static_assert(kAtomicType<T>, "CUDA has no atomics for this type");
+  const T old = *address;
+  *address = update(old);
+  return old;
+}
+
 }  // namespace emu
 
 template <typename T>
 T atomicAdd(T* address, typename emu::Identity<T>::type value) {
-  static_assert(emu::kAtomicType<T>, "CUDA has no atomicAdd for this type");
-  const T old = *address;
-  *address = old + value;
-  return old;
+  return emu::atomic_update(address, [&](T old) { return old + value; });
 }
 
 template <typename T>
 T atomicOr(T* address, typename emu::Identity<T>::type value) {
-  static_assert(std::is_integral<T>::value && emu::kAtomicType<T>, "CUDA has no atomicOr for this type");
-  const T old = *address;
-  *address = old | value;
-  return old;
-}
-
-template <typename T>
-T atomicAnd(T* address, typename emu::Identity<T>::type value) {
-  static_assert(std::is_integral<T>::value && emu::kAtomicType<T>, "CUDA has no atomicAnd for this type");
-  const T old = *address;
-  *address = old & value;
-  return old;
-}
-
-template <typename T>
-T atomicMax(T* address, typename emu::Identity<T>::type value) {
-  static_assert(std::is_integral<T>::value && emu::kAtomicType<T>, "CUDA has no atomicMax for this type");
-  const T old = *address;
-  *address = old > value ? old : value;
-  return old;
-}
-
-template <typename T>
-T atomicMin(T* address, typename emu::Identity<T>::type value) {
-  static_assert(std::is_integral<T>::value && emu::kAtomicType<T>, "CUDA has no atomicMin for this type");
-  const T old = *address;
-  *address = old < value ? old : value;
-  return old;
-}
-
-template <typename T>
-T atomicExch(T* address, typename emu::Identity<T>::type value) {
-  static_assert(emu::kAtomicType<T>, "CUDA has no atomicExch for this type");
-  const T old = *address;
-  *address = value;
-  return old;
-}
-
-template <typename T>
-T atomicCAS(T* address, typename emu::Identity<T>::type compare, typename emu::Identity<T>::type value) {
-  static_assert(std::is_integral<T>::value && emu::kAtomicType<T>, "CUDA has no atomicCAS for this type");
-  const T old = *address;
-  if (old == compare) *address = value;
-  return old;
+  static_assert(std::is_integral<T>::value, "CUDA has no atomicOr for floating point");
+  return emu::atomic_update(address, [&](T old) { return old | value; });
 }
 
 // A failed device assert fails the launch, as "device-side assert triggered" does on a GPU.
