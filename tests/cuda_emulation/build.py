@@ -116,9 +116,11 @@ def _write_if_changed(path: Path, text: str) -> None:
 
 
 def address_sanitizer_requested() -> bool:
-    """ROBUSTDROP_EMULATE_ASAN=1: build with AddressSanitizer, which then must be
-    preloaded (LD_PRELOAD, as scripts/test.sh does): every read or write outside
-    a tensor, a shared array or a thread's stack becomes a reported error."""
+    """ROBUSTDROP_EMULATE_ASAN=1: build with AddressSanitizer (and
+    UndefinedBehaviorSanitizer), which then must be preloaded (LD_PRELOAD, as
+    scripts/test.sh does): every read or write outside a tensor, a shared array
+    or a thread's stack, and every misaligned access, out-of-range shift or
+    signed overflow, stops the run with a report."""
     return os.environ.get("ROBUSTDROP_EMULATE_ASAN") == "1"
 
 
@@ -148,7 +150,9 @@ def load(verbose: bool = False):
     registry = sources / "registry.cpp"
     _write_if_changed(registry, schema_source())
     paths.append(str(registry))
-    asan = ["-fsanitize=address", "-fno-omit-frame-pointer"] if sanitize else []
+    # UndefinedBehaviorSanitizer along: a misaligned vector load (a fault on a
+    # GPU), an out-of-range shift or a signed overflow stops the run as well.
+    asan = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"] if sanitize else []
     cpp_extension.load(
         name="robustdrop_cuda_emulated_asan" if sanitize else "robustdrop_cuda_emulated",
         sources=paths,

@@ -201,7 +201,9 @@ class Emulator {
     for (uint64_t b : block_order) {
       block_index = {static_cast<unsigned>(b % grid.x), static_cast<unsigned>(b / grid.x % grid.y),
                      static_cast<unsigned>(b / (static_cast<uint64_t>(grid.x) * grid.y))};
-      std::memset(dynamic_shared_.data(), 0xFF, dynamic_shared_.size() * sizeof(std::max_align_t));
+      if (!dynamic_shared_.empty()) {
+        std::memset(dynamic_shared_.data(), 0xFF, dynamic_shared_.size() * sizeof(std::max_align_t));
+      }
       run_block(threads, b);
       ++counters().blocks;
     }
@@ -241,14 +243,17 @@ class Emulator {
   }
 
   // Fails the launch. Called by a thread, it never returns: the thread is
-  // abandoned and the launch raises on the host. (Not [[noreturn]]: under
-  // AddressSanitizer that would reset the shadow of a stack it does not know.)
+  // abandoned and the launch raises on the host. It must not look noreturn to
+  // the compiler (no [[noreturn]], a return after the switch): under
+  // AddressSanitizer a noreturn call resets the shadow of the current stack,
+  // which for a thread's stack it does not know.
   void fail(const std::string& message) {
     if (error_.empty()) error_ = message;
     if (current_ != nullptr) {
       Fiber& f = *current_;
       f.wait = Wait::done;  // abandoned: the scheduler stops at the error
       switch_context(f.context, scheduler_);
+      return;  // not reached: an abandoned thread is never resumed
     }
     throw std::runtime_error(message);
   }

@@ -102,6 +102,14 @@ __global__ void shared_past_end_kernel(float* out) {
   out[threadIdx.x] = slots[threadIdx.x + 1];
 }
 
+// Each thread loads four floats as one 16-byte vector from in + 1: misaligned.
+struct alignas(16) FourFloats {
+  float v[4];
+};
+__global__ void misaligned_load_kernel(const float* in, float* out) {
+  out[threadIdx.x] = reinterpret_cast<const FourFloats*>(in + 1)[0].v[threadIdx.x % 4];
+}
+
 __global__ void copy_kernel(const float* in, float* out) { out[threadIdx.x] = in[threadIdx.x]; }
 
 at::Tensor selftest(const std::string& name, const at::Tensor& input) {
@@ -137,6 +145,8 @@ at::Tensor selftest(const std::string& name, const at::Tensor& input) {
     read_past_end_kernel<<<1, threads, 0, stream>>>(x, y);
   } else if (name == "shared_past_end") {
     shared_past_end_kernel<<<1, threads, 0, stream>>>(y);
+  } else if (name == "misaligned_load") {
+    misaligned_load_kernel<<<1, threads, 0, stream>>>(x, y);
   } else if (name == "empty_grid") {
     copy_kernel<<<0, threads, 0, stream>>>(x, y);
   } else if (name == "too_many_threads") {
