@@ -22,6 +22,10 @@ import robustdrop  # noqa: E402
 # name the backend "cpu"; a lookup of torch.ops.robustdrop.<op> answers with the emulated op
 # where there is one (the Triton ops, registered from Python, stay as they are).
 EMULATED_CUDA = os.environ.get("ROBUSTDROP_EMULATE_CUDA") == "1"
+# (thread order, block order, shuffle seed, multiprocessors) of the emulated op tests: blocks and
+# threads shuffled on 3 multiprocessors, so grid-stride loops take several steps and no kernel can
+# lean on the order its threads happen to run in.
+EMULATED_SCHEDULE = (2, 2, 1, 3)
 
 
 class _EmulatedOpsFirst:
@@ -39,9 +43,7 @@ if EMULATED_CUDA:
     from cuda_emulation import build as _emulation_build  # noqa: E402
 
     _emulated_ops = _emulation_build.load()
-    # Blocks and threads in a shuffled order on 3 multiprocessors: grid-stride loops take
-    # several steps and no kernel can lean on the order threads happen to run in.
-    _emulated_ops.emulator_configure(2, 2, 1, 3)
+    _emulated_ops.emulator_configure(*EMULATED_SCHEDULE)
     torch.ops.robustdrop = _EmulatedOpsFirst(_emulated_ops, torch.ops.robustdrop)
 
 

@@ -49,10 +49,10 @@ void configure(int64_t thread_order, int64_t block_order, int64_t shuffle_seed, 
   c.multiprocessors = static_cast<int>(multiprocessors);
 }
 
-// launches, blocks, barriers and shuffles run since the library was loaded.
+// launches, barriers and shuffles run since the library was loaded.
 std::vector<int64_t> counters() {
   const emu::Counters& c = emu::counters();
-  return {c.launches, c.blocks, c.barriers, c.shuffles};
+  return {c.launches, c.barriers, c.shuffles};
 }
 
 }  // namespace

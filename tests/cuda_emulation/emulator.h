@@ -74,18 +74,11 @@ struct uint3 {
   unsigned x, y, z;
 };
 
-constexpr int warpSize = 32;
-
 // Device code calls the math functions unqualified, with float overloads, as
-// CUDA's math API declares them in the global namespace.
-using std::ceil;
+// CUDA's math API declares them in the global namespace (those the kernels use).
 using std::exp;
 using std::fabs;
-using std::floor;
-using std::fma;
 using std::isfinite;
-using std::isinf;
-using std::isnan;
 using std::log;
 using std::sqrt;
 
@@ -154,7 +147,7 @@ inline Config& config() {
 
 // The counts of what the emulator ran, for tests that check it was exercised.
 struct Counters {
-  int64_t launches = 0, blocks = 0, barriers = 0, shuffles = 0;
+  int64_t launches = 0, barriers = 0, shuffles = 0;
 };
 
 inline Counters& counters() {
@@ -205,7 +198,6 @@ class Emulator {
         std::memset(dynamic_shared_.data(), 0xFF, dynamic_shared_.size() * sizeof(std::max_align_t));
       }
       run_block(threads, b);
-      ++counters().blocks;
     }
     body_ = nullptr;
   }
@@ -460,10 +452,8 @@ class Emulator {
 #define __syncthreads_and(p) ::emu::Emulator::instance().block_barrier(EMU_SITE, ::emu::Vote::all, (p) ? 1 : 0)
 #define __syncthreads_count(p) ::emu::Emulator::instance().block_barrier(EMU_SITE, ::emu::Vote::count, (p) ? 1 : 0)
 
-#define __shfl_sync(mask, value, ...) ::emu::shuffle_index(EMU_SITE, mask, value, __VA_ARGS__)
 #define __shfl_xor_sync(mask, value, ...) ::emu::shuffle_xor(EMU_SITE, mask, value, __VA_ARGS__)
 #define __shfl_up_sync(mask, value, ...) ::emu::shuffle_up(EMU_SITE, mask, value, __VA_ARGS__)
-#define __shfl_down_sync(mask, value, ...) ::emu::shuffle_down(EMU_SITE, mask, value, __VA_ARGS__)
 
 namespace emu {
 
@@ -485,13 +475,6 @@ inline unsigned in_segment(unsigned lane, int source, int width) {
 }
 
 template <typename T>
-T shuffle_index(const char* site, unsigned mask, T value, int src_lane, int width = 32) {
-  return shuffle(site, mask, value, [=](unsigned lane) {
-    return in_segment(lane, (static_cast<int>(lane) & ~(width - 1)) + (src_lane & (width - 1)), width);
-  });
-}
-
-template <typename T>
 T shuffle_xor(const char* site, unsigned mask, T value, int lane_mask, int width = 32) {
   return shuffle(site, mask, value,
                  [=](unsigned lane) { return in_segment(lane, static_cast<int>(lane ^ lane_mask), width); });
@@ -501,12 +484,6 @@ template <typename T>
 T shuffle_up(const char* site, unsigned mask, T value, unsigned delta, int width = 32) {
   return shuffle(site, mask, value,
                  [=](unsigned lane) { return in_segment(lane, static_cast<int>(lane) - static_cast<int>(delta), width); });
-}
-
-template <typename T>
-T shuffle_down(const char* site, unsigned mask, T value, unsigned delta, int width = 32) {
-  return shuffle(site, mask, value,
-                 [=](unsigned lane) { return in_segment(lane, static_cast<int>(lane + delta), width); });
 }
 
 template <typename T>
@@ -550,13 +527,7 @@ T atomicOr(T* address, typename emu::Identity<T>::type value) {
     if (!(condition)) ::emu::Emulator::instance().fail("device-side assert triggered: " #condition " at " EMU_SITE); \
   } while (0)
 
-inline void __threadfence() {}
-inline void __threadfence_block() {}
-
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
-inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
-inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x)); }
-inline int __ffs(int x) { return __builtin_ffs(x); }
 inline unsigned __umulhi(unsigned a, unsigned b) {
   return static_cast<unsigned>((static_cast<unsigned long long>(a) * b) >> 32);
 }
@@ -565,55 +536,29 @@ inline unsigned __float_as_uint(float x) {
   std::memcpy(&bits, &x, sizeof bits);
   return bits;
 }
-inline float __uint_as_float(unsigned x) {
-  float value;
-  std::memcpy(&value, &x, sizeof value);
-  return value;
-}
 // The explicitly rounded operations exist on the device to keep the compiler
 // from contracting them into fused multiply-adds; the emulation is compiled
 // with -ffp-contract=off, so plain operations round the same way.
-inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
-inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline double __dadd_rn(double a, double b) { return a + b; }
 inline double __dsub_rn(double a, double b) { return a - b; }
 inline double __dmul_rn(double a, double b) { return a * b; }
 inline double __ddiv_rn(double a, double b) { return a / b; }
 
-// ---- The runtime API the launchers use -----------------------------------------
+// ---- The runtime API the launchers use (only that) -------------------------------
 
 typedef struct CUstream_st* cudaStream_t;
 
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidDevice = 101 };
 
-enum cudaDeviceAttr {
-  cudaDevAttrMaxThreadsPerBlock = 1,
-  cudaDevAttrMaxSharedMemoryPerBlock = 8,
-  cudaDevAttrWarpSize = 10,
-  cudaDevAttrMultiProcessorCount = 16,
-  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
-};
-
-enum cudaMemcpyKind {
-  cudaMemcpyHostToHost = 0,
-  cudaMemcpyHostToDevice = 1,
-  cudaMemcpyDeviceToHost = 2,
-  cudaMemcpyDeviceToDevice = 3,
-  cudaMemcpyDefault = 4,
-};
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
 
 inline const char* cudaGetErrorString(cudaError_t error) {
-  switch (error) {
-    case cudaSuccess: return "no error";
-    case cudaErrorInvalidValue: return "invalid argument";
-    default: return "invalid device ordinal";
-  }
+  return error == cudaSuccess ? "no error" : error == cudaErrorInvalidValue ? "invalid argument" : "invalid device ordinal";
 }
 
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
-inline cudaError_t cudaPeekAtLastError() { return cudaSuccess; }
 
 inline cudaError_t cudaGetDevice(int* device) {
   *device = 0;
@@ -622,24 +567,13 @@ inline cudaError_t cudaGetDevice(int* device) {
 
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int device) {
   if (device != 0) return cudaErrorInvalidDevice;
-  switch (attribute) {
-    case cudaDevAttrMaxThreadsPerBlock: *value = 1024; return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerBlock: *value = 48 * 1024; return cudaSuccess;
-    case cudaDevAttrWarpSize: *value = 32; return cudaSuccess;
-    case cudaDevAttrMultiProcessorCount: *value = emu::config().multiprocessors; return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = 227 * 1024; return cudaSuccess;
-  }
-  return cudaErrorInvalidValue;
+  if (attribute != cudaDevAttrMultiProcessorCount) return cudaErrorInvalidValue;
+  *value = emu::config().multiprocessors;
+  return cudaSuccess;
 }
 
 inline cudaError_t cudaMemsetAsync(void* pointer, int value, size_t bytes, cudaStream_t = nullptr) {
   std::memset(pointer, value, bytes);
-  return cudaSuccess;
-}
-
-inline cudaError_t cudaMemcpyAsync(void* destination, const void* source, size_t bytes, cudaMemcpyKind,
-                                   cudaStream_t = nullptr) {
-  std::memmove(destination, source, bytes);
   return cudaSuccess;
 }
 

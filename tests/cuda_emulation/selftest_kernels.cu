@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <map>
 #include <string>
 
 namespace {
@@ -41,7 +42,7 @@ __global__ void votes_kernel(const float* in, float* out) {
 }
 
 // out[t] = a dynamic shared value never written: what the emulator fills it with.
-__global__ void unwritten_shared_kernel(float* out) {
+__global__ void unwritten_shared_kernel(const float*, float* out) {
   extern __shared__ float scratch[];
   out[threadIdx.x] = scratch[threadIdx.x];
 }
@@ -60,7 +61,7 @@ __global__ void neighbour_kernel(const float* in, float* out) {
 }
 
 // Half the block waits at one barrier, half at another.
-__global__ void divergent_barrier_kernel(float* out) {
+__global__ void divergent_barrier_kernel(const float*, float* out) {
   if (threadIdx.x < 16) {
     __syncthreads();
   } else {
@@ -70,19 +71,19 @@ __global__ void divergent_barrier_kernel(float* out) {
 }
 
 // Thread 0 returns; the others wait for it at a barrier.
-__global__ void early_return_kernel(float* out) {
+__global__ void early_return_kernel(const float*, float* out) {
   if (threadIdx.x == 0) return;
   __syncthreads();
   out[threadIdx.x] = 1.0f;
 }
 
 // A full-mask shuffle in a block of 48 threads: the second warp has 16 lanes.
-__global__ void partial_warp_kernel(float* out) {
+__global__ void partial_warp_kernel(const float*, float* out) {
   out[threadIdx.x] = __shfl_xor_sync(kFullWarp, 1.0f, 1);
 }
 
 // A shuffle whose mask names half the warp.
-__global__ void partial_mask_kernel(float* out) {
+__global__ void partial_mask_kernel(const float*, float* out) {
   out[threadIdx.x] = __shfl_xor_sync(0x0000FFFFu, 1.0f, 1);
 }
 
@@ -95,7 +96,7 @@ __global__ void device_assert_kernel(const float* in, float* out) {
 __global__ void read_past_end_kernel(const float* in, float* out) { out[threadIdx.x] = in[threadIdx.x + 1]; }
 
 // The last thread reads past the end of a shared array.
-__global__ void shared_past_end_kernel(float* out) {
+__global__ void shared_past_end_kernel(const float*, float* out) {
   __shared__ float slots[32];
   slots[threadIdx.x % 32] = 1.0f;
   __syncthreads();
@@ -112,50 +113,52 @@ __global__ void misaligned_load_kernel(const float* in, float* out) {
 
 __global__ void copy_kernel(const float* in, float* out) { out[threadIdx.x] = in[threadIdx.x]; }
 
+// Every self-test kernel has this signature: in and out hold one float per thread
+// (three for the votes).
+using SelfTestKernel = void (*)(const float*, float*);
+
+struct SelfTestCase {
+  SelfTestKernel kernel;
+  unsigned blocks = 1;
+  unsigned threads = 0;       // 0: one thread per input element
+  size_t shared_bytes = 0;    // dynamic shared memory
+  int outputs_per_thread = 1;
+};
+
+const std::map<std::string, SelfTestCase>& selftest_cases() {
+  static const std::map<std::string, SelfTestCase> cases = {
+      {"warp_sum", {warp_sum_kernel}},
+      {"warp_scan", {warp_scan_kernel}},
+      {"votes", {votes_kernel, 1, 0, 0, 3}},
+      {"unwritten_shared", {unwritten_shared_kernel, 1, 0, 1024 * sizeof(float)}},
+      {"neighbour_synchronised", {neighbour_kernel<true>}},
+      {"neighbour_racy", {neighbour_kernel<false>}},
+      {"divergent_barrier", {divergent_barrier_kernel}},
+      {"early_return", {early_return_kernel}},
+      {"partial_warp", {partial_warp_kernel}},
+      {"partial_mask", {partial_mask_kernel}},
+      {"device_assert", {device_assert_kernel}},
+      {"read_past_end", {read_past_end_kernel}},
+      {"shared_past_end", {shared_past_end_kernel}},
+      {"misaligned_load", {misaligned_load_kernel}},
+      // Launches a GPU refuses.
+      {"empty_grid", {copy_kernel, 0}},
+      {"too_many_threads", {copy_kernel, 1, 2048}},
+      {"too_much_shared", {copy_kernel, 1, 0, 64 * 1024}},
+  };
+  return cases;
+}
+
 at::Tensor selftest(const std::string& name, const at::Tensor& input) {
+  const auto found = selftest_cases().find(name);
+  TORCH_CHECK(found != selftest_cases().end(), "no self-test case named ", name);
+  const SelfTestCase& test = found->second;
   const at::Tensor in = input.contiguous();
-  const auto threads = static_cast<unsigned>(in.numel());
-  at::Tensor out = at::zeros({name == "votes" ? 3 * in.numel() : in.numel()}, in.options());
-  const float* x = in.data_ptr<float>();
-  float* y = out.data_ptr<float>();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (name == "warp_sum") {
-    warp_sum_kernel<<<1, threads, 0, stream>>>(x, y);
-  } else if (name == "warp_scan") {
-    warp_scan_kernel<<<1, threads, 0, stream>>>(x, y);
-  } else if (name == "votes") {
-    votes_kernel<<<1, threads, 0, stream>>>(x, y);
-  } else if (name == "unwritten_shared") {
-    unwritten_shared_kernel<<<1, threads, threads * sizeof(float), stream>>>(y);
-  } else if (name == "neighbour_synchronised") {
-    neighbour_kernel<true><<<1, threads, 0, stream>>>(x, y);
-  } else if (name == "neighbour_racy") {
-    neighbour_kernel<false><<<1, threads, 0, stream>>>(x, y);
-  } else if (name == "divergent_barrier") {
-    divergent_barrier_kernel<<<1, threads, 0, stream>>>(y);
-  } else if (name == "early_return") {
-    early_return_kernel<<<1, threads, 0, stream>>>(y);
-  } else if (name == "partial_warp") {
-    partial_warp_kernel<<<1, threads, 0, stream>>>(y);
-  } else if (name == "partial_mask") {
-    partial_mask_kernel<<<1, threads, 0, stream>>>(y);
-  } else if (name == "device_assert") {
-    device_assert_kernel<<<1, threads, 0, stream>>>(x, y);
-  } else if (name == "read_past_end") {
-    read_past_end_kernel<<<1, threads, 0, stream>>>(x, y);
-  } else if (name == "shared_past_end") {
-    shared_past_end_kernel<<<1, threads, 0, stream>>>(y);
-  } else if (name == "misaligned_load") {
-    misaligned_load_kernel<<<1, threads, 0, stream>>>(x, y);
-  } else if (name == "empty_grid") {
-    copy_kernel<<<0, threads, 0, stream>>>(x, y);
-  } else if (name == "too_many_threads") {
-    copy_kernel<<<1, 2048, 0, stream>>>(x, y);
-  } else if (name == "too_much_shared") {
-    copy_kernel<<<1, threads, 64 * 1024, stream>>>(x, y);
-  } else {
-    TORCH_CHECK(false, "no self-test case named ", name);
-  }
+  at::Tensor out = at::zeros({test.outputs_per_thread * in.numel()}, in.options());
+  const unsigned threads = test.threads != 0 ? test.threads : static_cast<unsigned>(in.numel());
+  const SelfTestKernel kernel = test.kernel;
+  kernel<<<test.blocks, threads, test.shared_bytes, c10::cuda::getCurrentCUDAStream()>>>(in.data_ptr<float>(),
+                                                                                       out.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

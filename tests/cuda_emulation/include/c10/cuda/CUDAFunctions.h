@@ -11,6 +11,5 @@
 namespace c10 {
 namespace cuda {
 inline DeviceIndex current_device() { return 0; }
-inline DeviceIndex device_count() { return 1; }
 }  // namespace cuda
 }  // namespace c10

@@ -10,10 +10,5 @@ struct CUDAGuard {
   explicit CUDAGuard(Device) {}
   explicit CUDAGuard(DeviceIndex) {}
 };
-struct OptionalCUDAGuard {
-  OptionalCUDAGuard() = default;
-  explicit OptionalCUDAGuard(Device) {}
-  explicit OptionalCUDAGuard(std::optional<Device>) {}
-};
 }  // namespace cuda
 }  // namespace c10
