@@ -2,7 +2,9 @@
 # Compiles every csrc/cuda/*.cu with nvcc for sm_90 without linking (the CMake
 # target cuda_compile_check), so the CUDA sources cannot rot on machines with
 # nvcc but no GPU, even with a CPU-only torch. Warnings in robustdrop's own
-# code fail the check. Skips (exit 0) when nvcc is not on PATH.
+# code fail the check, and so does a fused or approximate float instruction in
+# a kernel that must match the reference bit for bit (tests/gpu_compile/ptx.py).
+# Skips (exit 0) when nvcc is not on PATH.
 #
 # Usage: .ci/nvcc_check.sh            (PYTHON=... picks the interpreter with torch)
 set -euo pipefail
@@ -26,3 +28,5 @@ cmake -S . -B "$build_dir" \
   -DPython_EXECUTABLE="$python_bin"
 cmake --build "$build_dir" --target cuda_compile_check
 echo "nvcc_check: all csrc/cuda/*.cu compiled for sm_90"
+# Fused multiply-adds and approximate float operations only where DESIGN.md states a tolerance.
+"$python_bin" tests/gpu_compile/ptx.py "$build_dir"/cuda_compile_check/*.keep/*.ptx

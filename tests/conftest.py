@@ -47,6 +47,21 @@ if EMULATED_CUDA:
     torch.ops.robustdrop = _EmulatedOpsFirst(_emulated_ops, torch.ops.robustdrop)
 
 
+# ROBUSTDROP_RECORD_TRITON_LAUNCHES=FILE, where the Triton kernels are interpreted: every launch's
+# specialisation goes to FILE at the end of the session, for gpu_compile/compile_triton.py to
+# compile those kernels for an H100 (scripts/test.sh does both).
+TRITON_LAUNCH_RECORD = os.environ.get("ROBUSTDROP_RECORD_TRITON_LAUNCHES") if os.environ.get("TRITON_INTERPRET") == "1" else None
+if TRITON_LAUNCH_RECORD:
+    from gpu_compile import record as _launch_record  # noqa: E402
+
+    _launch_record.install()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if TRITON_LAUNCH_RECORD:
+        _launch_record.save(TRITON_LAUNCH_RECORD)
+
+
 def available_backends(device: str) -> list[str]:
     """The backends that run on tensors of ``device`` here (under emulation, the emulated kernels only)."""
     status = robustdrop.backends()
