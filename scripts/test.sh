@@ -4,13 +4,13 @@
 #    no GPU), while the CUDA sources are compile-checked with nvcc for sm_90
 #    (.ci/nvcc_check.sh) and the emulated CUDA kernels are built, in the
 #    background: the suite runs mostly in one thread and leaves a core idle;
-# 2. without a GPU, every Triton kernel the suite launched compiled for sm_90
-#    and checked (tests/gpu_compile/compile_triton.py);
-# 3. the op tests once more with their compiled backend on the CUDA kernels of
+# 2. the op tests once more with their compiled backend on the CUDA kernels of
 #    csrc/cuda, built for the CPU against tests/cuda_emulation: under Address-
 #    and UndefinedBehaviorSanitizer when the compiler has them, so that a
 #    kernel's access outside a tensor, a shared array or a thread's stack, a
-#    misaligned access or an out-of-range shift fails the run.
+#    misaligned access or an out-of-range shift fails the run; beside it,
+#    without a GPU, every Triton kernel the suite launched is compiled for
+#    sm_90 and checked (tests/gpu_compile/compile_triton.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -27,33 +27,46 @@ else
   echo "AddressSanitizer not found: the emulated CUDA kernels run without it"
 fi
 
+# Background jobs, each with its log; stopped when this script ends early.
+background=()
+trap 'kill "${background[@]}" 2>/dev/null || true' EXIT
+show_and_wait() {  # PID LOG TITLE: waits for a background job, shows its log, fails with it
+  local status=0
+  wait "$1" || status=$?
+  echo "---- $3 ($2)"
+  grep -v "^\[\|^-- \|^gmake\|^Consolidate\|^Scanning\|^Built target" "$2" || true
+  if [ "$status" -ne 0 ]; then
+    echo "$3: failed (exit $status)"
+    exit "$status"
+  fi
+}
+
+# MAX_JOBS=1: one compile at a time, so that the suite keeps a core.
 background_log=build/background_checks.log
 (
   bash .ci/nvcc_check.sh
-  "${emulation[@]}" "$PY" -c "import sys; sys.path.insert(0, 'tests'); from cuda_emulation import build; build.load()"
+  MAX_JOBS=1 "${emulation[@]}" "$PY" -c "import sys; sys.path.insert(0, 'tests'); from cuda_emulation import build; build.load()"
   echo "emulated CUDA kernels built"
 ) > "$background_log" 2>&1 &
-background=$!
-trap 'kill "$background" 2>/dev/null || true' EXIT
+background+=($!)
 
 launches=build/triton_launches.json
 rm -f "$launches"
 ROBUSTDROP_RECORD_TRITON_LAUNCHES="$PWD/$launches" "$PY" -m pytest -q tests "$@"
 
-status=0
-wait "$background" || status=$?
-echo "---- nvcc compile check and emulated kernels' build ($background_log)"
-grep -v "^\[\|^-- \|^gmake\|^Consolidate\|^Scanning\|^Built target" "$background_log" || true
-if [ "$status" -ne 0 ]; then
-  echo "the nvcc compile check or the emulated kernels' build failed (exit $status)"
-  exit "$status"
-fi
+show_and_wait "${background[0]}" "$background_log" "nvcc compile check and the emulated kernels' build"
 
+# The Triton kernels' sm_90 build beside the emulated pass, which also runs in one thread.
+compile_log=build/compile_triton.log
 if [ -f "$launches" ]; then
-  "$PY" tests/gpu_compile/compile_triton.py "$launches"
+  "$PY" tests/gpu_compile/compile_triton.py "$launches" > "$compile_log" 2>&1 &
+  background+=($!)
 fi
 
 # --capture=sys leaves file descriptor 2 alone: a sanitizer's report reaches the log.
 "${emulation[@]}" "$PY" -m pytest -q --capture=sys tests/test_cuda_emulation.py tests/test_philox.py tests/test_block_mask.py \
   tests/test_cam_mask.py tests/test_feature_density.py tests/test_channel_gate.py tests/test_fixed_mask.py \
   tests/test_kl_distill.py tests/test_active_drop_block.py tests/test_random_mask.py tests/test_ews_gates.py
+if [ -f "$launches" ]; then
+  show_and_wait "${background[1]}" "$compile_log" "Triton kernels compiled for sm_90"
+fi
