@@ -114,13 +114,13 @@ def check(kernel) -> tuple[dict, list[str]]:
 
 
 def summary(figures: dict[str, list[dict]]) -> str:
-    header = f"{'kernel':22s} {'compiled':>8s} {'warps':>7s} {'shared B':>9s} {'registers':>9s} {'stack B':>7s} {'spill B':>7s}"
-    rows = [header]
+    """One row per kernel: its specialisations compiled, its warps, and the largest of each resource."""
+    columns = [("shared", "shared B"), ("registers", "registers"), ("stack", "stack B"), ("local", "spill B")]
+    rows = [f"{'kernel':22s} {'compiled':>8s} {'warps':>7s} " + " ".join(f"{title:>9s}" for _, title in columns)]
     for name, all_figures in sorted(figures.items()):
         warps = "/".join(str(w) for w in sorted({f["warps"] for f in all_figures}))
-        rows.append(f"{name:22s} {len(all_figures):8d} {warps:>7s} {max(f['shared'] for f in all_figures):9d} "
-                    f"{max(f['registers'] for f in all_figures):9d} {max(f['stack'] for f in all_figures):7d} "
-                    f"{max(f['local'] for f in all_figures):7d}")
+        largest = " ".join(f"{max(f[key] for f in all_figures):9d}" for key, _ in columns)
+        rows.append(f"{name:22s} {len(all_figures):8d} {warps:>7s} {largest}")
     return "\n".join(rows)
 
 

@@ -76,21 +76,24 @@ def inexact_instructions(ptx: str) -> dict[str, collections.Counter]:
 
 def violations(ptx: str) -> list[str]:
     """One line per kernel outside ``TOLERANT`` that has inexact instructions."""
+    return _violations(inexact_instructions(ptx))
+
+
+def _violations(found: dict[str, collections.Counter]) -> list[str]:
     return [f"{kernel_name(entry)}: {dict(opcodes)} ({entry})"
-            for entry, opcodes in inexact_instructions(ptx).items()
-            if kernel_name(entry) not in TOLERANT]
+            for entry, opcodes in found.items() if kernel_name(entry) not in TOLERANT]
 
 
 def main(paths: list[str]) -> int:
     failures = []
     for path in paths:
         with open(path) as file:
-            ptx = file.read()
-        tolerant = sorted({kernel_name(e) for e in inexact_instructions(ptx)} & TOLERANT.keys())
-        found = violations(ptx)
-        failures += [f"{path}: {line}" for line in found]
+            found = inexact_instructions(file.read())
+        tolerant = sorted({kernel_name(entry) for entry in found} & TOLERANT.keys())
+        problems = _violations(found)
+        failures += [f"{path}: {line}" for line in problems]
         print(f"ptx: {path}: {'inexact float instructions only in ' + ', '.join(tolerant) if tolerant else 'no inexact float instructions'}"
-              + (f"; {len(found)} bit-exact kernels with some" if found else ""))
+              + (f"; {len(problems)} bit-exact kernels with some" if problems else ""))
     if failures:
         print("Fused or approximate float instructions in kernels that must match the reference bit for bit:")
         print("\n".join(failures))
