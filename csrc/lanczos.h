@@ -49,6 +49,23 @@ constexpr double kAbsentAxisTolerance = 1e-5;
 constexpr double kDegenerateTolerance = 1e-10;
 constexpr int kInverseIterations = 2;
 
+// The power of two 2**k that brings `largest` (a largest magnitude, >= 0)
+// into [1, 2), with k clamped to [-126, 126] so that 2**k is a normal float;
+// 1 when largest is 0 or not finite. Multiplying by a power of two is exact,
+// and neither the principal axes nor the order of the coordinates on them
+// change under a positive scale, so cells are the same with it as without.
+// The kernels scale each sample by it before the PCA (at |x| ~ 1e9 the
+// float32 ||M q||^2 overflowed, at ~1e-11 it underflowed) and each axis's
+// coordinates before binning (hi - lo overflowed for values of both signs
+// near FLT_MAX), so the result does not depend on the magnitude of x.
+ROBUSTDROP_LANCZOS_FN float magnitude_scale(float largest) {
+  if (!(largest > 0.0f) || !(largest <= FLT_MAX)) return 1.0f;
+  int exponent;
+  frexpf(largest, &exponent);  // largest = f * 2**exponent, f in [0.5, 1)
+  const int k = 1 - exponent;
+  return ldexpf(1.0f, k < -126 ? -126 : (k > 126 ? 126 : k));
+}
+
 // Component i of the (unnormalised) start vector: a multiplicative hash of i
 // in [-0.5, 0.5). The all-ones vector would not do: on the Gram side of a
 // channel-centred matrix it lies in M's null space.

@@ -6,6 +6,8 @@ EDGE_BOUND (relative to the axis range) of a bin edge. On inputs with that
 margin (and a clear spectral gap, so the axes themselves are well defined)
 cells, counts, masks, scales and outputs are identical, to the bit.
 """
+import math
+
 import pytest
 import torch
 
@@ -113,6 +115,29 @@ def test_cells_differ_only_near_a_bin_edge(device, backend):
         clean = ~near_edge.any(1)
         assert torch.equal(counts.cpu()[clean], counts_ref[clean])
         assert near_edge.double().mean().item() <= 0.01
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("shape,dims,grids", [CASES[0], CASES[1], CASES[6]])
+def test_density_does_not_depend_on_the_magnitude_of_x(device, backend, shape, dims, grids):
+    """Cells are invariant to a positive scale of x. The kernels' float32 PCA once overflowed
+    from |x| ~ 1e9 (||M q||^2) and underflowed below ~1e-11, silently binning by garbage; they
+    now scale each sample, and each axis before binning, by a power of two (exact), so x * 2**k
+    has the cells of x, to the bit, for every k that keeps x in float32's normal range. With
+    max |x| in [1, 2), 2**126 also overflows a plain float32 sum over the channels, and 2**127
+    puts FC features of both signs so near FLT_MAX that hi - lo overflows."""
+    x = margin_input(shape, dims, grids, 10 * len(shape) + dims)
+    if x.dim() == 2:  # each sample's features spread over [-1.99, 1.99]: the same bins
+        low, high = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+        x = ((x - low) / (high - low) * 2.0 - 1.0) * 1.99
+        assert has_margin(x, dims, grids)
+    x = x * 2.0 ** -math.floor(math.log2(x.abs().max().item()))  # exact: the margin stays
+    cell_ref, counts_ref = reference.feature_density(x, dims, grids)
+    for k in (-100, -64, -36, 0, 30, 64, 100, 126) + ((127,) if x.dim() == 2 else ()):
+        scaled = x * 2.0**k
+        assert bool(torch.isfinite(scaled).all()) and bool((scaled.abs() >= torch.finfo(torch.float32).tiny).all())
+        cell, counts = op("feature_density", backend)(scaled.to(device), dims, grids)
+        assert torch.equal(cell.cpu(), cell_ref) and torch.equal(counts.cpu(), counts_ref), k
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

@@ -5,8 +5,10 @@
 // m = min(C, D); G = grids**dims cells.
 //
 // Per sample (parallel over samples), in buffers of the thread that owns it:
-//   1. Centre: Xc = x[n] - mean over channels (float32, C x D) and its sum of
-//      squares, which decides whether the sample has any axes at all.
+//   1. Centre: Xc = X - mean over channels (float32, C x D), X = x[n] times
+//      the power of two that brings max |x[n]| into [1, 2) (exact, and the
+//      cells do not change with it: csrc/lanczos.h, magnitude_scale), so no
+//      product below overflows or underflows whatever the magnitude of x.
 //   2. The small matrix M (m x m) by one float32 GEMM: Xc Xc^T (the Gram
 //      side) when C < D, else Xc^T Xc (the covariance side).
 //   3. Lanczos on M for the top `dims` eigenpairs (csrc/lanczos.h states the
@@ -18,7 +20,8 @@
 //      the apply, which reads the sample again while it is still in cache and
 //      writes y once; other dtypes and layouts are applied in a pass of their own.
 // The PCA needs every channel of a sample before any channel can be binned,
-// so x is read twice; Xc stays in the cache of the thread between steps 1 and 3.
+// so x is read twice (the scan for max |x[n]| in step 1 reads it from cache);
+// Xc stays in the cache of the thread between steps 1 and 3.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -125,9 +128,23 @@ ROBUSTDROP_CLONE_INLINE void add_weighted_rows(const float* __restrict rows, int
 //   covariance side (C >= D): (D, C), Xc transposed, M = Xc^T Xc
 inline bool gram_side(const DensityShape& s) { return s.C < s.D; }
 
-// centred (D, C) = transpose of sample (C, D) minus mean (D) from each row.
-ROBUSTDROP_CLONE_INLINE void centre_transposed(const float* sample, const float* mean, int64_t C, int64_t D,
-                                               float* centred) {
+// The largest |value| of values[0..length) (NaN is passed over), with eight
+// running lanes so the loop vectorises.
+ROBUSTDROP_CLONE_INLINE float largest_magnitude(const float* values, int64_t length) {
+  float lanes[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  int64_t i = 0;
+  for (; i + 8 <= length; i += 8) {
+    for (int lane = 0; lane < 8; ++lane) lanes[lane] = std::max(lanes[lane], std::fabs(values[i + lane]));
+  }
+  for (; i < length; ++i) lanes[0] = std::max(lanes[0], std::fabs(values[i]));
+  float largest = lanes[0];
+  for (int lane = 1; lane < 8; ++lane) largest = std::max(largest, lanes[lane]);
+  return largest;
+}
+
+// centred (D, C) = scale * transpose of sample (C, D) minus mean (D) from each row.
+ROBUSTDROP_CLONE_INLINE void centre_transposed(const float* sample, const float* mean, float scale, int64_t C,
+                                               int64_t D, float* centred) {
   int64_t c_blocks = 0, d_blocks = 0;  // the part done in 8 x 8 blocks
 #if ROBUSTDROP_HAS_FLOAT8
   c_blocks = C - C % 8;
@@ -136,7 +153,7 @@ ROBUSTDROP_CLONE_INLINE void centre_transposed(const float* sample, const float*
     for (int64_t d0 = 0; d0 < d_blocks; d0 += 8) {
       Float8 rows[8];
       const Float8 block_mean = load8(mean + d0);
-      for (int i = 0; i < 8; ++i) rows[i] = load8(sample + (c0 + i) * D + d0) - block_mean;
+      for (int i = 0; i < 8; ++i) rows[i] = load8(sample + (c0 + i) * D + d0) * scale - block_mean;
       transpose8x8(rows);
       for (int j = 0; j < 8; ++j) store8(centred + (d0 + j) * C + c0, rows[j]);
     }
@@ -144,29 +161,32 @@ ROBUSTDROP_CLONE_INLINE void centre_transposed(const float* sample, const float*
 #endif
   // The rest element by element: columns past the blocks, then rows past them.
   for (int64_t d = 0; d < D; ++d) {
-    for (int64_t c = d < d_blocks ? c_blocks : 0; c < C; ++c) centred[d * C + c] = sample[c * D + d] - mean[d];
+    for (int64_t c = d < d_blocks ? c_blocks : 0; c < C; ++c) centred[d * C + c] = sample[c * D + d] * scale - mean[d];
   }
 }
 
-// Writes the centred sample and the mean over channels (D).
+// Writes the centred sample of X = scale * sample and its mean over channels
+// (D), scale = magnitude_scale(max |sample|): X is exact, and keeps M and the
+// Lanczos products inside float32's range whatever the magnitude of x.
 ROBUSTDROP_CLONE_INLINE void centre_sample(const float* sample, const DensityShape& s, float* mean, float* centred) {
+  const float scale = lanczos::magnitude_scale(largest_magnitude(sample, s.C * s.D));
   std::fill(mean, mean + s.D, 0.0f);
   int64_t c = 0;
   // Four channels per update: a quarter of the dependent read-add-writes of mean.
   for (; c + 4 <= s.C; c += 4) {
     const float* row = sample + c * s.D;
     for (int64_t d = 0; d < s.D; ++d) {
-      mean[d] += (row[d] + row[s.D + d]) + (row[2 * s.D + d] + row[3 * s.D + d]);
+      mean[d] += (row[d] * scale + row[s.D + d] * scale) + (row[2 * s.D + d] * scale + row[3 * s.D + d] * scale);
     }
   }
-  for (; c < s.C; ++c) axpy(1.0f, sample + c * s.D, mean, s.D);
+  for (; c < s.C; ++c) axpy(scale, sample + c * s.D, mean, s.D);
   for (int64_t d = 0; d < s.D; ++d) mean[d] /= static_cast<float>(s.C);
   if (gram_side(s)) {
     for (c = 0; c < s.C; ++c) {
-      for (int64_t d = 0; d < s.D; ++d) centred[c * s.D + d] = sample[c * s.D + d] - mean[d];
+      for (int64_t d = 0; d < s.D; ++d) centred[c * s.D + d] = sample[c * s.D + d] * scale - mean[d];
     }
   } else {
-    centre_transposed(sample, mean, s.C, s.D, centred);
+    centre_transposed(sample, mean, scale, s.C, s.D, centred);
   }
 }
 
@@ -371,6 +391,11 @@ ROBUSTDROP_CLONE_INLINE void bin_channels(const float* coordinates, const Densit
     float lo, hi;
     value_range(axis_coordinates, s.C, lo, hi);
     if (!(hi > lo)) continue;  // every channel in bin 0 on this axis
+    // Binned on the axis scaled by a power of two (exact; see magnitude_scale):
+    // hi - lo cannot overflow, nor the width underflow.
+    const float scale = lanczos::magnitude_scale(std::max(std::fabs(lo), std::fabs(hi)));
+    lo *= scale;
+    hi *= scale;
     const float width = (hi - lo) / static_cast<float>(s.grids);
     const float last_bin = static_cast<float>(last);
     // floor(position) clamped to [0, last]: clamped by min and max first (NaN,
@@ -379,7 +404,7 @@ ROBUSTDROP_CLONE_INLINE void bin_channels(const float* coordinates, const Densit
     // and floor (which GCC vectorises only without trapping math) kept this
     // loop scalar.
     for (int64_t c = 0; c < s.C; ++c) {
-      const float position = (axis_coordinates[c] - lo) / width;
+      const float position = (axis_coordinates[c] * scale - lo) / width;
       cells[c] += static_cast<int32_t>(std::min(last_bin, std::max(0.0f, position))) * stride;
     }
   }

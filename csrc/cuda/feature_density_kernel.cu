@@ -9,8 +9,10 @@
 // sample is degenerate, how many Lanczos steps it takes and how many axes it
 // has are all decided and read on the device.
 //
-// The maths, per sample: Xc = float32(x[n]) (C, D) minus its mean over the
-// channels; M = Xc Xc^T (C < D, the Gram side) or Xc^T Xc (C >= D, the
+// The maths, per sample: Xc = X (C, D) minus its mean over the channels, where
+// X = s_n float32(x[n]) and s_n = lanczos::magnitude_scale(max |x[n]|), the
+// power of two that brings that max into [1, 2) (exact: the cells do not
+// change with it, and no product overflows or underflows whatever |x|); M = Xc Xc^T (C < D, the Gram side) or Xc^T Xc (C >= D, the
 // covariance side), m x m; the top `dims` eigenpairs (theta_r, y_r) of M by
 // Lanczos (csrc/lanczos.h); the coordinates f (C, dims): on the Gram side
 // sign_r sqrt(theta_r) y_r, on the covariance side sign_r Xc y_r, where sign_r
@@ -20,11 +22,16 @@
 // uniform(seed, n*C + c) < p32[cell] (csrc/philox.h) and applies the mask.
 //
 // Launches of a 4-D forward with D > 0, in order, all on the current stream:
+//   sample_scale_kernel    one block of 256 threads per sample (grid-stride):
+//                          s_n from the block max of |float32(x)| (N,) float32.
+//                          It reads x once more: the scale must be known before
+//                          the centring's channel sums (a float32 sum of
+//                          |x| ~ 1e37 overflows).
 //   centre_kernel          grid-stride over (sample, 32-position tile); 256
 //                          threads = 32 lanes x 8 channel slices. Reads x
 //                          (contiguous or channels_last, any float dtype)
 //                          through a 32 x 32 shared tile loaded along x's
-//                          contiguous dimension, twice: sweep 1 sums the
+//                          contiguous dimension and scaled by s_n, twice: sweep 1 sums the
 //                          tile's 32 columns over every channel (the mean),
 //                          sweep 2 writes Xc (N, C, D) and the tile's centred
 //                          and uncentred sums of squares (double) to
@@ -57,7 +64,8 @@
 //                          channel): the unoriented f[c, r] = Xc[c] . y_r.
 //   bin_channels_kernel    one block of 256 threads per sample: orientation
 //                          (block argmax of |axis|), coordinates, per-axis
-//                          min/max, bins, cell (N, C) and counts (N, G)
+//                          min/max, bins (each axis scaled by a power of two
+//                          first, so hi - lo cannot overflow), cell (N, C) and counts (N, G)
 //                          (global atomics on the zeroed row), then (forward)
 //                          the per-cell p32 in three rounded double steps, the
 //                          Philox draw per channel, the packed keep mask
@@ -68,9 +76,9 @@
 // puts every channel in cell 0), then the apply. D == 0: bin_channels_kernel
 // alone (every channel in cell 0); y is empty. N == 0 or C == 0: no launch.
 //
-// Passes over x-sized data: x is read three times (the two sweeps of the
-// centring, the second usually from L2 since a tile's channels were just read,
-// and the apply) and y written once; Xc (float64, 2x the size of float32 x) is
+// Passes over x-sized data: x is read four times (the scale, the two sweeps of
+// the centring, the second usually from L2 since a tile's channels were just
+// read, and the apply) and y written once; Xc (float64, 2x the size of float32 x) is
 // written once, read by the GEMM and once more by the orientation or
 // projection kernel. The PCA needs every channel of a sample before any can be
 // binned, and the apply needs the mask, so x cannot be read fewer times.
@@ -198,34 +206,49 @@ __device__ T block_reduce(T value, Op op) {
 
 // ---- Centring (N, C, D) -------------------------------------------------------
 
-// tile[k][l] = float32(x[n, c0 + k, position d0 + l]) for k, l < 32 (0 outside
-// the sample), loaded with the lanes along x's contiguous dimension: positions
-// for contiguous x, channels for channels_last. The padding column keeps the
-// transposed stores free of bank conflicts.
+// scales[n] = lanczos::magnitude_scale(max |float32(x[n])|) for every sample:
+// the C * D values of a sample are one contiguous block in both layouts.
+// fmaxf passes NaN over (such a sample is degenerate anyway).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kCentreThreads)
+    sample_scale_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t values, float* __restrict__ scales) {
+  for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
+    const scalar_t* sample = x + n * values;
+    float largest = 0.0f;
+    for (int64_t i = threadIdx.x; i < values; i += blockDim.x) largest = fmaxf(largest, fabsf(static_cast<float>(sample[i])));
+    largest = block_reduce(largest, Max());
+    if (threadIdx.x == 0) scales[n] = lanczos::magnitude_scale(largest);
+  }
+}
+
+// tile[k][l] = scale * float32(x[n, c0 + k, position d0 + l]) for k, l < 32 (0
+// outside the sample), loaded with the lanes along x's contiguous dimension:
+// positions for contiguous x, channels for channels_last. The padding column
+// keeps the transposed stores free of bank conflicts.
 template <typename scalar_t, bool kChannelsLast>
-__device__ __forceinline__ void load_tile(const scalar_t* __restrict__ sample, int64_t C, int64_t D, int64_t c0,
-                                          int64_t d0, float (*tile)[kTile + 1]) {
+__device__ __forceinline__ void load_tile(const scalar_t* __restrict__ sample, float scale, int64_t C, int64_t D,
+                                          int64_t c0, int64_t d0, float (*tile)[kTile + 1]) {
   const int lane = static_cast<int>(threadIdx.x) % kWarp, slice = static_cast<int>(threadIdx.x) / kWarp;
   for (int k = slice; k < kTile; k += kCentreSlices) {
     if constexpr (kChannelsLast) {
       const int64_t c = c0 + lane, d = d0 + k;
-      tile[lane][k] = (c < C && d < D) ? static_cast<float>(sample[d * C + c]) : 0.0f;
+      tile[lane][k] = (c < C && d < D) ? __fmul_rn(static_cast<float>(sample[d * C + c]), scale) : 0.0f;
     } else {
       const int64_t c = c0 + k, d = d0 + lane;
-      tile[k][lane] = (c < C && d < D) ? static_cast<float>(sample[c * D + d]) : 0.0f;
+      tile[k][lane] = (c < C && d < D) ? __fmul_rn(static_cast<float>(sample[c * D + d]), scale) : 0.0f;
     }
   }
 }
 
-// For each tile t = (sample n, positions d0 .. d0 + 31): mean[d] = (sum over
-// channels of float32(x)) / C in float32 (slice s adds channels s, s + 8, ...
+// For each tile t = (sample n, positions d0 .. d0 + 31), with X = scales[n] *
+// float32(x[n]): mean[d] = (sum over channels of X) / C in float32 (slice s adds channels s, s + 8, ...
 // in order, then the slices are added in order); centred[n, c, d] =
-// float32(x) - mean[d], stored as float64; tile_sums[t] = (sum of centred**2,
-// sum of float32(x)**2), both accumulated in float64.
+// X - mean[d], stored as float64; tile_sums[t] = (sum of centred**2,
+// sum of X**2), both accumulated in float64.
 template <typename scalar_t, bool kChannelsLast>
 __global__ void __launch_bounds__(kCentreThreads)
-    centre_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t C, int64_t D, int64_t position_tiles,
-                  double* __restrict__ centred, double* __restrict__ tile_sums) {
+    centre_kernel(const scalar_t* __restrict__ x, const float* __restrict__ scales, int64_t N, int64_t C, int64_t D,
+                  int64_t position_tiles, double* __restrict__ centred, double* __restrict__ tile_sums) {
   __shared__ float tile[kTile][kTile + 1];
   __shared__ float slice_sums[kCentreSlices][kTile];
   __shared__ float mean[kTile];
@@ -234,11 +257,12 @@ __global__ void __launch_bounds__(kCentreThreads)
     const int64_t n = t / position_tiles;
     const int64_t d0 = (t - n * position_tiles) * kTile;
     const scalar_t* sample = x + n * C * D;
+    const float scale = scales[n];
 
     // Sweep 1: the column sums (entries outside the sample are 0 and add nothing).
     float sum = 0.0f;
     for (int64_t c0 = 0; c0 < C; c0 += kTile) {
-      load_tile<scalar_t, kChannelsLast>(sample, C, D, c0, d0, tile);
+      load_tile<scalar_t, kChannelsLast>(sample, scale, C, D, c0, d0, tile);
       __syncthreads();
       for (int k = slice; k < kTile; k += kCentreSlices) sum += tile[k][lane];
       __syncthreads();  // the next chunk overwrites tile
@@ -256,7 +280,7 @@ __global__ void __launch_bounds__(kCentreThreads)
     const int64_t d = d0 + lane;
     double squares = 0.0, energy = 0.0;
     for (int64_t c0 = 0; c0 < C; c0 += kTile) {
-      load_tile<scalar_t, kChannelsLast>(sample, C, D, c0, d0, tile);
+      load_tile<scalar_t, kChannelsLast>(sample, scale, C, D, c0, d0, tile);
       __syncthreads();
       for (int k = slice; k < kTile; k += kCentreSlices) {
         const int64_t c = c0 + k;
@@ -653,11 +677,16 @@ __device__ void write_coordinates(const BinningProblem& p, int64_t n, int presen
   }
 }
 
-// The bin of coordinate f on an axis spanning [lo, hi] (float32, no contraction).
+// The bin of coordinate f on an axis spanning [lo, hi] (float32, no
+// contraction), all three scaled by the power of two that brings
+// max(|lo|, |hi|) into [1, 2) (exact): hi - lo cannot overflow, nor the width underflow.
 __device__ __forceinline__ int64_t axis_bin(float f, float lo, float hi, int grids) {
   if (!(hi > lo)) return 0;
+  const float scale = lanczos::magnitude_scale(fmaxf(fabsf(lo), fabsf(hi)));
+  lo = __fmul_rn(lo, scale);
+  hi = __fmul_rn(hi, scale);
   const float width = __fdiv_rn(__fsub_rn(hi, lo), static_cast<float>(grids));
-  const float position = floorf(__fdiv_rn(__fsub_rn(f, lo), width));
+  const float position = floorf(__fdiv_rn(__fsub_rn(__fmul_rn(f, scale), lo), width));
   if (position >= static_cast<float>(grids - 1)) return grids - 1;
   return position > 0.0f ? static_cast<int64_t>(position) : 0;
 }
@@ -814,23 +843,30 @@ using block_mask_cuda::grid_size;
 
 // Scratch of the PCA, alive until every kernel that reads it is enqueued.
 struct PcaBuffers {
-  at::Tensor centred, tile_sums, matrices, basis, workspace, ritz, theta, axes, gram_axes;
+  at::Tensor scales, centred, tile_sums, matrices, basis, workspace, ritz, theta, axes, gram_axes;
 };
 
-// Xc (N, C, D) float64 and tile_sums (N, tiles, 2) from x (walkable 4-D).
+// The samples' scales (N,), Xc (N, C, D) float64 and tile_sums (N, tiles, 2)
+// from x (walkable 4-D).
 void launch_centre(const at::Tensor& x, const DensityShape& s, PcaBuffers& b, cudaStream_t stream) {
   const int64_t tiles = (s.D + kTile - 1) / kTile;
+  b.scales = at::empty({s.N}, x.options().dtype(at::kFloat));
   b.centred = at::empty({s.N, s.C, s.D}, x.options().dtype(at::kDouble));
   b.tile_sums = at::empty({s.N, tiles, 2}, x.options().dtype(at::kDouble));
   const bool channels_last = is_channels_last_4d(x);
+  const unsigned scale_blocks = grid_size(s.N * kCentreThreads, kCentreThreads, 8);
   const unsigned blocks = grid_size(s.N * tiles * kCentreThreads, kCentreThreads, 8);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "feature_density_centre_cuda", [&] {
+    const scalar_t* data = x.data_ptr<scalar_t>();
+    float* scales = b.scales.data_ptr<float>();
+    sample_scale_kernel<scalar_t><<<scale_blocks, kCentreThreads, 0, stream>>>(data, s.N, s.C * s.D, scales);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (channels_last) {
       centre_kernel<scalar_t, true><<<blocks, kCentreThreads, 0, stream>>>(
-          x.data_ptr<scalar_t>(), s.N, s.C, s.D, tiles, b.centred.data_ptr<double>(), b.tile_sums.data_ptr<double>());
+          data, scales, s.N, s.C, s.D, tiles, b.centred.data_ptr<double>(), b.tile_sums.data_ptr<double>());
     } else {
       centre_kernel<scalar_t, false><<<blocks, kCentreThreads, 0, stream>>>(
-          x.data_ptr<scalar_t>(), s.N, s.C, s.D, tiles, b.centred.data_ptr<double>(), b.tile_sums.data_ptr<double>());
+          data, scales, s.N, s.C, s.D, tiles, b.centred.data_ptr<double>(), b.tile_sums.data_ptr<double>());
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -540,6 +540,7 @@ inline unsigned __float_as_uint(float x) {
 // from contracting them into fused multiply-adds; the emulation is compiled
 // with -ffp-contract=off, so plain operations round the same way.
 inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline double __dadd_rn(double a, double b) { return a + b; }
 inline double __dsub_rn(double a, double b) { return a - b; }

@@ -4,7 +4,10 @@ Shapes: x (N, C, H, W) with D = H*W and dims in {1, 2, 3}, or x (N, F) with
 dims = 1 (F plays C, D = 1); m = min(C, D); G = grids**dims; L = 4 axis lanes
 (dims <= 3, padded to a power of two). Per sample n, in float32 unless noted:
 
-    X      = float32(x[n]) viewed (C, D);  mu = mean of X over channels;  Xc = X - mu
+    X      = s_n * float32(x[n]) viewed (C, D), s_n = 2**k bringing max |x[n]| into [1, 2)
+             (k in [-126, 126]; 1 if that max is 0 or not finite): exact, cells unchanged
+             by it, and no product below overflows or underflows whatever |x|
+    mu     = mean of X over channels;  Xc = X - mu
     A      = Xc (C < D, "Gram side", m = C) or Xc^T (C >= D, "covariance side", m = D)
     M      = A A^T                                   (m, m), float32 without TF32
     regular iff trace(M) is finite and trace(M) > 1e-10 * sum X**2 (float64); otherwise
@@ -19,7 +22,8 @@ dims = 1 (F plays C, D = 1); m = min(C, D); G = grids**dims; L = 4 axis lanes
              with v_r = w_r / ||w_r|| (Gram) or y_r (covariance)
     f[c,r] = o_r * float32(sqrt(theta_r)) * y_r[c] (Gram) or o_r * P[r, c] (covariance);
              2-D x: f[c, 0] = float32(x[n, c]), all 0 if any value of x[n] is not finite
-    b_r    = clamp(floor((f - lo_r) / ((hi_r - lo_r) / grids)), 0, grids - 1); 0 if hi_r == lo_r
+    b_r    = clamp(floor((f - lo_r) / ((hi_r - lo_r) / grids)), 0, grids - 1); 0 if hi_r == lo_r,
+             f, lo_r and hi_r scaled by the power of two that brings max(|lo_r|, |hi_r|) into [1, 2)
     cell   = sum_r b_r * grids**r (int64);  counts = histogram of cell over G cells
     p32    = float32(min(max(kappa * count / max(counts) + alpha, 0), 1)), float64 steps
     keep   = uniform(seed, n*C + c) >= p32[cell]     (float32 compare, DESIGN.md section 3)
@@ -30,6 +34,7 @@ Launches, none of which waits for the host (4-D x; 2-D x skips 1-4), besides
 torch's fill of the (N, G) counts with zeros (and of the 0-d scale with 1.0
 when rescale is False):
 
+0. ``_scale_kernel``, grid (N,): s_n from max |x[n]|.
 1. ``_mean_kernel``, grid (N, D tiles): mu and the per-column energy sum_c X**2.
 2. ``_gram_kernel``, grid (N, T*T): the upper tiles of M = A A^T by ``tl.dot``
    (input_precision "ieee"), centring on the fly and mirroring each off-diagonal
@@ -48,15 +53,16 @@ when rescale is False):
 7. ``_apply_kernel``, grid (row tiles, column tiles): y = keep ? x * s : 0; the
    backward pass is the same kernel on grad_y.
 
-So feature_density is 6 launches (2-D x: 2), the forward 8 or 9 (2-D x: 4 or
+So feature_density is 7 launches (2-D x: 2), the forward 9 or 10 (2-D x: 4 or
 5) and the backward 1. Scratch: M and the Lanczos basis, 2 * N * m * m float32.
 
-Passes over x (forward, 4-D): launches 1, 2, 4 and 7 read x, 7 writes y, so four
+Passes over x (forward, 4-D): launches 0, 1, 2, 4 and 7 read x, 7 writes y, so five
 reads and one write when M is one Gram tile (m <= 64); with T = ceil(m / 64)
 tiles per side launch 2 reads x T times (each panel once per tile of its tile
 row and column). The axes depend on every channel and position of a sample,
 and the drop on every channel's cell, so none of these reads can be fused into
-the apply. 2-D x: the bins kernel and the apply read x, the apply writes y.
+the apply; the scale must be known before the channel sums of launch 1 (a plain
+float32 sum of |x| ~ 1e37 overflows), so launch 0 cannot join it. 2-D x: the bins kernel and the apply read x, the apply writes y.
 """
 
 import struct
@@ -102,11 +108,42 @@ _APPLY_WARPS = 8
 
 
 @triton.jit
-def _mean_kernel(x_ptr, mu_ptr, energy_ptr, C, D, stride_n, stride_c, stride_p,
+def _magnitude_scale(largest):
+    """2**k (float32) bringing largest (>= 0) into [1, 2), k clamped to [-126, 126]; 1 when
+    largest is 0 or not finite: csrc/lanczos.h's magnitude_scale, from the exponent bits."""
+    exponent = (largest.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    k = tl.minimum(tl.maximum(127 - exponent, -126), 126)
+    scale = ((k + 127) << 23).to(tl.float32, bitcast=True)
+    return tl.where((largest > 0.0) & (largest < float("inf")), scale, 1.0)
+
+
+@triton.jit
+def _scale_kernel(x_ptr, scale_ptr, C, D, stride_n, stride_c, stride_p,
+                  BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """scale[n] = _magnitude_scale(max over the sample of |float32(x)|), NaN passed over.
+
+    x: as _mean_kernel; scale_ptr: (N,) float32.
+    """
+    n = tl.program_id(0).to(tl.int64)
+    sample = x_ptr + n * stride_n
+    largest = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            ok = (c < C)[:, None] & (d < D)[None, :]
+            v = tl.abs(tl.load(sample + c[:, None] * stride_c + d[None, :] * stride_p, mask=ok, other=0.0)
+                       .to(tl.float32))
+            largest = tl.maximum(largest, tl.where(v == v, v, 0.0))
+    tl.store(scale_ptr + n, _magnitude_scale(tl.max(tl.max(largest, axis=1), axis=0)))
+
+
+@triton.jit
+def _mean_kernel(x_ptr, scale_ptr, mu_ptr, energy_ptr, C, D, stride_n, stride_c, stride_p,
                  BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """mu[n, d] = float32 mean over c of X[c, d]; energy[n, d] = sum_c X[c, d]**2 in float64.
 
-    x: sample n at x_ptr + n*stride_n, X[c, d] at c*stride_c + d*stride_p.
+    x: sample n at x_ptr + n*stride_n, X[c, d] = scale[n] * x at c*stride_c + d*stride_p.
     mu_ptr: (N, D) float32; energy_ptr: (N, D) float64 (the Lanczos kernel adds
     the columns, so no atomics are needed).
     """
@@ -114,12 +151,14 @@ def _mean_kernel(x_ptr, mu_ptr, energy_ptr, C, D, stride_n, stride_c, stride_p,
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < D
     sample = x_ptr + n * stride_n
+    scale = tl.load(scale_ptr + n)
     total = tl.zeros((BLOCK_D,), dtype=tl.float32)
     energy = tl.zeros((BLOCK_D,), dtype=tl.float64)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         ok = (c < C)[:, None] & d_ok[None, :]
         v = tl.load(sample + c[:, None] * stride_c + d[None, :] * stride_p, mask=ok, other=0.0).to(tl.float32)
+        v = v * scale
         total += tl.sum(v, axis=0)
         wide = v.to(tl.float64)
         energy += tl.sum(wide * wide, axis=0)
@@ -128,14 +167,15 @@ def _mean_kernel(x_ptr, mu_ptr, energy_ptr, C, D, stride_n, stride_c, stride_p,
 
 
 @triton.jit
-def _centred_tile(sample, mu, rows, k, m, K, stride_i, stride_k, MU_ON_ROWS: tl.constexpr):
+def _centred_tile(sample, scale, mu, rows, k, m, K, stride_i, stride_k, MU_ON_ROWS: tl.constexpr):
     """A[rows, k] as a float32 tile, 0 outside (m, K).
 
     A is Xc (rows are channels, mu indexed by k) or Xc^T (rows are positions,
-    MU_ON_ROWS); sample and mu point at sample n's x and mu.
+    MU_ON_ROWS); sample, scale and mu are sample n's x, s_n and mu.
     """
     ok = (rows < m)[:, None] & (k < K)[None, :]
     v = tl.load(sample + rows[:, None] * stride_i + k[None, :] * stride_k, mask=ok, other=0.0).to(tl.float32)
+    v = v * scale
     if MU_ON_ROWS:
         centre = tl.load(mu + rows, mask=rows < m, other=0.0)[:, None]
     else:
@@ -144,7 +184,7 @@ def _centred_tile(sample, mu, rows, k, m, K, stride_i, stride_k, MU_ON_ROWS: tl.
 
 
 @triton.jit
-def _gram_kernel(x_ptr, mu_ptr, mat_ptr, m, K, D, tiles, stride_n, stride_i, stride_k,
+def _gram_kernel(x_ptr, scale_ptr, mu_ptr, mat_ptr, m, K, D, tiles, stride_n, stride_i, stride_k,
                  MU_ON_ROWS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
     """One BLOCK x BLOCK tile (ti, tj), ti <= tj, of M = A A^T for sample n.
 
@@ -159,15 +199,16 @@ def _gram_kernel(x_ptr, mu_ptr, mat_ptr, m, K, D, tiles, stride_n, stride_i, str
     i = ti * BLOCK + tl.arange(0, BLOCK)
     j = tj * BLOCK + tl.arange(0, BLOCK)
     sample = x_ptr + n * stride_n
+    scale = tl.load(scale_ptr + n)
     mu = mu_ptr + n * D
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     for k0 in range(0, tl.where(upper, K, 0), BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        a = _centred_tile(sample, mu, i, k, m, K, stride_i, stride_k, MU_ON_ROWS)
+        a = _centred_tile(sample, scale, mu, i, k, m, K, stride_i, stride_k, MU_ON_ROWS)
         if ti == tj:  # a diagonal tile reads its panel once
             b = a
         else:
-            b = _centred_tile(sample, mu, j, k, m, K, stride_i, stride_k, MU_ON_ROWS)
+            b = _centred_tile(sample, scale, mu, j, k, m, K, stride_i, stride_k, MU_ON_ROWS)
         acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
     # On a diagonal tile i and j are the same indices: keep the upper triangle.
     acc = tl.where(ti < tj, acc, tl.where(i[:, None] <= j[None, :], acc, tl.trans(acc)))
@@ -495,7 +536,7 @@ def _lanczos_kernel(
 
 
 @triton.jit
-def _project_kernel(x_ptr, mu_ptr, axes_ptr, out_ptr, m, K, D, stride_n, stride_i, stride_k,
+def _project_kernel(x_ptr, scale_ptr, mu_ptr, axes_ptr, out_ptr, m, K, D, stride_n, stride_i, stride_k,
                     MU_ON_ROWS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[n, r, k] = sum_i axes[n, r, i] * A[i, k] for one tile of k: P = Y A.
 
@@ -505,12 +546,13 @@ def _project_kernel(x_ptr, mu_ptr, axes_ptr, out_ptr, m, K, D, stride_n, stride_
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     lanes = tl.arange(0, _LANES)
     sample = x_ptr + n * stride_n
+    scale = tl.load(scale_ptr + n)
     mu = mu_ptr + n * D
     axes = axes_ptr + n * _LANES * m
     acc = tl.zeros((_LANES, BLOCK_K), dtype=tl.float32)
     for i0 in range(0, m, BLOCK_I):
         i = i0 + tl.arange(0, BLOCK_I)
-        a = _centred_tile(sample, mu, i, k, m, K, stride_i, stride_k, MU_ON_ROWS)
+        a = _centred_tile(sample, scale, mu, i, k, m, K, stride_i, stride_k, MU_ON_ROWS)
         y = tl.load(axes + lanes[:, None] * m + i[None, :], mask=(i < m)[None, :], other=0.0)
         acc += tl.sum(y[:, :, None] * a[None, :, :], axis=1)
     tl.store(out_ptr + n * _LANES * K + lanes[:, None] * K + k[None, :], acc, mask=(k < K)[None, :])
@@ -617,6 +659,10 @@ def _bins_kernel(x_ptr, axes_ptr, theta_ptr, proj_ptr, cell_ptr, counts_ptr,
         bad += tl.sum((ok & ~(tl.abs(f) < float("inf"))).to(tl.int32))
     # Axes where every channel shares one value, and 2-D samples with a NaN/Inf, are all bin 0.
     split = (hi > lo) & (lanes * 0 + bad == 0)
+    # Each axis binned scaled by a power of two (exact): hi - lo cannot overflow, nor width underflow.
+    axis_scale = _magnitude_scale(tl.maximum(tl.abs(lo), tl.abs(hi)))
+    lo = lo * axis_scale
+    hi = hi * axis_scale
     width = tl.div_rn(hi - lo, tl.zeros_like(hi) + grids)
     width = tl.where(split, width, 1.0)
     top = tl.zeros_like(hi) + (grids - 1)
@@ -626,7 +672,7 @@ def _bins_kernel(x_ptr, axes_ptr, theta_ptr, proj_ptr, cell_ptr, counts_ptr,
         c = c0 + tl.arange(0, BLOCK_C)
         c_ok = c < C
         f = _coordinates(x_row, stride_c, axes, proj, weight, live, c, C, m, K, MODE, BLOCK_C)
-        position = tl.floor(tl.div_rn(f - lo[:, None], tl.zeros_like(f) + width[:, None]))
+        position = tl.floor(tl.div_rn(f * axis_scale[:, None] - lo[:, None], tl.zeros_like(f) + width[:, None]))
         # NaN fails both comparisons and lands in bin 0.
         b = tl.where(position >= top[:, None], top[:, None], tl.where(position > 0.0, position, 0.0)).to(tl.int64)
         b = tl.where(split[:, None], b, 0)
@@ -797,18 +843,20 @@ def _principal_axes(src, stride_c, stride_p, dims):
     stride_i, stride_k = (stride_c, stride_p) if gram else (stride_p, stride_c)
     mu_on_rows = not gram
 
+    scale = torch.empty((N,), dtype=torch.float32, device=device)
     mu = torch.empty((N, D), dtype=torch.float32, device=device)
     energy = torch.empty((N, D), dtype=torch.float64, device=device)
     block_d = min(_pow2(D), 128)
     block_c = max(1, min(_pow2(C), _TILE // block_d))
-    launch(_mean_kernel, (N, triton.cdiv(D, block_d)), src, mu, energy, C, D, src.stride(0), stride_c, stride_p,
-           BLOCK_C=block_c, BLOCK_D=block_d)
+    launch(_scale_kernel, (N,), src, scale, C, D, src.stride(0), stride_c, stride_p, BLOCK_C=block_c, BLOCK_D=block_d)
+    launch(_mean_kernel, (N, triton.cdiv(D, block_d)), src, scale, mu, energy, C, D, src.stride(0), stride_c,
+           stride_p, BLOCK_C=block_c, BLOCK_D=block_d)
 
     mat = torch.empty((N, m, m), dtype=torch.float32, device=device)
     block = min(_GRAM_BLOCK, max(16, _pow2(m)))
     block_k = min(_GRAM_BLOCK_K, max(16, _pow2(K)))
     tiles = triton.cdiv(m, block)
-    launch(_gram_kernel, (N, tiles * tiles), src, mu, mat, m, K, D, tiles, src.stride(0), stride_i, stride_k,
+    launch(_gram_kernel, (N, tiles * tiles), src, scale, mu, mat, m, K, D, tiles, src.stride(0), stride_i, stride_k,
            MU_ON_ROWS=mu_on_rows, BLOCK=block, BLOCK_K=block_k, num_warps=_GRAM_WARPS)
 
     block_m = _pow2(m)
@@ -828,7 +876,7 @@ def _principal_axes(src, stride_c, stride_p, dims):
     proj = torch.empty((N, _LANES, K), dtype=torch.float32, device=device)
     block_k = min(_pow2(K), 128)
     block_i = max(1, min(_pow2(m), 1024 // block_k))
-    launch(_project_kernel, (N, triton.cdiv(K, block_k)), src, mu, axes, proj, m, K, D, src.stride(0),
+    launch(_project_kernel, (N, triton.cdiv(K, block_k)), src, scale, mu, axes, proj, m, K, D, src.stride(0),
            stride_i, stride_k, MU_ON_ROWS=mu_on_rows, BLOCK_I=block_i, BLOCK_K=block_k)
     return axes, theta, proj, 2 if gram else 3, m, K
 
