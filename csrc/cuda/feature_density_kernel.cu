@@ -12,14 +12,15 @@
 // The maths, per sample: Xc = X (C, D) minus its mean over the channels, where
 // X = s_n float32(x[n]) and s_n = lanczos::magnitude_scale(max |x[n]|), the
 // power of two that brings that max into [1, 2) (exact: the cells do not
-// change with it, and no product overflows or underflows whatever |x|); M = Xc Xc^T (C < D, the Gram side) or Xc^T Xc (C >= D, the
-// covariance side), m x m; the top `dims` eigenpairs (theta_r, y_r) of M by
-// Lanczos (csrc/lanczos.h); the coordinates f (C, dims): on the Gram side
-// sign_r sqrt(theta_r) y_r, on the covariance side sign_r Xc y_r, where sign_r
-// makes the largest-magnitude component of the axis in R^D (Xc^T y_r, or y_r)
-// positive; equal-width bins per axis between the coordinates' min and max;
-// cell = sum_r b_r grids**r. The forward then drops channel c iff
-// uniform(seed, n*C + c) < p32[cell] (csrc/philox.h) and applies the mask.
+// change with it, and no product overflows or underflows whatever |x|); M = Xc
+// Xc^T (C < D, the Gram side) or Xc^T Xc (C >= D, the covariance side), m x m;
+// the top `dims` eigenpairs (theta_r, y_r) of M by Lanczos (csrc/lanczos.h);
+// the coordinates f (C, dims): on the Gram side sign_r sqrt(theta_r) y_r, on
+// the covariance side sign_r Xc y_r, where sign_r makes the largest-magnitude
+// component of the axis in R^D (Xc^T y_r, or y_r) positive; equal-width bins
+// per axis between the coordinates' min and max; cell = sum_r b_r grids**r.
+// The forward then drops channel c iff uniform(seed, n*C + c) < p32[cell]
+// (csrc/philox.h) and applies the mask.
 //
 // Launches of a 4-D forward with D > 0, in order, all on the current stream:
 //   sample_scale_kernel    one block of 256 threads per sample (grid-stride):
@@ -215,7 +216,9 @@ __global__ void __launch_bounds__(kCentreThreads)
   for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
     const scalar_t* sample = x + n * values;
     float largest = 0.0f;
-    for (int64_t i = threadIdx.x; i < values; i += blockDim.x) largest = fmaxf(largest, fabsf(static_cast<float>(sample[i])));
+    for (int64_t i = threadIdx.x; i < values; i += blockDim.x) {
+      largest = fmaxf(largest, fabsf(static_cast<float>(sample[i])));
+    }
     largest = block_reduce(largest, Max());
     if (threadIdx.x == 0) scales[n] = lanczos::magnitude_scale(largest);
   }

@@ -62,7 +62,8 @@ tiles per side launch 2 reads x T times (each panel once per tile of its tile
 row and column). The axes depend on every channel and position of a sample,
 and the drop on every channel's cell, so none of these reads can be fused into
 the apply; the scale must be known before the channel sums of launch 1 (a plain
-float32 sum of |x| ~ 1e37 overflows), so launch 0 cannot join it. 2-D x: the bins kernel and the apply read x, the apply writes y.
+float32 sum of |x| ~ 1e37 overflows), so launch 0 cannot join it. 2-D x: the bins
+kernel and the apply read x, the apply writes y.
 """
 
 import struct
