@@ -128,18 +128,28 @@ ROBUSTDROP_CLONE_INLINE void add_weighted_rows(const float* __restrict rows, int
 //   covariance side (C >= D): (D, C), Xc transposed, M = Xc^T Xc
 inline bool gram_side(const DensityShape& s) { return s.C < s.D; }
 
-// The largest |value| of values[0..length) (NaN is passed over), with eight
-// running lanes so the loop vectorises.
-ROBUSTDROP_CLONE_INLINE float largest_magnitude(const float* values, int64_t length) {
-  float lanes[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-  int64_t i = 0;
-  for (; i + 8 <= length; i += 8) {
-    for (int lane = 0; lane < 8; ++lane) lanes[lane] = std::max(lanes[lane], std::fabs(values[i + lane]));
+// The smallest and largest of values[0..length), length >= 1, with eight
+// running lanes: a vector min/max (the one-chain loop is a scalar reduction).
+ROBUSTDROP_CLONE_INLINE void value_range(const float* values, int64_t length, float& lo, float& hi) {
+  float lane_lo[8], lane_hi[8];
+  for (int lane = 0; lane < 8; ++lane) lane_lo[lane] = lane_hi[lane] = values[0];
+  int64_t c = 0;
+  for (; c + 8 <= length; c += 8) {
+    for (int lane = 0; lane < 8; ++lane) {
+      lane_lo[lane] = std::min(lane_lo[lane], values[c + lane]);
+      lane_hi[lane] = std::max(lane_hi[lane], values[c + lane]);
+    }
   }
-  for (; i < length; ++i) lanes[0] = std::max(lanes[0], std::fabs(values[i]));
-  float largest = lanes[0];
-  for (int lane = 1; lane < 8; ++lane) largest = std::max(largest, lanes[lane]);
-  return largest;
+  for (; c < length; ++c) {
+    lane_lo[0] = std::min(lane_lo[0], values[c]);
+    lane_hi[0] = std::max(lane_hi[0], values[c]);
+  }
+  lo = lane_lo[0];
+  hi = lane_hi[0];
+  for (int lane = 1; lane < 8; ++lane) {
+    lo = std::min(lo, lane_lo[lane]);
+    hi = std::max(hi, lane_hi[lane]);
+  }
 }
 
 // centred (D, C) = scale * transpose of sample (C, D) minus mean (D) from each row.
@@ -169,7 +179,9 @@ ROBUSTDROP_CLONE_INLINE void centre_transposed(const float* sample, const float*
 // (D), scale = magnitude_scale(max |sample|): X is exact, and keeps M and the
 // Lanczos products inside float32's range whatever the magnitude of x.
 ROBUSTDROP_CLONE_INLINE void centre_sample(const float* sample, const DensityShape& s, float* mean, float* centred) {
-  const float scale = lanczos::magnitude_scale(largest_magnitude(sample, s.C * s.D));
+  float lo, hi;
+  value_range(sample, s.C * s.D, lo, hi);
+  const float scale = lanczos::magnitude_scale(std::max(std::fabs(lo), std::fabs(hi)));
   std::fill(mean, mean + s.D, 0.0f);
   int64_t c = 0;
   // Four channels per update: a quarter of the dependent read-add-writes of mean.
@@ -351,31 +363,6 @@ ROBUSTDROP_CLONE_INLINE void principal_coordinates(const float* centred, const D
       add_weighted_rows(centred, s.C, y, s.D, axis, s.C);
       for (int64_t c = 0; c < s.C; ++c) coordinates[r * s.C + c] = sign * axis[c];
     }
-  }
-}
-
-// cell[c] = sum_r b_r * grids**r of coordinates f (dims, C); counts[cell] += 1.
-// The smallest and largest of values[0..length), length >= 1, with eight
-// running lanes: a vector min/max (the one-chain loop is a scalar reduction).
-ROBUSTDROP_CLONE_INLINE void value_range(const float* values, int64_t length, float& lo, float& hi) {
-  float lane_lo[8], lane_hi[8];
-  for (int lane = 0; lane < 8; ++lane) lane_lo[lane] = lane_hi[lane] = values[0];
-  int64_t c = 0;
-  for (; c + 8 <= length; c += 8) {
-    for (int lane = 0; lane < 8; ++lane) {
-      lane_lo[lane] = std::min(lane_lo[lane], values[c + lane]);
-      lane_hi[lane] = std::max(lane_hi[lane], values[c + lane]);
-    }
-  }
-  for (; c < length; ++c) {
-    lane_lo[0] = std::min(lane_lo[0], values[c]);
-    lane_hi[0] = std::max(lane_hi[0], values[c]);
-  }
-  lo = lane_lo[0];
-  hi = lane_hi[0];
-  for (int lane = 1; lane < 8; ++lane) {
-    lo = std::min(lo, lane_lo[lane]);
-    hi = std::max(hi, lane_hi[lane]);
   }
 }
 
