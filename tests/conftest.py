@@ -62,6 +62,20 @@ def pytest_sessionfinish(session, exitstatus):
         _launch_record.save(TRITON_LAUNCH_RECORD)
 
 
+# ROBUSTDROP_TEST_OUTCOMES=FILE: "outcome nodeid seconds" appended to FILE as each test ends (by the
+# xdist controller only, which sees every worker's reports), so that a run stopped at its time limit
+# (benchmarks/gpu_check.sh on a GPU lease) still says what ran and what failed.
+TEST_OUTCOMES = None if os.environ.get("PYTEST_XDIST_WORKER") else os.environ.get("ROBUSTDROP_TEST_OUTCOMES")
+
+
+def pytest_runtest_logreport(report):
+    # The call phase of every test; setup and teardown only when they did not pass (a skip or an error).
+    if TEST_OUTCOMES and (report.when == "call" or not report.passed):
+        outcome = report.outcome if report.when == "call" or report.skipped else "error"
+        with open(TEST_OUTCOMES, "a") as handle:
+            handle.write(f"{outcome} {report.nodeid} {report.duration:.2f}s\n")
+
+
 def available_backends(device: str) -> list[str]:
     """The backends that run on tensors of ``device`` here (under emulation, the emulated kernels only)."""
     status = robustdrop.backends()

@@ -6,6 +6,7 @@ import math
 import os
 import pkgutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,23 @@ def test_a_failing_implementation_becomes_a_row():
     assert math.isnan(row.fwd_ms)
 
 
+def test_timer_cuts_warm_up_and_repeats_of_slow_calls_to_its_budget():
+    """A call slower than half the budget is warmed up once and timed 3 times (the least); a fast one
+    gets every warm-up and every repeat."""
+    calls = []
+
+    def step(seconds):
+        return lambda i: (calls.append(i), time.sleep(seconds))
+
+    timer = benchmark.Timer(torch.device("cpu"), repeats=20, warmup=10, budget_s=0.05)
+    assert timer(step(0.03)) >= 30.0
+    assert calls == [0, 10, 11, 12]
+    calls.clear()
+    timer = benchmark.Timer(torch.device("cpu"), repeats=20, warmup=10, budget_s=10.0)
+    timer(step(0.0))
+    assert calls == list(range(30))
+
+
 def test_unknown_op_is_an_error():
     with pytest.raises(ValueError, match="unknown op"):
         benchmark.select_modules(["no_such_op"])
@@ -142,6 +160,69 @@ def test_training_step_bench_runs(tmp_path):
     assert "ActiveDropBlock2d batched" in stdout
 
 
+def _target_rows(device="cuda", dtype="float32", anchor_status="ok"):
+    def row(impl, kind, fwd_ms, fwd_bwd_ms, full=False, status="ok"):
+        return benchmark.Row("drop_block2d", "p=0.1 bs=7", "32x64x56x56", dtype, device, impl, kind, fwd_ms=fwd_ms,
+                             fwd_bwd_ms=fwd_bwd_ms, speedup_fwd=10.0 / fwd_ms, speedup_fwd_bwd=20.0 / fwd_bwd_ms,
+                             x_mul_fwd_bwd=fwd_bwd_ms / 1.0, saved_bytes=800 if not full else 6400,
+                             saved_full_size=full, status=status)
+
+    return [row(NAIVE, "naive", 10.0, 20.0, full=True), row("robustdrop[cuda]", "robustdrop", 1.0, 1.2),
+            row("robustdrop[triton]", "robustdrop", 1.0, 1.5, full=True),
+            row("anchor", "anchor", 4.0, 7.0, status=anchor_status), row(SPEED_OF_LIGHT, "speed-of-light", 0.5, 1.0)]
+
+
+def test_targets_are_checked_on_each_robustdrop_row():
+    targets = (benchmark.Target(2, "x_mul_fwd_bwd", device="cuda", at_most=1.3),
+               benchmark.Target(2, "anchor_fwd_bwd", device="cuda", at_least=5.0, anchor="anchor"),
+               benchmark.Target(2, "no_full_size_saved"),
+               benchmark.Target(2, "speedup_fwd_bwd", device="cpu", at_least=8.0))
+    case = benchmark.Case("drop_block2d", "p=0.1 bs=7", (32, 64, 56, 56), naive=lambda x: x,
+                          robustdrop=lambda x, backend: x, targets=targets)
+    cells = benchmark.target_cells(case, _target_rows())
+    got = {(line[2], line[3]): (line[4], line[5]) for line in cells}
+    assert all(len(line) == len(benchmark.TARGET_HEADER) and line[0] == "2" for line in cells)
+    # 3 targets apply on cuda (the cpu one does not), each to both robustdrop rows.
+    assert len(cells) == 6
+    assert got[("robustdrop[cuda]", "fwd+bwd time over torch.mul(x, 2.0)'s <= 1.3")] == ("1.20", "yes")
+    assert got[("robustdrop[triton]", "fwd+bwd time over torch.mul(x, 2.0)'s <= 1.3")] == ("1.50", "NO")
+    assert got[("robustdrop[cuda]", "fwd+bwd speedup over anchor >= 5")] == ("5.83", "yes")
+    assert got[("robustdrop[triton]", "fwd+bwd speedup over anchor >= 5")] == ("4.67", "NO")
+    assert got[("robustdrop[cuda]", "no full-size tensor saved for backward")] == ("800 bytes", "yes")
+    assert got[("robustdrop[triton]", "no full-size tensor saved for backward")] == ("6,400 bytes (full-size)", "NO")
+    # An anchor that failed is not measured, never met; targets are for float32 runs only.
+    failed = benchmark.target_cells(case, _target_rows(anchor_status="failed: ImportError"))
+    assert {line[5] for line in failed if "anchor" in line[3]} == {"not measured"}
+    assert benchmark.target_cells(case, _target_rows(dtype="bfloat16")) == []
+    cpu = benchmark.target_cells(case, _target_rows(device="cpu"))
+    assert {line[3] for line in cpu} == {"no full-size tensor saved for backward",
+                                         "fwd+bwd speedup over the naive baseline >= 8"}
+    markdown = benchmark.format_markdown(_target_rows(), {"device_name": "GPU", "git_commit": "abc", "date": "today",
+                                                          "torch_version": "2", "copy_gbps": 1.0}, cells)
+    assert "## The issues' targets measured in this run" in markdown and "| 2 | drop_block2d" in markdown
+
+
+def test_a_target_needs_one_bound_and_a_known_metric():
+    for bad in (dict(metric="speedup", at_least=1.0), dict(metric="speedup_fwd"),
+                dict(metric="speedup_fwd", at_least=1.0, at_most=2.0), dict(metric="anchor_fwd_bwd", at_least=1.0),
+                dict(metric="speedup_fwd", at_least=1.0, anchor="timm")):
+        with pytest.raises(ValueError, match="Target"):
+            benchmark.Target(2, **bad)
+
+
+def test_the_issues_target_cases_carry_their_targets():
+    """Each op module's target case carries its targets (a CPU config builds every non-GPU case)."""
+    config = BenchConfig(torch.device("cpu"), torch.float32, quick=False)
+    issues = {}
+    for module in benchmark.op_modules().values():
+        for case in module.cases(config):
+            for target in case.targets:
+                issues.setdefault(target.issue, set()).add((case.op, case.shape))
+    assert issues == {2: {("drop_block2d", (32, 64, 56, 56))}, 3: {("cam_drop2d", (32, 256, 14, 14))},
+                      4: {("feature_density_dropout", (64, 512, 4, 4)), ("feature_density_dropout", (64, 128, 16, 16))},
+                      6: {("kl_distill", (256, 1000))}}
+
+
 def test_gpu_check_script_parses_and_names_its_stages(tmp_path):
     """benchmarks/gpu_check.sh runs only on a GPU machine; here: its syntax, and an unknown stage is
     refused with the list of stages (and recorded as failed) without running anything else."""
@@ -151,6 +232,18 @@ def test_gpu_check_script_parses_and_names_its_stages(tmp_path):
                             env=dict(os.environ, GPU_CHECK_OUT=str(tmp_path)))
     assert result.returncode != 0
     assert "unknown stage 'no-such-stage'" in result.stderr
-    for stage in ("info", "build", "test", "sanitize", "bench-fp32", "bench-bf16", "bench-models"):
+    for stage in ("info", "build", "verify", "test", "sanitize", "bench-fp32", "bench-bf16", "bench-models", "prebuild"):
         assert stage in result.stderr
     assert "| no-such-stage | FAILED" in (tmp_path / "summary.md").read_text()
+
+
+def test_gpu_check_skips_the_stages_its_time_budget_cannot_fit(tmp_path):
+    """With less of GPU_CHECK_SECONDS left than a stage's minimum, the stage is skipped, recorded and
+    fails the run, and results.md is still written."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    result = subprocess.run(["bash", str(script), "info", "bench-fp32"], capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, GPU_CHECK_OUT=str(tmp_path), GPU_CHECK_SECONDS="5"))
+    assert result.returncode != 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| info | SKIPPED (no time left)" in summary and "| bench-fp32 | SKIPPED (no time left)" in summary
+    assert "within 5s" in (tmp_path / "results.md").read_text()

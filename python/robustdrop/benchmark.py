@@ -91,6 +91,38 @@ class Anchor:
 
 
 @dataclasses.dataclass(frozen=True)
+class Target:
+    """A speed or memory target an issue sets for a case, checked on each robustdrop row of the case.
+
+    ``metric`` is one of ``TARGET_METRICS``; a bound is ``at_least`` or ``at_most`` it. ``device`` is
+    "cpu", "cuda", or None for both; targets are stated for float32 and only checked in float32 runs.
+    """
+
+    issue: int
+    metric: str
+    device: str | None = None
+    at_least: float | None = None
+    at_most: float | None = None
+    anchor: str | None = None  # the anchor of "anchor_fwd_bwd"
+
+    def __post_init__(self):
+        if self.metric not in TARGET_METRICS or (self.metric == "anchor_fwd_bwd") != (self.anchor is not None):
+            raise ValueError(f"Target: unknown metric {self.metric!r}, or an anchor without anchor_fwd_bwd")
+        if self.metric != "no_full_size_saved" and (self.at_least is None) == (self.at_most is None):
+            raise ValueError("Target: give exactly one of at_least and at_most")
+
+
+# Target metric -> what it measures, of one robustdrop row (see Row and measure()).
+TARGET_METRICS = {
+    "speedup_fwd": "forward speedup over the naive baseline",
+    "speedup_fwd_bwd": "fwd+bwd speedup over the naive baseline",
+    "x_mul_fwd_bwd": "fwd+bwd time over torch.mul(x, 2.0)'s",
+    "anchor_fwd_bwd": "fwd+bwd speedup over",
+    "no_full_size_saved": "no full-size tensor saved for backward",
+}
+
+
+@dataclasses.dataclass(frozen=True)
 class Case:
     """One benchmark case of one op.
 
@@ -107,6 +139,7 @@ class Case:
         anchors: outside implementations (see Anchor).
         dtype: x's dtype; None uses ``--dtype``.
         compile_naive: also time ``torch.compile(naive)`` when torch.compile works here.
+        targets: the issues' targets for this case (see Target), reported after the run.
     """
 
     op: str
@@ -117,6 +150,7 @@ class Case:
     anchors: tuple[Anchor, ...] = ()
     dtype: torch.dtype | None = None
     compile_naive: bool = True
+    targets: tuple[Target, ...] = ()
 
 
 def op_module_names() -> list[str]:
@@ -292,14 +326,20 @@ class Timer:
     CPU: time.perf_counter around each call. CUDA: a pair of CUDA events around
     each call, read after one synchronize at the end. At most ``repeats``
     timed calls, fewer (at least 3) once ``budget_s`` seconds have passed.
+    Warm-up: ``warmup`` calls, fewer (at least 1) once half the budget has
+    passed, so that a call of seconds (a naive baseline at a size that fills a
+    GPU) is not run many times untimed.
     """
 
     def __init__(self, device: torch.device, repeats: int, warmup: int, budget_s: float):
         self.device, self.repeats, self.warmup, self.budget_s = device, repeats, warmup, budget_s
 
     def __call__(self, step: Callable[[int], object]) -> float:
+        start_warmup = time.perf_counter()
         for i in range(self.warmup):
             step(i)
+            if time.perf_counter() - start_warmup > self.budget_s / 2:
+                break
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.device)
@@ -614,7 +654,47 @@ def anchor_ratios(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
     return header, cells
 
 
-def format_markdown(rows: Sequence[Row], meta: dict) -> str:
+TARGET_HEADER = ("issue", "case", "robustdrop", "target", "measured", "met")
+
+
+def target_cells(case: Case, rows: Sequence[Row]) -> list[list[str]]:
+    """One line per target of ``case`` that applies to this run and robustdrop row of it (TARGET_HEADER)."""
+    if not rows or rows[0].dtype != "float32":
+        return []
+    device = rows[0].device
+    by_impl = {row.impl: row for row in rows}
+    cells = []
+    for target in case.targets:
+        if target.device not in (None, device):
+            continue
+        for ours in (row for row in rows if row.kind == "robustdrop"):
+            cells.append([str(target.issue), f"{case.op} {case.params} {ours.shape}", ours.impl,
+                          *_target_outcome(target, ours, by_impl.get(target.anchor))])
+    return cells
+
+
+def _target_outcome(target: Target, ours: Row, anchor: Row | None) -> tuple[str, str, str]:
+    """(the target in words, the measured value, whether it is met: yes, NO or "not measured")."""
+    words = TARGET_METRICS[target.metric] + (f" {target.anchor}" if target.anchor else "")
+    if target.metric == "no_full_size_saved":
+        if ours.status != "ok":
+            return words, ours.status, "not measured"
+        measured = f"{ours.saved_bytes:,} bytes" + (" (full-size)" if ours.saved_full_size else "")
+        return words, measured, "NO" if ours.saved_full_size else "yes"
+    words += f" >= {target.at_least:g}" if target.at_least is not None else f" <= {target.at_most:g}"
+    if target.metric == "anchor_fwd_bwd":
+        if anchor is None or anchor.status != "ok":
+            return words, f"{target.anchor}: {'not run here' if anchor is None else anchor.status}", "not measured"
+        value = anchor.fwd_bwd_ms / ours.fwd_bwd_ms
+    else:
+        value = getattr(ours, target.metric)
+    if ours.status != "ok" or not math.isfinite(value):
+        return words, ours.status, "not measured"
+    met = value >= target.at_least if target.at_least is not None else value <= target.at_most
+    return words, f"{value:.2f}", "yes" if met else "NO"
+
+
+def format_markdown(rows: Sequence[Row], meta: dict, targets: Sequence[Sequence[str]] = ()) -> str:
     """The tables as Markdown with their provenance: what benchmarks/results/<device>.md records."""
     copy = meta.get("copy_gbps")
     out = [f"# robustdrop bench: {meta['device_name']}", "",
@@ -629,6 +709,8 @@ def format_markdown(rows: Sequence[Row], meta: dict) -> str:
         out += ["", "## robustdrop against the naive baseline and each anchor", "",
                 "Their time over ours (above 1: robustdrop is faster); the last column is ours over torch.mul.", "",
                 markdown_table(header, cells)]
+    if targets:
+        out += ["", "## The issues' targets measured in this run", "", markdown_table(TARGET_HEADER, targets)]
     return "\n".join(out) + "\n"
 
 
@@ -645,6 +727,13 @@ def write_csv(path: str, rows: Sequence[Row], meta: dict) -> None:
                 elif value is None:
                     record[key] = ""
             writer.writerow({key: record[key] for key in CSV_COLUMNS})
+
+
+def write_tables(stem: str, rows: Sequence[Row], meta: dict, targets: Sequence[Sequence[str]]) -> None:
+    """``stem``.csv and ``stem``.md of the rows and target lines so far."""
+    write_csv(stem + ".csv", rows, meta)
+    with open(stem + ".md", "w") as handle:
+        handle.write(format_markdown(rows, meta, targets))
 
 
 def write_plot(path: str, rows: Sequence[Row], meta: dict) -> str | None:
@@ -741,13 +830,18 @@ def main(args: argparse.Namespace) -> int:
     meta["copy_gbps"] = copy_gbps = copy_bandwidth(device, Timer(device, repeats, warmup=2, budget_s=args.budget))
     print(f"device-to-device copy: {copy_gbps:.1f} GB/s (bytes read plus written)", flush=True)
 
-    rows = []
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"bench_{device_type}")
+    rows, targets = [], []
     for module in modules.values():
         for case in module.cases(config):
             case_rows, case_notes = run_case(case, config, backends, use_compile, repeats, args.budget,
                                              log=lambda *a, **k: print(*a, file=sys.stderr, **k), copy_gbps=copy_gbps)
             rows += case_rows
+            targets += target_cells(case, case_rows)
             notes += [note for note in case_notes if note not in notes]
+            # Rewritten after every case, so a run stopped at a time limit keeps the cases it finished.
+            write_tables(stem, rows, meta, targets)
 
     print()
     print(format_table(rows))
@@ -756,13 +850,13 @@ def main(args: argparse.Namespace) -> int:
         print()
         print("robustdrop against the naive baseline and each anchor (their time / ours; last column ours / mul):")
         print(markdown_table(header, cells))
+    if targets:
+        print()
+        print("The issues' targets measured in this run:")
+        print(markdown_table(TARGET_HEADER, targets))
     for note in notes:
         print(f"note: {note}")
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"bench_{device_type}")
-    write_csv(stem + ".csv", rows, meta)
-    with open(stem + ".md", "w") as handle:
-        handle.write(format_markdown(rows, meta))
+    write_tables(stem, rows, meta, targets)
     written = [stem + ".csv", stem + ".md"]
     if rows:
         problem = write_plot(stem + ".png", rows, meta)

@@ -8,7 +8,7 @@ has no such mode).
 import inspect
 
 import robustdrop
-from robustdrop.benchmark import Anchor, BenchConfig, Case
+from robustdrop.benchmark import Anchor, BenchConfig, Case, Target
 from robustdrop.reference.block_mask import naive_drop_block2d
 
 OP = "drop_block2d"
@@ -21,14 +21,22 @@ COUPLED = [((32, 64, 56, 56), 0.1, 7, True)]
 QUICK = [((4, 16, 28, 28), 0.1, 7, False), ((2, 32, 15, 17), 0.1, 3, True)]  # --quick: small, odd sizes included
 # On a GPU only: a batch that fills it (hundreds of MB), so launch and host time no longer hide the kernels.
 FILL = [((256, 64, 56, 56), 0.1, 7, False)]
+TORCHVISION = "torchvision.ops.drop_block2d"
+# Issue 2's targets at TARGET, float32, forward + backward.
+TARGETS = (
+    Target(2, "speedup_fwd_bwd", device="cpu", at_least=8.0),
+    Target(2, "x_mul_fwd_bwd", device="cuda", at_most=1.3),
+    Target(2, "anchor_fwd_bwd", device="cuda", at_least=5.0, anchor=TORCHVISION),
+    Target(2, "no_full_size_saved"),
+)
 
 
 def cases(config: BenchConfig) -> list[Case]:
     settings = QUICK if config.quick else [TARGET, *TYPICAL, *COUPLED, *config.gpu_only(FILL)]
-    return [_case(*setting) for setting in settings]
+    return [_case(*setting, targets=TARGETS if setting == TARGET else ()) for setting in settings]
 
 
-def _case(shape, p, block_size, couple_channels) -> Case:
+def _case(shape, p, block_size, couple_channels, targets=()) -> Case:
     def naive(x):
         return naive_drop_block2d(x, p, block_size, couple_channels=couple_channels)
 
@@ -36,10 +44,10 @@ def _case(shape, p, block_size, couple_channels) -> Case:
         return robustdrop.drop_block2d(x, p, block_size, couple_channels=couple_channels, backend=backend)
 
     # torchvision has no shared-mask mode, so it anchors the per-channel cases only.
-    anchors = () if couple_channels else (Anchor("torchvision.ops.drop_block2d", _torchvision(p, block_size)),)
+    anchors = () if couple_channels else (Anchor(TORCHVISION, _torchvision(p, block_size)),)
     anchors += (Anchor("timm DropBlock2d", _timm(p, block_size, couple_channels)),)
     params = f"p={p} bs={block_size}" + (" coupled" if couple_channels else "")
-    return Case(op=OP, params=params, shape=shape, naive=naive, robustdrop=ours, anchors=anchors)
+    return Case(op=OP, params=params, shape=shape, naive=naive, robustdrop=ours, anchors=anchors, targets=targets)
 
 
 def _torchvision(p, block_size):
