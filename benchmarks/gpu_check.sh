@@ -135,10 +135,22 @@ take_prebuilt() {
   return 1
 }
 
+# torch takes CUDA_HOME from nvcc's folder (/usr/local for /usr/local/bin/nvcc), but the toolkit's
+# libraries (libcudart, which the extension links) may be elsewhere: CUDA_HOME, unless set, is the
+# first of nvcc's resolved folder and /usr/local/cuda that has them.
+set_cuda_home() {
+  local home
+  [ -n "${CUDA_HOME:-}" ] && return
+  for home in "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")" /usr/local/cuda; do
+    if [ -e "$home/lib64/libcudart.so" ]; then export CUDA_HOME=$home; return; fi
+  done
+}
+
 stage_build() {
   if ! take_prebuilt; then
+    set_cuda_home
     FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
-      "$PY" setup.py build_ext --inplace || return 1
+      until_deadline "$PY" setup.py build_ext --inplace || return
     report_backends || return 1
   fi
   cuobjdump --dump-resource-usage python/robustdrop/_C*.so > "$OUT_DIR/resources.txt" || return 1
@@ -172,15 +184,9 @@ stage_prebuild() {
     "$python" -m venv "$venv" || return 1
   fi
   if ! "$venv/bin/python" -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$torch_version')" 2>/dev/null; then
-    "$venv/bin/python" -m pip install --quiet "torch==$torch_version" ninja setuptools || return 1
+    "$venv/bin/python" -m pip install --quiet "torch==$torch_version" ninja setuptools numpy || return 1
   fi
-  # torch takes CUDA_HOME from nvcc's folder; the toolkit's libraries (libcudart to link) may be elsewhere.
-  local home
-  if [ -z "${CUDA_HOME:-}" ]; then
-    for home in "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")" /usr/local/cuda; do
-      if [ -e "$home/lib64/libcudart.so" ]; then export CUDA_HOME=$home; break; fi
-    done
-  fi
+  set_cuda_home
   rm -rf "$PREBUILT"
   FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" "$venv/bin/python" setup.py build_ext \
     --build-lib "$PREBUILT" --build-temp build/gpu_prebuild/temp || return 1
