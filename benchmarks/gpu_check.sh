@@ -321,7 +321,7 @@ write_results() {
     for name in test sanitize-memcheck sanitize-racecheck; do
       [ -f "$OUT_DIR/${name}_outcomes.txt" ] || continue
       echo
-      echo "$name: $(cut -d' ' -f1 "$OUT_DIR/${name}_outcomes.txt" | sort | uniq -c | awk '{printf "%s %s, ", $1, $2}')"
+      echo "$name: $(cut -d' ' -f1 "$OUT_DIR/${name}_outcomes.txt" | sort | uniq -c | awk '{print $1, $2}' | paste -sd, - | sed 's/,/, /g')"
       grep -v "^passed \|^skipped " "$OUT_DIR/${name}_outcomes.txt" | head -n 40 | sed 's/^/    /'
     done
     for name in bench-fp32/bench_cuda bench-bf16/bench_cuda bench-models/steps_cuda bench-models/subnets_cuda; do
@@ -329,7 +329,7 @@ write_results() {
       echo
       echo "## $name"
       echo
-      cat "$OUT_DIR/$name.md"
+      sed 's/^#/###/' "$OUT_DIR/$name.md"  # its headings under this one
     done
   } > "$results"
   echo "wrote $results"
