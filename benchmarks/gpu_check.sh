@@ -61,6 +61,8 @@ declare -A STAGE_CAPS=([info]=60 [build]=300 [verify]=210 [test]=210 [sanitize]=
 MIN_STAGE_SECONDS=20
 
 mkdir -p "$OUT_DIR"
+# compute-sanitizer and cuobjdump live in the toolkit's bin, which need not be on the PATH.
+[ -d /usr/local/cuda/bin ] && export PATH="$PATH:/usr/local/cuda/bin"
 export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 RUN_START=$(date +%s)
