@@ -223,7 +223,10 @@ stage_test() {
   if "$PY" -c "import xdist" 2>/dev/null && [ "$WORKERS" -gt 1 ]; then
     parallel=(-n "$WORKERS")
   fi
-  run_pytest "$OUT_DIR/test_outcomes.txt" until_deadline "$PY" -m pytest \
+  # One compile thread per worker: each xdist worker would otherwise start a pool of Inductor
+  # compile processes as large as the machine, for the few small graphs of the compile tests.
+  TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-1} \
+    run_pytest "$OUT_DIR/test_outcomes.txt" until_deadline "$PY" -m pytest \
     --durations=25 "${parallel[@]}" --junitxml="$OUT_DIR/test.xml" tests
 }
 
