@@ -40,8 +40,9 @@
 # non-zero if any stage failed, was stopped or was skipped. The folder defaults to gpu_check_out/ (git-ignored).
 # On a copy of the checkout without .git, set ROBUSTDROP_GIT_COMMIT so the tables name their commit.
 #
-# Through the device tool (benchmarks/README.md), with .gpu_prebuilt carried:
-#   bash benchmarks/gpu_check.sh; tar czf $OUT/gpu_check.tgz gpu_check_out; cp gpu_check_out/results.md $OUT/
+# Through the device tool (benchmarks/README.md), with .gpu_prebuilt carried and COMMIT the short hash
+# of the checkout (the copy there may have no .git):
+#   ROBUSTDROP_GIT_COMMIT=COMMIT bash benchmarks/gpu_check.sh; tar czf $OUT/gpu_check.tgz gpu_check_out; cp gpu_check_out/results.md $OUT/
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
