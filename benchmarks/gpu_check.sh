@@ -28,16 +28,18 @@
 #                 2.11.0, a CUDA build from PyPI installed once into build/gpu_prebuild/venv), so that
 #                 `build` takes seconds
 #
-# Time: the run stops starting stages GPU_CHECK_SECONDS (default 450) after it began; each stage runs
-# under `timeout` for at most its own cap (STAGE_CAPS below) and what is left, and a stage with under
-# MIN_STAGE_SECONDS (20) left is skipped. prebuild has no limit. A stage stopped at its limit keeps what it wrote: the tests append each
-# outcome to test_outcomes.txt (sanitize-<tool>_outcomes.txt) as they finish, and the benchmarks
-# rewrite their tables after each case. 0 means no limit.
+# Time: the run stops starting stages GPU_CHECK_SECONDS (default 450; 0: no limit) after it began;
+# each stage runs under `timeout` for at most its own cap (STAGE_CAPS below) and what is left, and a
+# stage with under MIN_STAGE_SECONDS (20) left is skipped; prebuild has no limit. A stage stopped at
+# its limit keeps what it wrote: the tests append each outcome to test_outcomes.txt
+# (sanitize-<tool>_outcomes.txt) as they finish, and the benchmarks rewrite their tables after
+# each case.
 #
 # Each stage writes <out>/<stage>.log and appends its status and minutes to <out>/summary.md; the
 # run ends by writing <out>/results.md (the summary, test and sanitizer counts, and every benchmark
 # table under the device, commit and date: what benchmarks/results/<device>.md records) and exits
-# non-zero if any stage failed, was stopped or was skipped. The folder defaults to gpu_check_out/ (git-ignored).
+# non-zero if any stage failed, was stopped or was skipped. The folder defaults to gpu_check_out/
+# (git-ignored).
 # On a copy of the checkout without .git, set ROBUSTDROP_GIT_COMMIT so the tables name their commit.
 #
 # Through the device tool (benchmarks/README.md), with .gpu_prebuilt carried and COMMIT the short hash
