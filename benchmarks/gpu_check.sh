@@ -107,14 +107,22 @@ sources_stamp() {
   } | sha256sum | cut -d' ' -f1
 }
 
+# The commit the tables name: ROBUSTDROP_GIT_COMMIT, else the checkout's.
+commit_name() {
+  echo "${ROBUSTDROP_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+}
+
+versions() {
+  "$PY" -c "import torch, triton; print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), Triton {triton.__version__}')"
+}
+
 stage_info() {
   nvidia-smi || return 1
   nvcc --version || return 1
   compute-sanitizer --version || return 1
-  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
-    || return 1
+  versions || return 1
   "$PY" -m robustdrop info || return 1
-  echo "commit: ${ROBUSTDROP_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+  echo "commit: $(commit_name)"
 }
 
 report_backends() {
@@ -321,8 +329,8 @@ write_results() {
   {
     echo "# robustdrop GPU check: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)"
     echo
-    echo "- commit \`${ROBUSTDROP_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}\`, $(date -u +%FT%TZ)"
-    echo "- $("$PY" -c "import torch, triton; print(f'torch {torch.__version__}, Triton {triton.__version__}')" 2>/dev/null)"
+    echo "- commit \`$(commit_name)\`, $(date -u +%FT%TZ)"
+    echo "- $(versions 2>/dev/null)"
     echo "- \`bash benchmarks/gpu_check.sh $*\` within ${BUDGET_SECONDS}s (0: no limit)"
     echo
     cat "$OUT_DIR/summary.md"
