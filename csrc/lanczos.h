@@ -7,8 +7,9 @@
 // backend's business; this header holds what every backend does the same way:
 //   * the start vector, a fixed integer hash so every backend starts alike;
 //   * the top eigenpairs of the j x j tridiagonal T_j = tridiag(beta, alpha, beta)
-//     in double: eigenvalues by multisection on Sturm counts, eigenvectors by
-//     inverse iteration with a pivoting tridiagonal solve;
+//     in double: eigenvalues by multisection on Sturm counts until each is
+//     isolated, then safeguarded Newton; eigenvectors by inverse iteration
+//     with a pivoting tridiagonal solve;
 //   * the stopping rule. After step j, with beta_j the norm of the next
 //     residual and s_r the r-th top eigenvector of T_j, the Ritz pair
 //     (theta_r, Q_j s_r) has residual ||M y - theta y|| = beta_j |s_r[j-1]|.
@@ -99,43 +100,173 @@ ROBUSTDROP_LANCZOS_FN void sturm_counts(const double* alpha, const double* beta,
   }
 }
 
-// The k largest eigenvalues of T in descending order, each by multisection
-// on Sturm counts inside the Gershgorin interval [lower, upper], until its
-// bracket is within kEigenvalueTolerance of its magnitude (or kMaxRounds
-// rounds). That is far finer than anything downstream resolves: the value is
-// the shift of inverse iteration, whose vector gains a factor |error| / gap
-// per iteration, and the float32 axis length sqrt(theta); running the
-// bracket down to a few ulps took a third more rounds for nothing.
+// One pass of the LDL^T recurrence at each x[l] that also differentiates it:
+// count[l] as sturm_counts gives it, and
+//   slope[l] = d/dx log|det(T - x I)| = sum_i q_i'(x) / q_i(x) = sum_k 1 / (x - lambda_k),
+// from q_i' = -1 + beta_{i-1}^2 q_{i-1}' / q_{i-1}^2. The Newton step on
+// det(T - x I) is then -1 / slope. A pivot clamped to -pivot_min can make the
+// slope overflow; the caller treats a slope that is not finite as no step.
+ROBUSTDROP_LANCZOS_FN void sturm_counts_and_slopes(const double* alpha, const double* beta, int n, const double* x,
+                                                    int lanes, double pivot_min, int* count, double* slope) {
+  double q[kMaxDims], ratio_prev[kMaxDims];  // q_{i-1} and q_{i-1}' / q_{i-1}
+  for (int l = 0; l < lanes; ++l) {
+    q[l] = 1.0;
+    ratio_prev[l] = 0.0;
+    count[l] = 0;
+    slope[l] = 0.0;
+  }
+  for (int i = 0; i < n; ++i) {
+    const double coupling = i > 0 ? beta[i - 1] * beta[i - 1] : 0.0;
+    for (int l = 0; l < lanes; ++l) {
+      const double pulled = coupling / q[l];
+      double value = (alpha[i] - x[l]) - pulled;
+      value = fabs(value) < pivot_min ? -pivot_min : value;
+      const double derivative = -1.0 + pulled * ratio_prev[l];
+      ratio_prev[l] = derivative / value;
+      slope[l] += ratio_prev[l];
+      count[l] += value < 0.0;
+      q[l] = value;
+    }
+  }
+}
+
+// Multisection stops refining eigenvalue r once its bracket is within
+// kEigenvalueTolerance of its magnitude, or holds it alone (the Sturm counts
+// at its ends are r's index and index + 1), whichever comes first: past that
+// point Newton's method converges quadratically where multisection gains a
+// fixed factor (kShifts + 1) per round.
 constexpr int kMaxRounds = 64;
 constexpr double kEigenvalueTolerance = 1e-10;
 
-ROBUSTDROP_LANCZOS_FN void top_eigenvalues(const double* alpha, const double* beta, int n, int k, double lower,
-                                            double upper, double pivot_min, double* theta) {
-  double lo[kMaxDims], hi[kMaxDims], x[kMaxLanes];
-  int count[kMaxLanes];
-  for (int r = 0; r < k; ++r) {
-    lo[r] = lower;
-    hi[r] = upper;
-  }
+struct EigenvalueBracket {
+  double lo, hi;        // the eigenvalue lies in [lo, hi)
+  int lo_count, hi_count;  // eigenvalues of T below lo and below hi
+};
+
+ROBUSTDROP_LANCZOS_FN bool bracket_narrow(const EigenvalueBracket& b, double pivot_min) {
+  return b.hi - b.lo <= kEigenvalueTolerance * fmax(fabs(b.lo), fabs(b.hi)) + pivot_min;
+}
+
+ROBUSTDROP_LANCZOS_FN bool bracket_isolated(const EigenvalueBracket& b, int index) {
+  return b.lo_count == index && b.hi_count == index + 1;
+}
+
+// Multisection on Sturm counts: each round splits every open bracket at
+// kShifts points and keeps the part where the count crosses its index.
+ROBUSTDROP_LANCZOS_FN void multisect(const double* alpha, const double* beta, int n, int k, double pivot_min,
+                                      EigenvalueBracket* brackets) {
+  double x[kMaxLanes];
+  int count[kMaxLanes], open[kMaxDims];
   for (int round = 0; round < kMaxRounds; ++round) {
-    bool open = false;
+    int opened = 0;
     for (int r = 0; r < k; ++r) {
-      open = open || hi[r] - lo[r] > kEigenvalueTolerance * fmax(fabs(lo[r]), fabs(hi[r])) + pivot_min;
-      for (int s = 0; s < kShifts; ++s) x[r * kShifts + s] = lo[r] + (hi[r] - lo[r]) * (s + 1) / (kShifts + 1);
+      const EigenvalueBracket& b = brackets[r];
+      if (bracket_narrow(b, pivot_min) || bracket_isolated(b, n - 1 - r)) continue;
+      for (int s = 0; s < kShifts; ++s) x[opened * kShifts + s] = b.lo + (b.hi - b.lo) * (s + 1) / (kShifts + 1);
+      open[opened++] = r;
     }
-    if (!open) break;
-    sturm_counts(alpha, beta, n, x, k * kShifts, pivot_min, count);
-    for (int r = 0; r < k; ++r) {
-      const int index = n - 1 - r;  // the eigenvalue lies where the count first exceeds index
+    if (opened == 0) return;
+    sturm_counts(alpha, beta, n, x, opened * kShifts, pivot_min, count);
+    for (int o = 0; o < opened; ++o) {
+      EigenvalueBracket& b = brackets[open[o]];
+      const int index = n - 1 - open[o];  // the eigenvalue lies where the count first exceeds index
       for (int s = kShifts - 1; s >= 0; --s) {
-        if (count[r * kShifts + s] > index) hi[r] = x[r * kShifts + s];
+        if (count[o * kShifts + s] > index) {
+          b.hi = x[o * kShifts + s];
+          b.hi_count = count[o * kShifts + s];
+        }
       }
       for (int s = 0; s < kShifts; ++s) {
-        if (count[r * kShifts + s] <= index) lo[r] = x[r * kShifts + s];
+        if (count[o * kShifts + s] <= index) {
+          b.lo = x[o * kShifts + s];
+          b.lo_count = count[o * kShifts + s];
+        }
       }
     }
   }
-  for (int r = 0; r < k; ++r) theta[r] = 0.5 * (lo[r] + hi[r]);
+}
+
+// Safeguarded Newton on det(T - x I) for the eigenvalues whose brackets are
+// isolated but not yet narrow, all of them interleaved in one recurrence per
+// round. Each round's Sturm count at x shrinks the bracket (it stays
+// isolated); the Newton point replaces x when it falls inside the bracket and
+// the step is under half the one before, otherwise x goes to the middle, so
+// the bracket at least halves every other round.
+// Stopping rule. Write the slope at x as S = 1 / (x - lambda) + R, R the sum
+// of 1 / (x - lambda_k) over the other eigenvalues. None of them lies in the
+// bracket where lambda was first isolated, so |R| <= (n - 1) / g with g the
+// distance from x to that bracket's ends. When |S| >= 2 (n - 1) / g, then
+// |S - R| >= |S| / 2, and the Newton point x - 1 / S is within
+// |R| / (|S| |S - R|) <= 2 (n - 1) / (g S^2) of lambda. Refinement ends at the
+// Newton point once that bound is within kEigenvalueTolerance of |x|, or at
+// the middle of a bracket that has become narrow.
+ROBUSTDROP_LANCZOS_FN void newton_refine(const double* alpha, const double* beta, int n, int k, double pivot_min,
+                                         const EigenvalueBracket* isolated, EigenvalueBracket* brackets,
+                                         double* theta) {
+  double x[kMaxDims], previous_step[kMaxDims], slope[kMaxDims];
+  int count[kMaxDims], open[kMaxDims];
+  bool done[kMaxDims];
+  for (int r = 0; r < k; ++r) {
+    x[r] = 0.5 * (brackets[r].lo + brackets[r].hi);
+    previous_step[r] = brackets[r].hi - brackets[r].lo;
+    done[r] = bracket_narrow(brackets[r], pivot_min) || !bracket_isolated(brackets[r], n - 1 - r);
+    theta[r] = x[r];
+  }
+  for (int round = 0; round < kMaxRounds; ++round) {
+    int opened = 0;
+    double shifts[kMaxDims];
+    for (int r = 0; r < k; ++r) {
+      if (done[r]) continue;
+      shifts[opened] = x[r];
+      open[opened++] = r;
+    }
+    if (opened == 0) return;
+    sturm_counts_and_slopes(alpha, beta, n, shifts, opened, pivot_min, count, slope);
+    for (int o = 0; o < opened; ++o) {
+      const int r = open[o];
+      EigenvalueBracket& b = brackets[r];
+      if (count[o] <= n - 1 - r) {
+        b.lo = x[r];
+      } else {
+        b.hi = x[r];
+      }
+      const double step = -1.0 / slope[o];
+      const double gap = fmin(x[r] - isolated[r].lo, isolated[r].hi - x[r]);
+      const bool usable = fabs(slope[o]) <= DBL_MAX && slope[o] != 0.0;  // finite, so is step
+      const bool certain = usable && fabs(slope[o]) * gap >= 2.0 * (n - 1);
+      if (certain && 2.0 * (n - 1) * step * step <= (kEigenvalueTolerance * fabs(x[r]) + pivot_min) * gap) {
+        theta[r] = fmin(fmax(x[r] + step, b.lo), b.hi);
+        done[r] = true;
+        continue;
+      }
+      if (bracket_narrow(b, pivot_min)) {
+        theta[r] = 0.5 * (b.lo + b.hi);
+        done[r] = true;
+        continue;
+      }
+      const double newton = x[r] + step;
+      const bool take = usable && newton > b.lo && newton < b.hi && fabs(step) <= 0.5 * fabs(previous_step[r]);
+      const double next = take ? newton : 0.5 * (b.lo + b.hi);
+      previous_step[r] = next - x[r];
+      x[r] = next;
+      theta[r] = next;
+    }
+  }
+}
+
+// The k largest eigenvalues of T in descending order, each within
+// kEigenvalueTolerance of its magnitude (or after kMaxRounds rounds of each
+// kind): multisection inside the Gershgorin interval [lower, upper] until
+// each is isolated, then Newton. That is far finer than anything downstream
+// resolves: the value is the shift of inverse iteration, whose vector gains a
+// factor |error| / gap per iteration, and the float32 axis length sqrt(theta).
+ROBUSTDROP_LANCZOS_FN void top_eigenvalues(const double* alpha, const double* beta, int n, int k, double lower,
+                                            double upper, double pivot_min, double* theta) {
+  EigenvalueBracket brackets[kMaxDims], isolated[kMaxDims];
+  for (int r = 0; r < k; ++r) brackets[r] = EigenvalueBracket{lower, upper, 0, n};
+  multisect(alpha, beta, n, k, pivot_min, brackets);
+  for (int r = 0; r < k; ++r) isolated[r] = brackets[r];
+  newton_refine(alpha, beta, n, k, pivot_min, isolated, brackets, theta);
 }
 
 // Solves (T - shift I) z = z in place by Gaussian elimination with partial
