@@ -348,7 +348,10 @@ ROBUSTDROP_LANCZOS_FN int tridiagonal_top_eigenpairs(const double* alpha, const 
   top_eigenvalues(alpha, beta, n, pairs, lower, upper, pivot_min, theta);
   for (int r = 0; r < pairs; ++r) {
     double* v = vectors + r * n;
-    for (int i = 0; i < n; ++i) v[i] = 1.0;
+    // Any start finds the vector of a simple eigenvalue. Later pairs start from
+    // hashed vectors: from ones again, a multiple eigenvalue (T with a zero
+    // off-diagonal, say 5 I) gave every pair the same vector.
+    for (int i = 0; i < n; ++i) v[i] = r == 0 ? 1.0 : start_component(static_cast<int64_t>(r) * n + i);
     for (int iteration = 0; iteration < kInverseIterations; ++iteration) {
       shifted_tridiagonal_solve(alpha, beta, n, theta[r], tiny, v, work);
       for (int previous = 0; previous < r; ++previous) {

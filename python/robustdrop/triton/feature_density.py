@@ -420,7 +420,12 @@ def _tridiagonal_top(alpha, beta, theta_out, vectors, elim, j, pairs, residual, 
     tiny = _DBL_EPSILON * tl.maximum(norm, _DBL_MIN)
     theta = _bisect(alpha, beta, j, pairs, lower, upper, pivot_min, SHIFTS, ROUNDS)
     tl.store(theta_out + lanes, theta)
-    tl.store(vectors + lanes[:, None] * BLOCK_M + idx[None, :], tl.zeros((_LANES, BLOCK_M), dtype=tl.float64) + 1.0)
+    # Lane 0 starts from ones, later lanes from hashed vectors (csrc/lanczos.h):
+    # from ones again, a multiple eigenvalue gave every lane the same vector.
+    hashed = ((lanes[:, None].to(tl.int64) * j + idx[None, :] + 1) * 0x9E3779B1) & 0xFFFFFFFF
+    start = hashed.to(tl.float32) * 2.3283064365386963e-10 - 0.5  # 2**-32, exact
+    start = tl.where(lanes[:, None] == 0, 1.0, start.to(tl.float64))
+    tl.store(vectors + lanes[:, None] * BLOCK_M + idx[None, :], start)
     for _ in tl.static_range(_INVERSE_ITERATIONS):
         tl.debug_barrier()
         _shifted_solve(alpha, beta, vectors, elim, j, theta, tiny, BLOCK_M)
