@@ -521,7 +521,7 @@ struct DropParams {
   bool rescale;
 };
 
-// Sample n's keep bits into mask_row (zeroed by the caller) and, with rescale,
+// Sample n's keep bits into mask_row (every byte written, padding bits 0) and, with rescale,
 // its scale row (C); cell_row (C) and counts_row (G) are its density.
 void sample_mask(int64_t n, const int64_t* cell_row, const int64_t* counts_row, const DensityShape& s,
                  const DropParams& drop, uint8_t* mask_row, float* scale_row) {
@@ -532,10 +532,16 @@ void sample_mask(int64_t n, const int64_t* cell_row, const int64_t* counts_row, 
   const int64_t largest = std::max<int64_t>(1, *std::max_element(counts_row, counts_row + s.cells));
   for (int64_t g = 0; g < s.cells; ++g) probability[g] = drop_probability(counts_row[g], largest, drop.kappa, drop.alpha);
   // Branch-free: the keep bits are coin flips, and a branch on each cost
-  // more than the rest of this loop.
-  for (int64_t c = 0; c < s.C; ++c) {
-    const uint8_t keep = !(uniforms[c] < probability[cell_row[c]]);
-    mask_row[c >> 3] |= static_cast<uint8_t>(keep << (c & 7));
+  // more than the rest of this loop. Each byte is put together in a register:
+  // or-ing bit by bit into mask_row made every channel wait on the store of
+  // the one before it.
+  for (int64_t c0 = 0; c0 < s.C; c0 += 8) {
+    uint8_t byte = 0;
+    for (int64_t c = c0; c < std::min(c0 + 8, s.C); ++c) {
+      const uint8_t keep = !(uniforms[c] < probability[cell_row[c]]);
+      byte |= static_cast<uint8_t>(keep << (c - c0));
+    }
+    mask_row[c0 >> 3] = byte;
   }
   if (drop.rescale) {
     for (int64_t c = 0; c < s.C; ++c) {
@@ -577,7 +583,7 @@ void apply_sample(const scalar_t* x, scalar_t* y, const uint8_t* keep, const opm
 ROBUSTDROP_VECTOR_CLONES void apply_sample_float(const float* __restrict x, float* __restrict y,
                                                  const uint8_t* __restrict keep, const float* __restrict factor,
                                                  int64_t C, int64_t D, bool channels_last) {
-  if (channels_last) {
+  if (channels_last || D == 1) {  // D == 1 (FC features): one vector loop over the channels
     for (int64_t d = 0; d < D; ++d) {
       for (int64_t c = 0; c < C; ++c) y[d * C + c] = select_kept(keep[c], x[d * C + c] * factor[c]);
     }
@@ -650,7 +656,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_density_forward_cpu(const
   const DensityShape s = density_shape(x, dims, grids);
   at::Tensor cell = at::empty({s.N, s.C}, x.options().dtype(at::kLong));
   at::Tensor counts = at::empty({s.N, s.cells}, x.options().dtype(at::kLong));
-  at::Tensor mask = at::zeros({s.N, mask_row_bytes(s.C)}, x.options().dtype(at::kByte));
+  at::Tensor mask = at::empty({s.N, mask_row_bytes(s.C)}, x.options().dtype(at::kByte));  // sample_mask writes it all
   at::Tensor scale = rescale ? at::empty({s.N, s.C}, x.options().dtype(at::kFloat))
                              : at::ones({}, x.options().dtype(at::kFloat));
   const DropParams drop{static_cast<uint64_t>(seed), kappa, alpha, rescale};
