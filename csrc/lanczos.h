@@ -139,7 +139,7 @@ constexpr int kMaxRounds = 64;
 constexpr double kEigenvalueTolerance = 1e-10;
 
 struct EigenvalueBracket {
-  double lo, hi;        // the eigenvalue lies in [lo, hi)
+  double lo, hi;           // the eigenvalue lies in [lo, hi)
   int lo_count, hi_count;  // eigenvalues of T below lo and below hi
 };
 
@@ -190,8 +190,10 @@ ROBUSTDROP_LANCZOS_FN void multisect(const double* alpha, const double* beta, in
 // isolated but not yet narrow, all of them interleaved in one recurrence per
 // round. Each round's Sturm count at x shrinks the bracket (it stays
 // isolated); the Newton point replaces x when it falls inside the bracket and
-// the step is under half the one before, otherwise x goes to the middle, so
-// the bracket at least halves every other round.
+// the step is at most half the one before, otherwise x goes to the middle.
+// So each round either moves x to the middle (which the next round's count
+// halves the bracket at) or takes a step at most half the last one, and the
+// iterates cannot wander; the rounds are capped at kMaxRounds besides.
 // Stopping rule. Write the slope at x as S = 1 / (x - lambda) + R, R the sum
 // of 1 / (x - lambda_k) over the other eigenvalues. None of them lies in the
 // bracket where lambda was first isolated, so |R| <= (n - 1) / g with g the
