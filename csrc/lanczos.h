@@ -196,19 +196,20 @@ ROBUSTDROP_LANCZOS_FN void multisect(const double* alpha, const double* beta, in
 // iterates cannot wander; the rounds are capped at kMaxRounds besides.
 // Stopping rule. Write the slope at x as S = 1 / (x - lambda) + R, R the sum
 // of 1 / (x - lambda_k) over the other eigenvalues. None of them lies in the
-// bracket where lambda was first isolated, so |R| <= (n - 1) / g with g the
+// bracket that isolated lambda on entry, so |R| <= (n - 1) / g with g the
 // distance from x to that bracket's ends. When |S| >= 2 (n - 1) / g, then
 // |S - R| >= |S| / 2, and the Newton point x - 1 / S is within
 // |R| / (|S| |S - R|) <= 2 (n - 1) / (g S^2) of lambda. Refinement ends at the
 // Newton point once that bound is within kEigenvalueTolerance of |x|, or at
 // the middle of a bracket that has become narrow.
 ROBUSTDROP_LANCZOS_FN void newton_refine(const double* alpha, const double* beta, int n, int k, double pivot_min,
-                                         const EigenvalueBracket* isolated, EigenvalueBracket* brackets,
-                                         double* theta) {
+                                         EigenvalueBracket* brackets, double* theta) {
+  EigenvalueBracket isolated[kMaxDims];
   double x[kMaxDims], previous_step[kMaxDims], slope[kMaxDims];
   int count[kMaxDims], open[kMaxDims];
   bool done[kMaxDims];
   for (int r = 0; r < k; ++r) {
+    isolated[r] = brackets[r];
     x[r] = 0.5 * (brackets[r].lo + brackets[r].hi);
     previous_step[r] = brackets[r].hi - brackets[r].lo;
     done[r] = bracket_narrow(brackets[r], pivot_min) || !bracket_isolated(brackets[r], n - 1 - r);
@@ -264,11 +265,10 @@ ROBUSTDROP_LANCZOS_FN void newton_refine(const double* alpha, const double* beta
 // factor |error| / gap per iteration, and the float32 axis length sqrt(theta).
 ROBUSTDROP_LANCZOS_FN void top_eigenvalues(const double* alpha, const double* beta, int n, int k, double lower,
                                             double upper, double pivot_min, double* theta) {
-  EigenvalueBracket brackets[kMaxDims], isolated[kMaxDims];
+  EigenvalueBracket brackets[kMaxDims];
   for (int r = 0; r < k; ++r) brackets[r] = EigenvalueBracket{lower, upper, 0, n};
   multisect(alpha, beta, n, k, pivot_min, brackets);
-  for (int r = 0; r < k; ++r) isolated[r] = brackets[r];
-  newton_refine(alpha, beta, n, k, pivot_min, isolated, brackets, theta);
+  newton_refine(alpha, beta, n, k, pivot_min, brackets, theta);
 }
 
 // Solves (T - shift I) z = z in place by Gaussian elimination with partial

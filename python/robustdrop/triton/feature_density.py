@@ -228,11 +228,16 @@ def _gram_kernel(x_ptr, scale_ptr, mu_ptr, mat_ptr, m, K, D, tiles, stride_n, st
 
 
 @triton.jit
+def _start_component(i):
+    """float32(uint32((i + 1) * 0x9E3779B1)) / 2**32 - 0.5 (lanczos::start_component), any int shape."""
+    hashed = ((i.to(tl.int64) + 1) * 0x9E3779B1) & 0xFFFFFFFF
+    return hashed.to(tl.float32) * 2.3283064365386963e-10 - 0.5  # 2**-32, exact
+
+
+@triton.jit
 def _start_vector(idx, inside):
-    """q_1 = s / ||s||, s[i] = float32(uint32((i + 1) * 0x9E3779B1)) / 2**32 - 0.5."""
-    hashed = ((idx.to(tl.int64) + 1) * 0x9E3779B1) & 0xFFFFFFFF
-    s = hashed.to(tl.float32) * 2.3283064365386963e-10 - 0.5  # 2**-32, exact
-    s = tl.where(inside, s, 0.0)
+    """q_1 = s / ||s||, s[i] = _start_component(i)."""
+    s = tl.where(inside, _start_component(idx), 0.0)
     return tl.div_rn(s, tl.zeros_like(s) + tl.sqrt_rn(tl.sum(s * s)))
 
 
@@ -422,9 +427,8 @@ def _tridiagonal_top(alpha, beta, theta_out, vectors, elim, j, pairs, residual, 
     tl.store(theta_out + lanes, theta)
     # Lane 0 starts from ones, later lanes from hashed vectors (csrc/lanczos.h):
     # from ones again, a multiple eigenvalue gave every lane the same vector.
-    hashed = ((lanes[:, None].to(tl.int64) * j + idx[None, :] + 1) * 0x9E3779B1) & 0xFFFFFFFF
-    start = hashed.to(tl.float32) * 2.3283064365386963e-10 - 0.5  # 2**-32, exact
-    start = tl.where(lanes[:, None] == 0, 1.0, start.to(tl.float64))
+    start = _start_component(lanes[:, None].to(tl.int64) * j + idx[None, :]).to(tl.float64)
+    start = tl.where(lanes[:, None] == 0, 1.0, start)
     tl.store(vectors + lanes[:, None] * BLOCK_M + idx[None, :], start)
     for _ in tl.static_range(_INVERSE_ITERATIONS):
         tl.debug_barrier()
