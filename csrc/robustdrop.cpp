@@ -61,7 +61,10 @@ TORCH_LIBRARY(robustdrop, m) {
   m.def("fixed_mask_apply_(Tensor(a!) x, Tensor mask) -> ()");
   // kl_distill (EWS): per row of student and teacher logits (N, K), with p = softmax(t / T),
   // KL_row = sum_k p_k (log p_k - log_softmax(s / T)_k) and the row gradient for the
-  // backward, d KL_row / d s = (softmax(s / T) - p) / T. Returns (rows (N,), grad (N, K)),
-  // both float32 (float64 for float64 logits).
-  m.def("kl_distill_forward(Tensor student_logits, Tensor teacher_logits, float temperature) -> (Tensor, Tensor)");
+  // backward, d KL_row / d s = (softmax(s / T) - p) / T. Returns (loss, grad (N, K)), both
+  // float32 (float64 for float64 logits): the rows reduced by `reduction` (F.kl_div's
+  // "batchmean", "sum", "mean", or "none" for the rows (N,); csrc/kl_distill.h) and the
+  // row gradient, which the backward scales by d loss / d KL_row.
+  m.def("kl_distill_forward(Tensor student_logits, Tensor teacher_logits, float temperature, str reduction) "
+        "-> (Tensor, Tensor)");
 }

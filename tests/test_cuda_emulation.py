@@ -188,9 +188,9 @@ def _op_cases(ops):
         # min(C, H*W) = 520 > 512: the Lanczos workspace no longer fits shared memory.
         "density_global_workspace": lambda: density(_randn(1, 520, 23, 23, seed=21), 2, 5, False),
         "fixed_mask": lambda: fixed_in_place(x_fixed, fixed),
-        "kl_distill": lambda: list(ops.kl_distill_forward(student, teacher, 2.0)),
+        "kl_distill": lambda: list(ops.kl_distill_forward(student, teacher, 2.0, "none")),
         "kl_distill_float64": lambda: list(ops.kl_distill_forward(student[:, :40].double(),
-                                                                  teacher[:, :40].double(), 1.0)),
+                                                                  teacher[:, :40].double(), 1.0, "batchmean")),
     }
 
 

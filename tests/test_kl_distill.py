@@ -109,8 +109,8 @@ def test_op_matches_reference(device, backend, dtype):
         for temperature in TEMPERATURES:
             s = logits(shape, dtype, device, seed=2 * index)
             t = logits(shape, dtype, device, seed=2 * index + 1)
-            rows, grad = op(s, t, temperature)
-            expected_rows, expected_grad = reference.kl_distill_forward(s, t, temperature)
+            rows, grad = op(s, t, temperature, "none")
+            expected_rows, expected_grad = reference.kl_distill_forward(s, t, temperature, "none")
             assert rows.dtype == grad.dtype == math_dtype(dtype)
             assert rows.shape == shape[:1] and grad.shape == shape
             assert_within(rows, expected_rows, row_bound(s, t, temperature), f"{shape} T={temperature} rows")
@@ -118,22 +118,46 @@ def test_op_matches_reference(device, backend, dtype):
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_op_reduces_the_rows_and_returns_the_row_gradient(device, backend, dtype, reduction):
+    shape, temperature = (6, 45), 1.5
+    s = logits(shape, dtype, device, seed=27)
+    t = logits(shape, dtype, device, seed=28)
+    loss, grad = forward_op(backend)(s, t, temperature, reduction)
+    rows, rows_grad = forward_op(backend)(s, t, temperature, "none")
+    expected_loss, expected_grad = reference.kl_distill_forward(s, t, temperature, reduction)
+    assert loss.dtype == math_dtype(dtype) and loss.shape == expected_loss.shape
+    assert loss.shape == (shape if reduction == "none" else ())[:1]
+    bound = reduce_bound(row_bound(s, t, temperature), reduction, shape)
+    assert_within(loss, expected_loss, bound + 8 * torch.finfo(loss.dtype).eps * expected_loss.double().abs(), "loss")
+    assert torch.equal(grad, rows_grad)  # the reduction is applied in the backward, not to the saved gradient
+    assert_within(grad, expected_grad, grad_bound(s, t, temperature), "grad")
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_op_autograd_scales_the_saved_gradient(device, backend, dtype):
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_op_autograd_scales_the_saved_gradient(device, backend, dtype, reduction):
     s = logits((3, 21), dtype, device, seed=25).requires_grad_(True)
     t = logits((3, 21), dtype, device, seed=26).requires_grad_(True)
-    rows, saved = forward_op(backend)(s, t, 2.0)
-    assert rows.requires_grad and not saved.requires_grad
-    weight = torch.tensor([0.5, -2.0, 3.0], device=device)
-    grad_s, grad_t = torch.autograd.grad(rows, (s, t), weight, allow_unused=True)
+    loss, saved = forward_op(backend)(s, t, 2.0, reduction)
+    assert loss.requires_grad and not saved.requires_grad
+    if reduction == "none":
+        weight = torch.tensor([0.5, -2.0, 3.0], device=device)
+        row_scale = weight.unsqueeze(-1)
+    else:
+        weight = torch.tensor(-2.5, device=device)
+        row_scale = weight / {"sum": 1, "batchmean": 3, "mean": 3 * 21}[reduction]
+    grad_s, grad_t = torch.autograd.grad(loss, (s, t), weight, allow_unused=True)
     assert grad_t is None
-    assert torch.equal(grad_s, (saved * weight.unsqueeze(-1)).to(dtype))
+    assert torch.equal(grad_s, (saved * row_scale).to(dtype))
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
 def test_identical_logits_give_zero(device, backend):
     s = logits((3, 257), torch.float32, device, seed=0)
-    rows, grad = forward_op(backend)(s, s.clone(), 1.7)
+    rows, grad = forward_op(backend)(s, s.clone(), 1.7, "none")
     assert torch.equal(rows, torch.zeros_like(rows))  # exactly: the two normalisers are the same sums
     # The gradient's two terms may round differently (a fused multiply-add).
     assert_within(grad, torch.zeros_like(grad), grad_bound(s, s, 1.7), "grad")
@@ -144,9 +168,9 @@ def test_large_logits_stay_finite(device, backend):
     s = logits((4, 100), torch.float32, device, seed=3, scale=1.0).sign() * 1e4
     t = logits((4, 100), torch.float32, device, seed=4, scale=1e4)
     for temperature in (1.0, 3.0):
-        rows, grad = forward_op(backend)(s, t, temperature)
+        rows, grad = forward_op(backend)(s, t, temperature, "none")
         assert torch.isfinite(rows).all() and torch.isfinite(grad).all()
-        expected_rows, expected_grad = reference.kl_distill_forward(s, t, temperature)
+        expected_rows, expected_grad = reference.kl_distill_forward(s, t, temperature, "none")
         assert_within(rows, expected_rows, row_bound(s, t, temperature), "rows")
         assert_within(grad, expected_grad, grad_bound(s, t, temperature), "grad")
 
@@ -155,10 +179,10 @@ def test_large_logits_stay_finite(device, backend):
 def test_nan_reaches_its_row_only(device, backend):
     s = logits((4, 37), torch.float32, device, seed=23)
     t = logits((4, 37), torch.float32, device, seed=24)
-    clean_rows, clean_grad = forward_op(backend)(s, t, 1.0)
+    clean_rows, clean_grad = forward_op(backend)(s, t, 1.0, "none")
     s[1, 5] = float("nan")
     t[2, 36] = -float("nan")
-    rows, grad = forward_op(backend)(s, t, 1.0)
+    rows, grad = forward_op(backend)(s, t, 1.0, "none")
     assert torch.isnan(rows[1:3]).all() and torch.isnan(grad[1:3]).all()
     keep = torch.tensor([0, 3], device=device)
     assert torch.equal(rows[keep], clean_rows[keep]) and torch.equal(grad[keep], clean_grad[keep])
@@ -230,8 +254,9 @@ def test_double_backward_is_a_clear_error(device, backend):
 def test_opcheck(device, backend):
     s = logits((3, 10), torch.float32, device, seed=15).requires_grad_(True)
     t = logits((3, 10), torch.float32, device, seed=16)
-    torch.library.opcheck(forward_op(backend), (s, t, 1.5))
-    torch.library.opcheck(forward_op(backend), (s.detach().to(torch.float64), t.to(torch.float64), 0.5))
+    for reduction in REDUCTIONS:
+        torch.library.opcheck(forward_op(backend), (s, t, 1.5, reduction))
+    torch.library.opcheck(forward_op(backend), (s.detach().to(torch.float64), t.to(torch.float64), 0.5, "mean"))
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
@@ -336,7 +361,9 @@ def test_bad_input_is_a_clear_error(device, backend, bad, error, message):
 
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
 def test_ops_called_directly_reject_bad_input(device, backend):
-    op = forward_op(backend)
+    def op(student, teacher, temperature, reduction="batchmean"):
+        return forward_op(backend)(student, teacher, temperature, reduction)
+
     s = torch.randn(3, 8, device=device)
     with pytest.raises(TypeError, match="student_logits must be a floating-point"):
         op(s.long(), s, 1.0)
@@ -351,6 +378,10 @@ def test_ops_called_directly_reject_bad_input(device, backend):
     for temperature in (0.0, -2.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
             op(s, s, temperature)
+    for reduction in ("avg", "", "Sum"):
+        with pytest.raises(ValueError, match=r"reduction must be one of \('batchmean', 'sum', 'mean', 'none'\), "
+                                             f"got '{reduction}'"):
+            op(s, s, 1.0, reduction)
 
 
 @pytest.mark.parametrize("device", COMPILED_DEVICES)
@@ -358,4 +389,5 @@ def test_compiled_op_autograd_runs_no_python(device):
     student = torch.randn(4, 7, device=device, requires_grad=True)
     teacher = torch.randn(4, 7, device=device)
     forward = torch.ops.robustdrop.kl_distill_forward
-    assert python_calls_in_autograd(lambda s: forward(s, teacher, 2.0)[0], student) == []
+    for reduction in REDUCTIONS:
+        assert python_calls_in_autograd(lambda s: forward(s, teacher, 2.0, reduction)[0], student) == []

@@ -1,7 +1,8 @@
 // kl_distill's fused forward on the CPU, against python/robustdrop/reference/kl_distill.py.
 //
-// Shapes: student s and teacher t logits (N, K); rows (N,) and grad (N, K),
-// both float32 (float64 for float64 logits).
+// Shapes: student s and teacher t logits (N, K); the per-row losses KL_row (N,),
+// reduced as csrc/kl_distill.h says, and grad (N, K) = d KL_row / d s, both
+// float32 (float64 for float64 logits).
 // Per row, with a = s / T, b = t / T (T > 0), p = softmax(b), q = softmax(a):
 //
 //   m_s = max_k s_k, m_t = max_k t_k                                  sweep 1
@@ -44,6 +45,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../kl_distill.h"
 
 namespace robustdrop {
 namespace {
@@ -219,20 +221,22 @@ void kl_distill_rows(const at::Tensor& student, const at::Tensor& teacher, doubl
 }
 
 std::tuple<at::Tensor, at::Tensor> kl_distill_forward_cpu(const at::Tensor& student_logits,
-                                                          const at::Tensor& teacher_logits, double temperature) {
+                                                          const at::Tensor& teacher_logits, double temperature,
+                                                          c10::string_view reduction_name) {
   check_kl_distill_args(student_logits, teacher_logits, temperature);
+  const KlReduction reduction = parse_kl_reduction(reduction_name);
   const at::Tensor student = unit_stride_rows(student_logits);
   const at::Tensor teacher = unit_stride_rows(teacher_logits);
   const int64_t N = student.size(0), K = student.size(1);
   const at::ScalarType math_type = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::TensorOptions options = student.options().dtype(math_type);
   at::Tensor grad = at::empty({N, K}, options);
-  if (N == 0 || K == 0) return {at::zeros({N}, options), grad};  // a sum over no classes is 0
+  if (N == 0 || K == 0) return {reduce_kl_rows(at::zeros({N}, options), reduction, K), grad};  // no classes: 0
   at::Tensor rows = at::empty({N}, options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kl_distill_forward_cpu", [&] {
     kl_distill_rows<scalar_t>(student, teacher, temperature, rows, grad);
   });
-  return {rows, grad};
+  return {reduce_kl_rows(rows, reduction, K), grad};
 }
 
 }  // namespace

@@ -13,7 +13,8 @@
 //     thread 0 writes KL_row = W / Z_t + (M_s - M_t) + log Z_s - log Z_t.
 //   Pass 2 (the row again, from L1/L2): grad_k = e^(a_k - M_s) / (T Z_s) - e^(b_k - M_t) / (T Z_t).
 //
-// Rows and gradient are float32 (float64 for float64 logits) and so is the
+// The rows are then reduced as csrc/kl_distill.h says (a torch sum on the
+// stream). Rows and gradient are float32 (float64 for float64 logits) and so is the
 // maths (expf / exp, not the fast intrinsics). The row stride is free; the
 // elements of a row must have unit stride (other layouts are copied first).
 #include <ATen/ATen.h>
@@ -31,6 +32,7 @@
 #include <tuple>
 
 #include "../checks.h"
+#include "../kl_distill.h"
 
 namespace robustdrop {
 namespace {
@@ -153,8 +155,10 @@ at::Tensor unit_stride_rows(const at::Tensor& x) {
 }
 
 std::tuple<at::Tensor, at::Tensor> kl_distill_forward_cuda(const at::Tensor& student_logits,
-                                                           const at::Tensor& teacher_logits, double temperature) {
+                                                           const at::Tensor& teacher_logits, double temperature,
+                                                           c10::string_view reduction_name) {
   check_kl_distill_args(student_logits, teacher_logits, temperature);
+  const KlReduction reduction = parse_kl_reduction(reduction_name);
   const c10::cuda::CUDAGuard device_guard(student_logits.device());
   const at::Tensor student = unit_stride_rows(student_logits);
   const at::Tensor teacher = unit_stride_rows(teacher_logits);
@@ -162,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor> kl_distill_forward_cuda(const at::Tensor& stu
   const at::ScalarType math_type = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::TensorOptions options = student.options().dtype(math_type);
   at::Tensor grad = at::empty({N, K}, options);
-  if (N == 0 || K == 0) return {at::zeros({N}, options), grad};  // a sum over no classes is 0
+  if (N == 0 || K == 0) return {reduce_kl_rows(at::zeros({N}, options), reduction, K), grad};  // no classes: 0
   TORCH_CHECK_VALUE(N <= std::numeric_limits<int32_t>::max(), "student_logits must have at most 2**31 - 1 rows, got ",
                     N);
   at::Tensor rows = at::empty({N}, options);
@@ -175,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor> kl_distill_forward_cuda(const at::Tensor& stu
         K, static_cast<opmath_t>(1.0 / temperature), rows.data_ptr<opmath_t>(), grad.data_ptr<opmath_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {rows, grad};
+  return {reduce_kl_rows(rows, reduction, K), grad};
 }
 
 }  // namespace

@@ -3,14 +3,15 @@ the functional API, its autograd and fake implementations, and the dispatch to t
 four backends.
 
 The compiled op ``robustdrop::kl_distill_forward(student_logits, teacher_logits,
-temperature) -> (rows, grad)`` (CPU and CUDA kernels) and its Triton twin
-``robustdrop::kl_distill_forward_triton`` read the logits once and return, per row,
+temperature, reduction) -> (loss, grad)`` (CPU and CUDA kernels) and its Triton twin
+``robustdrop::kl_distill_forward_triton`` read the logits once and compute, per row,
 the KL and its gradient with respect to the student logits, both float32 (float64
-for float64 logits). The reduction over rows is a torch op on the (N,) rows, and the
-backward is one scale of the saved gradient by the upstream gradient of each row
-(and a cast to the student's dtype): no second pass over the logits. The compiled
-op's autograd is in C++ (csrc/autograd/kl_distill_autograd.cpp), the Triton op's
-below, with the same formula.
+for float64 logits); they return the rows reduced as F.kl_div reduces them and the
+row gradients. The backward is one scale of the saved row gradients by d loss /
+d KL_row (and a cast to the student's dtype): no second pass over the logits, and
+one autograd node for the whole loss. The compiled op's autograd is in C++
+(csrc/autograd/kl_distill_autograd.cpp, reductions in csrc/kl_distill.h), the
+Triton op's below, with the same formula.
 
 Saving the gradient costs N*K*4 bytes (N*K*8 for float64) until the backward.
 Recomputing it in a backward kernel instead would save that memory but repeat the
@@ -66,13 +67,12 @@ def kl_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, te
     """
     check_logits(student_logits, teacher_logits)
     temperature = check_temperature(temperature)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_reduction(reduction)
     name = _backend.resolve_backend(backend, student_logits)
     teacher = teacher_logits.detach()
     if name == "reference":
         return reference.kl_distill(student_logits, teacher, temperature, reduction)
-    return _reduce(_FORWARD[name](student_logits, teacher, temperature)[0], reduction, student_logits.shape)
+    return _FORWARD[name](student_logits, teacher, temperature, reduction)[0]
 
 
 def check_logits(student_logits, teacher_logits) -> None:
@@ -106,57 +106,71 @@ def check_temperature(temperature) -> float:
     return float(temperature)
 
 
-def _reduction_count(reduction: str, shape) -> int:
-    """What the reduction divides the sum of the rows by (1 for "sum"; at least 1, so an empty input gives 0)."""
-    count = {"sum": 1, "batchmean": shape[0], "mean": shape[0] * shape[1]}[reduction]
-    return max(count, 1)
+def check_reduction(reduction) -> None:
+    """One of F.kl_div's reductions (csrc/kl_distill.h's message)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def _student_gradient(grad: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The backward: the saved row gradients (N, K) times scale ((N, 1) or 0-d), cast to the student's dtype."""
-    if torch.is_grad_enabled():  # create_graph=True: a second derivative would silently miss this op
-        raise RuntimeError("kl_distill does not support double backward (create_graph=True through the loss); "
-                           "use backend='reference' for second derivatives")
-    return (grad * scale).to(dtype)
-
-
-def _reduce(rows: torch.Tensor, reduction: str, shape) -> torch.Tensor:
-    """The loss from the rows (N,) of logits of ``shape`` (N, K): F.kl_div's reductions, 0 when empty."""
+def reduction_divisor(reduction: str, shape) -> int:
+    """What the reduction divides the sum of the rows of logits ``shape`` (N, K) by: at least 1,
+    so an empty input gives 0; 0 for "none" (no sum). As csrc/kl_distill.h."""
     if reduction == "none":
+        return 0
+    return max({"sum": 1, "batchmean": shape[0], "mean": shape[0] * shape[1]}[reduction], 1)
+
+
+def reduce_rows(rows: torch.Tensor, reduction: str, shape) -> torch.Tensor:
+    """The loss from the rows (N,) of logits ``shape`` (N, K): (N,) for "none", else 0-d."""
+    divisor = reduction_divisor(reduction, shape)
+    if divisor == 0:
         return rows
     total = rows.sum()
-    return total if reduction == "sum" else total / _reduction_count(reduction, shape)
+    return total if divisor == 1 else total / divisor
 
 
 _FORWARD = _backend.forward_table("kl_distill_forward", reference.kl_distill_forward)
 
 
-def _fake_forward(student_logits, teacher_logits, temperature):
+def _fake_forward(student_logits, teacher_logits, temperature, reduction):
     check_logits(student_logits, teacher_logits)
     check_temperature(temperature)
+    check_reduction(reduction)
     dtype = reference.math_dtype(student_logits.dtype)
-    rows = student_logits.new_empty(student_logits.shape[:1], dtype=dtype)
-    return rows, student_logits.new_empty(student_logits.shape, dtype=dtype)
+    loss_shape = student_logits.shape[:1] if reduction == "none" else ()
+    return student_logits.new_empty(loss_shape, dtype=dtype), student_logits.new_empty(student_logits.shape,
+                                                                                      dtype=dtype)
 
 
 def _setup_context(ctx, inputs, output):
+    student, _, _, reduction = inputs
     _, grad = output
     ctx.save_for_backward(grad)
     ctx.mark_non_differentiable(grad)
     ctx.set_materialize_grads(False)  # no (N, K) zeros for the gradient output's unused gradient
-    ctx.student_dtype = inputs[0].dtype
+    ctx.student_dtype = student.dtype
+    ctx.divisor = reduction_divisor(reduction, student.shape)
 
 
-def _backward(ctx, grad_rows, _grad_grad):
-    """The op's backward: d/ds of sum_n grad_rows[n] KL_row[n] is grad_rows[n] * grad[n].
+def _backward(ctx, grad_loss, _grad_grad):
+    """The op's backward: d/ds of the loss is d loss / d KL_row[n] times grad[n].
 
-    The teacher gets no gradient (it is treated as detached), nor does the
-    temperature. The saved gradient is a constant here: no double backward.
+    d loss / d KL_row is the upstream gradient of each row for "none", else the
+    upstream gradient (0-d) / the reduction's divisor. The teacher gets no
+    gradient (it is treated as detached), nor do the temperature and the
+    reduction. The saved gradient is a constant here: no double backward.
     """
     (grad,) = ctx.saved_tensors
-    if grad_rows is None or not ctx.needs_input_grad[0]:
-        return None, None, None
-    return _student_gradient(grad, grad_rows.unsqueeze(-1), ctx.student_dtype), None, None
+    if grad_loss is None or not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    if torch.is_grad_enabled():  # create_graph=True: a second derivative would silently miss this op
+        raise RuntimeError("kl_distill does not support double backward (create_graph=True through the loss); "
+                           "use backend='reference' for second derivatives")
+    if ctx.divisor == 0:
+        row_scale = grad_loss.unsqueeze(-1)
+    else:
+        row_scale = grad_loss if ctx.divisor == 1 else grad_loss / ctx.divisor
+    return (grad * row_scale).to(ctx.student_dtype), None, None, None
 
 
 def register(forward_name: str, *, autograd: bool) -> None:

@@ -48,16 +48,18 @@ def kl_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
     return F.kl_div(log_q, log_p, log_target=True, reduction=reduction)
 
 
-def kl_distill_forward(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                       temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference of robustdrop::kl_distill_forward: (rows (N,), grad (N, K)).
+def kl_distill_forward(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                       reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference of robustdrop::kl_distill_forward: (loss, grad (N, K)).
 
-    rows is KL_row and grad its gradient d KL_row / d s, (softmax(s / T) -
-    softmax(t / T)) / T, both in float32 (float64 for float64 logits); grad
-    is taken by autograd through the torch expression of ``kl_distill``.
+    loss is ``kl_distill`` with ``reduction`` and grad the row gradients
+    d KL_row / d s, (softmax(s / T) - softmax(t / T)) / T, both in float32
+    (float64 for float64 logits); grad is taken by autograd through the torch
+    expression of ``kl_distill``.
     """
     student = student_logits.detach().to(math_dtype(student_logits.dtype)).requires_grad_(True)
     with torch.enable_grad():
         rows = kl_distill(student, teacher_logits, temperature, "none")
         (grad,) = torch.autograd.grad(rows.sum(), student)
-    return rows.detach(), grad
+    loss = rows if reduction == "none" else kl_distill(student, teacher_logits, temperature, reduction)
+    return loss.detach(), grad

@@ -10,7 +10,8 @@ M = max, Z = sum e^(x - M), W = sum_k e^(b_k - M_t) (b_k - a_k). Loop 1 walks K
 in BLOCK chunks keeping, per lane, an online max and the sums Z_s, Z_t and W
 relative to it (multiplied by e^(m_old - m_new) when the max grows), then
 merges the lanes; loop 2 re-reads the row (from cache) and writes the
-gradient. Rows and gradient are float32 (float64 for float64
+gradient. The rows are then reduced as the compiled op reduces them
+(``reduce_rows``, a torch sum). Rows and gradient are float32 (float64 for float64
 logits), the maths in the same type; 1 / T is rounded once on the host, as on
 the CPU and CUDA, and passed in a one-element tensor so that float64 keeps it
 exactly.
@@ -19,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from robustdrop.ops.kl_distill import check_logits, check_temperature
+from robustdrop.ops.kl_distill import check_logits, check_reduction, check_temperature, reduce_rows
 from robustdrop.reference.kl_distill import math_dtype
 
 from .philox import launch, register_op
@@ -91,26 +92,29 @@ def _unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 @register_op("robustdrop::kl_distill_forward_triton", _kl_distill_kernel)
-def kl_distill_forward(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                       temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row the KL and its student gradient: ``(rows, grad)`` as ``robustdrop::kl_distill_forward``.
+def kl_distill_forward(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                       reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss and the row gradients: ``(loss, grad)`` as ``robustdrop::kl_distill_forward``.
 
     student_logits, teacher_logits: (N, K) of one dtype (float16/bfloat16/
     float32/float64) on one device, any strides. temperature: finite, > 0.
-    Returns rows (N,) and grad (N, K), float32 (float64 for float64 logits).
+    reduction: "batchmean", "sum", "mean" or "none". Returns the loss (0-d, or
+    the rows (N,) for "none") and grad (N, K) = d KL_row / d s, float32
+    (float64 for float64 logits).
     """
     check_logits(student_logits, teacher_logits)
     check_temperature(temperature)
+    check_reduction(reduction)
     student = _unit_stride_rows(student_logits)
     teacher = _unit_stride_rows(teacher_logits)
     n, k = student.shape
     dtype = math_dtype(student.dtype)
     grad = torch.empty((n, k), dtype=dtype, device=student.device)
-    if n == 0 or k == 0:
-        return torch.zeros((n,), dtype=dtype, device=student.device), grad  # a sum over no classes is 0
+    if n == 0 or k == 0:  # a sum over no classes is 0
+        return reduce_rows(torch.zeros((n,), dtype=dtype, device=student.device), reduction, (n, k)), grad
     rows = torch.empty((n,), dtype=dtype, device=student.device)
     inv_t = torch.full((1,), 1.0 / temperature, dtype=dtype, device=student.device)
     block = min(triton.next_power_of_2(k), _MAX_BLOCK)
     launch(_kl_distill_kernel, (n,), student, teacher, inv_t, rows, grad, k, student.stride(0), teacher.stride(0),
            DOUBLE=dtype == torch.float64, BLOCK=block, num_warps=4 if block <= 1024 else 8)
-    return rows, grad
+    return reduce_rows(rows, reduction, (n, k)), grad
