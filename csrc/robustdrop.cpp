@@ -67,4 +67,8 @@ TORCH_LIBRARY(robustdrop, m) {
   // row gradient, which the backward scales by d loss / d KL_row.
   m.def("kl_distill_forward(Tensor student_logits, Tensor teacher_logits, float temperature, str reduction) "
         "-> (Tensor, Tensor)");
+  // The loss of kl_distill_forward alone, what robustdrop.ews.kl_distill calls: the row
+  // gradient stays inside its autograd node, which can then scale it in place. Its kernel,
+  // one for every device, and its autograd are in csrc/autograd/kl_distill_autograd.cpp.
+  m.def("kl_distill(Tensor student_logits, Tensor teacher_logits, float temperature, str reduction) -> Tensor");
 }

@@ -191,13 +191,14 @@ def _op_cases(ops):
         "kl_distill": lambda: list(ops.kl_distill_forward(student, teacher, 2.0, "none")),
         "kl_distill_float64": lambda: list(ops.kl_distill_forward(student[:, :40].double(),
                                                                   teacher[:, :40].double(), 1.0, "batchmean")),
+        "kl_distill_loss": lambda: [ops.kl_distill(student, teacher, 0.5, "mean")],
     }
 
 
 CASES = ["philox", "block_wide", "block_wide_coupled", "block_tall", "block_separable", "block_per_sample_groups",
          "block_half_channels_last", "cam", "cam_channels_last", "cam_separable", "cam_uncached_keys",
          "density_gram", "density_covariance", "density_features", "density_global_workspace", "fixed_mask",
-         "kl_distill", "kl_distill_float64"]
+         "kl_distill", "kl_distill_float64", "kl_distill_loss"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -389,5 +389,92 @@ def test_compiled_op_autograd_runs_no_python(device):
     student = torch.randn(4, 7, device=device, requires_grad=True)
     teacher = torch.randn(4, 7, device=device)
     forward = torch.ops.robustdrop.kl_distill_forward
+    loss_op = torch.ops.robustdrop.kl_distill
     for reduction in REDUCTIONS:
         assert python_calls_in_autograd(lambda s: forward(s, teacher, 2.0, reduction)[0], student) == []
+        assert python_calls_in_autograd(lambda s: loss_op(s, teacher, 2.0, reduction), student) == []
+
+
+# --------------------------------------------------------------------------- the loss op
+# robustdrop::kl_distill, what the public API calls on the compiled backends: kl_distill_forward's
+# loss, with the row gradient private to its autograd node, which scales it in place on its last use.
+
+
+def backward_ops(loss, inputs, **kwargs):
+    """The aten ops that ``torch.autograd.grad(loss, inputs, **kwargs)`` runs, and its result."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        grads = torch.autograd.grad(loss, inputs, **kwargs)
+    return {event.name for event in profile.events()}, grads
+
+
+@pytest.mark.parametrize("device", COMPILED_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_loss_op_equals_the_forward_op_to_the_bit(device, dtype, reduction):
+    s = logits((5, 33), dtype, device, seed=29).requires_grad_(True)
+    t = logits((5, 33), dtype, device, seed=30)
+    loss = torch.ops.robustdrop.kl_distill(s, t, 1.5, reduction)
+    expected, _ = torch.ops.robustdrop.kl_distill_forward(s, t, 1.5, reduction)
+    assert torch.equal(loss, expected)
+    weight = torch.linspace(-1, 2, loss.numel(), device=device, dtype=loss.dtype).view(loss.shape)
+    ops, (grad,) = backward_ops(loss, s, grad_outputs=weight)
+    assert "aten::mul_" in ops and "aten::mul" not in ops  # the saved gradient's buffer, scaled in place
+    (expected_grad,) = torch.autograd.grad(expected, s, weight)
+    assert grad.dtype == dtype and torch.equal(grad, expected_grad)
+    with torch.inference_mode():  # below autograd: the op's own kernel
+        assert torch.equal(torch.ops.robustdrop.kl_distill(s, t, 1.5, reduction), expected)
+
+
+@pytest.mark.parametrize("device", COMPILED_DEVICES)
+def test_loss_op_scales_a_copy_while_the_graph_is_kept(device):
+    s = logits((4, 50), torch.float32, device, seed=31).requires_grad_(True)
+    t = logits((4, 50), torch.float32, device, seed=32)
+    loss = kl_distill(s, t, backend="cpu" if device == "cpu" else "cuda")
+    ops_kept, (first,) = backward_ops(loss, s, retain_graph=True)
+    ops_again, (second,) = backward_ops(loss, s, retain_graph=True)
+    ops_last, (last,) = backward_ops(loss, s)
+    assert "aten::mul" in ops_kept and "aten::mul_" not in ops_kept
+    assert "aten::mul" in ops_again and "aten::mul_" in ops_last
+    assert torch.equal(first, second) and torch.equal(first, last)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(loss, s)
+
+
+@pytest.mark.parametrize("device", COMPILED_DEVICES)
+def test_loss_op_leaves_a_tensor_kept_by_saved_tensor_hooks_alone(device):
+    s = logits((4, 50), torch.float32, device, seed=33).requires_grad_(True)
+    t = logits((4, 50), torch.float32, device, seed=34)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: kept.append((x, x.clone())) or x, lambda x: x):
+        loss = torch.ops.robustdrop.kl_distill(s, t, 1.0, "batchmean")
+    ops, (grad,) = backward_ops(loss, s)
+    assert "aten::mul_" not in ops
+    assert len(kept) == 1 and torch.equal(kept[0][0], kept[0][1])
+    (expected,) = torch.autograd.grad(torch.ops.robustdrop.kl_distill(s, t, 1.0, "batchmean"), s)
+    assert torch.equal(grad, expected)
+
+
+@pytest.mark.parametrize("device", COMPILED_DEVICES)
+def test_loss_op_gradients_accumulate(device):
+    s = logits((3, 20), torch.float32, device, seed=35).requires_grad_(True)
+    t = logits((3, 20), torch.float32, device, seed=36)
+    (single,) = torch.autograd.grad(torch.ops.robustdrop.kl_distill(s, t, 1.0, "sum"), s)
+    torch.ops.robustdrop.kl_distill(s, t, 1.0, "sum").backward()
+    torch.ops.robustdrop.kl_distill(s, t, 1.0, "sum").backward()
+    assert torch.equal(s.grad, single * 2)
+    s.grad = None
+    loss = torch.ops.robustdrop.kl_distill(s, t, 1.0, "sum")
+    (loss * 2 + torch.ops.robustdrop.kl_distill(s, t, 1.0, "sum")).backward()
+    torch.testing.assert_close(s.grad, single * 3)
+
+
+@pytest.mark.parametrize("device", COMPILED_DEVICES)
+def test_loss_op_opcheck_and_bad_input(device):
+    s = logits((3, 10), torch.float32, device, seed=37).requires_grad_(True)
+    t = logits((3, 10), torch.float32, device, seed=38)
+    for reduction in REDUCTIONS:
+        torch.library.opcheck(torch.ops.robustdrop.kl_distill, (s, t, 1.5, reduction))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        torch.ops.robustdrop.kl_distill(s, t, 1.0, "avg")
+    with pytest.raises(ValueError, match="teacher_logits must have student_logits' shape"):
+        torch.ops.robustdrop.kl_distill(s, t[:, :9], 1.0, "sum")

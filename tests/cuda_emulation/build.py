@@ -97,7 +97,7 @@ def rewrite_kernel_source(text: str, origin: str) -> str:
 def rewrite_autograd_source(text: str, origin: str) -> str:
     """One csrc/autograd file with its ops and registrations in the emulated library."""
     text = text.replace('"robustdrop::', f'"{LIBRARY}::')
-    text = text.replace("TORCH_LIBRARY_IMPL(robustdrop, Autograd, m)", f"TORCH_LIBRARY_IMPL({LIBRARY}, Autograd, m)")
+    text = text.replace("TORCH_LIBRARY_IMPL(robustdrop, ", f"TORCH_LIBRARY_IMPL({LIBRARY}, ")
     return f'#line 1 "{origin}"\n{text}'
 
 

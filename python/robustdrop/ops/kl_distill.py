@@ -13,6 +13,12 @@ one autograd node for the whole loss. The compiled op's autograd is in C++
 (csrc/autograd/kl_distill_autograd.cpp, reductions in csrc/kl_distill.h), the
 Triton op's below, with the same formula.
 
+On the compiled backends ``kl_distill`` calls ``robustdrop::kl_distill`` instead, the
+same forward returning the loss alone: with the row gradients private to its
+autograd node, the backward scales them in place when the graph is not kept for
+another backward (and no saved-tensor hooks were active in the forward), so the
+student's gradient needs no new (N, K) buffer.
+
 Saving the gradient costs N*K*4 bytes (N*K*8 for float64) until the backward.
 Recomputing it in a backward kernel instead would save that memory but repeat the
 forward's work (two exponentials per element) where the scale is one multiply: on
@@ -72,7 +78,9 @@ def kl_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, te
     teacher = teacher_logits.detach()
     if name == "reference":
         return reference.kl_distill(student_logits, teacher, temperature, reduction)
-    return _FORWARD[name](student_logits, teacher, temperature, reduction)[0]
+    if name == "triton":
+        return _FORWARD[name](student_logits, teacher, temperature, reduction)[0]
+    return torch.ops.robustdrop.kl_distill(student_logits, teacher, temperature, reduction)
 
 
 def check_logits(student_logits, teacher_logits) -> None:
