@@ -91,11 +91,15 @@ def assert_grad_close(actual, expected, bound, what):
     assert_within(actual, expected, bound, what)
 
 
+def divisor(reduction, shape):
+    """What the loss divides the sum of the rows of logits ``shape`` (N, K) by (1 for "none": no sum)."""
+    return max({"none": 1, "sum": 1, "batchmean": shape[0], "mean": shape[0] * shape[1]}[reduction], 1)
+
+
 def reduce_bound(rows_bound, reduction, shape):
     if reduction == "none":
         return rows_bound
-    count = {"sum": 1, "batchmean": shape[0], "mean": shape[0] * shape[1]}[reduction]
-    return rows_bound.sum() / max(count, 1)
+    return rows_bound.sum() / divisor(reduction, shape)
 
 
 # --------------------------------------------------------------------------- the op
@@ -128,7 +132,7 @@ def test_op_reduces_the_rows_and_returns_the_row_gradient(device, backend, dtype
     rows, rows_grad = forward_op(backend)(s, t, temperature, "none")
     expected_loss, expected_grad = reference.kl_distill_forward(s, t, temperature, reduction)
     assert loss.dtype == math_dtype(dtype) and loss.shape == expected_loss.shape
-    assert loss.shape == (shape if reduction == "none" else ())[:1]
+    assert loss.shape == ((shape[0],) if reduction == "none" else ())
     bound = reduce_bound(row_bound(s, t, temperature), reduction, shape)
     assert_within(loss, expected_loss, bound + 8 * torch.finfo(loss.dtype).eps * expected_loss.double().abs(), "loss")
     assert torch.equal(grad, rows_grad)  # the reduction is applied in the backward, not to the saved gradient
@@ -148,7 +152,7 @@ def test_op_autograd_scales_the_saved_gradient(device, backend, dtype, reduction
         row_scale = weight.unsqueeze(-1)
     else:
         weight = torch.tensor(-2.5, device=device)
-        row_scale = weight / {"sum": 1, "batchmean": 3, "mean": 3 * 21}[reduction]
+        row_scale = weight / divisor(reduction, (3, 21))
     grad_s, grad_t = torch.autograd.grad(loss, (s, t), weight, allow_unused=True)
     assert grad_t is None
     assert torch.equal(grad_s, (saved * row_scale).to(dtype))
@@ -207,8 +211,7 @@ def test_public_api_loss_and_gradient_match_reference(device, backend, dtype, re
     weight = torch.linspace(-1, 2, loss.numel(), device=device, dtype=loss.dtype).view(loss.shape)
     (grad,) = torch.autograd.grad(loss, s, weight)
     (expected_grad,) = torch.autograd.grad(expected, s, weight)
-    rows_weight = weight.double().abs() * (1.0 / {"none": 1, "sum": 1, "batchmean": shape[0],
-                                                    "mean": shape[0] * shape[1]}[reduction])
+    rows_weight = weight.double().abs() * (1.0 / divisor(reduction, shape))
     bound = grad_bound(s, t, temperature) * (rows_weight.unsqueeze(1) if reduction == "none" else rows_weight)
     assert_grad_close(grad, expected_grad, bound, "grad")
 

@@ -79,7 +79,7 @@ def kl_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, te
     if name == "reference":
         return reference.kl_distill(student_logits, teacher, temperature, reduction)
     if name == "triton":
-        return _FORWARD[name](student_logits, teacher, temperature, reduction)[0]
+        return torch.ops.robustdrop.kl_distill_forward_triton(student_logits, teacher, temperature, reduction)[0]
     return torch.ops.robustdrop.kl_distill(student_logits, teacher, temperature, reduction)
 
 
@@ -135,9 +135,6 @@ def reduce_rows(rows: torch.Tensor, reduction: str, shape) -> torch.Tensor:
         return rows
     total = rows.sum()
     return total if divisor == 1 else total / divisor
-
-
-_FORWARD = _backend.forward_table("kl_distill_forward", reference.kl_distill_forward)
 
 
 def _fake_forward(student_logits, teacher_logits, temperature, reduction):
