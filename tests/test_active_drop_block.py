@@ -108,7 +108,21 @@ def test_step_returns_the_largest_loss_with_its_graph(mode):
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
     for layer in model.modules():
         if isinstance(layer, ActiveDropBlock2d):
-            assert layer.policy is None and not layer.batched_policies
+            assert layer.policy is None and layer.step_policy_index is None and not layer.batched_policies
+
+
+def test_step_evaluates_the_pool_over_a_fixed_policy_and_keeps_it():
+    """A rate fixed on the layer gives way to the step's policies during the step and holds again after it."""
+    torch.manual_seed(0)
+    model = tiny_model(policies=(0.0, 0.5, 0.9))
+    layer = model[3]
+    layer.policy = 0.5
+    inputs, targets = batch(8, 16)
+    step = active_dropblock_step(model, nn.functional.cross_entropy, inputs, targets)
+    assert len(set(step.losses.tolist())) == 3
+    assert layer.policy == 0.5 and layer.step_policy_index is None
+    model(inputs)
+    assert layer.last_policy == 0.5
 
 
 def test_step_policies_differ_in_loss():

@@ -41,6 +41,8 @@ from robustdrop import models
 from robustdrop.ews import GatedNetwork, kl_distill
 from robustdrop.nn import (ActiveDropBlock2d, CamDrop2d, DropBlock2d, FeatureDensityDropout1d, FeatureDensityDropout2d,
                            RandomMask2d, cam_targets)
+from robustdrop.nn.active_drop_block import DEFAULT_POLICIES
+from robustdrop.training import active_dropblock_step
 
 BACKENDS = [name for name in ("cpu", "reference") if robustdrop.backends()[name].available]
 AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]
@@ -317,6 +319,90 @@ def test_resnet18_compiled_fullgraph_matches_eager(method):
     for handle in handles:
         handle.remove()
     assert changed and all(changed)  # every forward of the method's layers dropped something
+
+
+def _active_step_model(policies, backend: str) -> nn.Module:
+    """A small float64 CNN with a BatchNorm on each side of an ActiveDropBlock2d layer."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         ActiveDropBlock2d(3, policies=policies, backend=backend), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 5)).double().train()
+
+
+def _active_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, seed: int):
+    """One sequential active_dropblock_step from ``seed``: the step and the chosen loss's parameter gradients."""
+    torch.manual_seed(seed)
+    step = active_dropblock_step(model, F.cross_entropy, x, target)
+    return step, torch.autograd.grad(step.loss, list(model.parameters()))
+
+
+def test_sequential_active_step_compiles_once():
+    """The sequential step on a torch.compile(fullgraph=True) model: ten policies (more than Dynamo's default
+    limit of eight recompiles) and two steps with one compile, and the same losses, choice, gradients and
+    BatchNorm statistics as the eager step. The pool has no zero rate: a compiled zero-rate forward draws a
+    mask seed that eager skips (ActiveDropBlock2d._forward_traced), which would shift the later draws."""
+    torch._dynamo.reset()
+    backend = "cpu" if "cpu" in BACKENDS else "reference"
+    policies = tuple(0.02 * (k + 1) for k in range(10))
+    torch.manual_seed(0)
+    model = _active_step_model(policies, backend)
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    data = torch.Generator().manual_seed(1)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in (10, 11):
+            x = torch.randn(4, 3, 9, 9, generator=data, dtype=torch.float64)
+            target = torch.randint(0, 5, (4,), generator=data)
+            step, grads = _active_step(compiled, x, target, seed)
+            step_eager, grads_eager = _active_step(eager, x, target, seed)
+            assert len(set(step.losses.tolist())) == len(policies)  # every policy ran with its own rate
+            torch.testing.assert_close(step.losses, step_eager.losses)
+            assert (step.policy_index, step.policy) == (step_eager.policy_index, step_eager.policy)
+            assert torch.equal(step.loss.detach(), step.losses.max())
+            for grad, grad_eager in zip(grads, grads_eager):
+                torch.testing.assert_close(grad, grad_eager)
+            for buffer, buffer_eager in zip(model.buffers(), eager.buffers()):
+                torch.testing.assert_close(buffer, buffer_eager, rtol=0, atol=1e-12)
+    layer = model[3]
+    assert layer.step_policy_index is None and layer.policy is None
+
+
+@pytest.mark.parametrize("fullgraph", [True, False])
+def test_sequential_active_step_default_pool_compiled(fullgraph):
+    """The paper's pool (a zero rate first) on a compiled model, with and without fullgraph: the steps do not
+    recompile per policy (without fullgraph the seed's graph break recompiles once, for a dynamic seed), the
+    zero rate's loss is eager's, and the loss to train is the largest."""
+    torch._dynamo.reset()
+    backend = "cpu" if "cpu" in BACKENDS else "reference"
+    torch.manual_seed(0)
+    model = _active_step_model(DEFAULT_POLICIES, backend)
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=fullgraph, backend="aot_eager")
+    x, target = torch.randn(4, 3, 9, 9, dtype=torch.float64), torch.randint(0, 5, (4,))
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        for seed in (10, 11, 12):
+            step, _ = _active_step(compiled, x, target, seed)
+            step_eager, _ = _active_step(eager, x, target, seed)
+            assert step.losses.shape == (10,) and torch.equal(step.loss.detach(), step.losses.max())
+            torch.testing.assert_close(step.losses[0], step_eager.losses[0])
+
+
+def test_active_drop_block_change_threshold_compiled():
+    """Algorithm 1's re-pick reads norms on the host: compiled without fullgraph it runs between graphs and
+    re-picks as eager does; with fullgraph=True the error names it."""
+    torch._dynamo.reset()
+    layer = ActiveDropBlock2d(3, policies=(0.0, 0.3), change_threshold=0.05,
+                              backend="cpu" if "cpu" in BACKENDS else "reference")
+    layer.policy = 0.0  # no change: the re-pick must move to 0.3
+    x = torch.rand(2, 3, 16, 16) + 1.0
+    torch.manual_seed(3)
+    y = torch.compile(layer, backend="aot_eager")(x)
+    assert layer.last_policy == 0.3
+    torch.manual_seed(3)
+    assert_same_bits(y, layer(x))
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="change_threshold reads norms on the host"):
+        torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
 
 
 @pytest.mark.parametrize("normalize", ["batch", "sample", "none"])

@@ -106,6 +106,15 @@ def _check_device(name: str, device_type: str) -> None:
         raise ValueError(f"backend='triton' runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), but x is on {device_type}")
 
 
+def eager_only(function, reason: str):
+    """``function`` run as Python between two graphs under torch.compile (a graph break); under
+    ``fullgraph=True`` calling it is Dynamo's error, which gives ``reason``."""
+    try:
+        return torch.compiler.disable(function, reason=reason)
+    except TypeError:  # older torch takes no reason
+        return torch.compiler.disable(function)
+
+
 def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
     """The backend that runs an op on ``tensor`` when the caller asked for ``backend``."""
     return _resolve(backend, tensor.device.type)

@@ -59,7 +59,9 @@ def active_dropblock_step(model: nn.Module, loss_fn, inputs: torch.Tensor, targe
             forward records its graph, and only the largest loss's graph is
             kept (at most two at a time). The model's buffers (BatchNorm
             statistics, counters) end as if only the chosen policy's forward
-            had run. ``"batched"``: one forward of the batch repeated once per
+            had run. A ``torch.compile``d model compiles once for the step,
+            not once per policy: the layers read the policy's index as a
+            tensor. ``"batched"``: one forward of the batch repeated once per
             policy (P*N samples), copy k masked with policy k and normalised
             on its own; the P losses come from the P slices of the output.
             Faster on a GPU for small batches, but layers that mix samples see
@@ -111,13 +113,17 @@ def _sequential_step(model, layers, count, loss_fn, inputs, targets) -> ActiveDr
     owners = _buffer_owners(model)
     originals = [module._buffers[name] for module, name in owners]
     losses, best_index, best_loss, best_buffers = [], 0, None, None
+    # One index for every layer, changed in place: a compiled model sees the same tensor input at every
+    # policy, so it compiles once for the step (ActiveDropBlock2d.step_policy_index).
+    policy_index = torch.zeros(1, dtype=torch.int64)
+    for layer in layers:
+        layer.step_policy_index = policy_index
     try:
         for index in range(count):
             copies = [buffer.detach().clone() for buffer in originals]
             for (module, name), copy in zip(owners, copies):
                 module._buffers[name] = copy
-            for layer in layers:
-                layer.policy = layer.policies[index]
+            policy_index.fill_(index)
             loss = _scalar_loss(loss_fn, model(inputs), targets)
             losses.append(loss.detach())
             # Strictly larger: a tie keeps the lower index, as torch.argmax does.
@@ -125,7 +131,7 @@ def _sequential_step(model, layers, count, loss_fn, inputs, targets) -> ActiveDr
                 best_index, best_loss, best_buffers = index, loss, copies
     finally:
         for layer in layers:
-            layer.policy = None
+            layer.step_policy_index = None
         for (module, name), original in zip(owners, originals):
             module._buffers[name] = original
     with torch.no_grad():

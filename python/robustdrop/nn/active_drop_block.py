@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from robustdrop import _checks
-from robustdrop._backend import resolve_backend
+from robustdrop._backend import eager_only, resolve_backend
 from robustdrop.ops.block_mask import NORMALIZE_MODES, block_drop, drop_block2d
 
 __all__ = ["ActiveDropBlock2d", "DEFAULT_POLICIES"]
@@ -42,13 +42,17 @@ class ActiveDropBlock2d(nn.Module):
     * inside ``active_dropblock_step``: the policy the step is evaluating
       (sequential mode), or every policy at once, one per copy of the batch
       (batched mode);
-    * otherwise: a policy drawn uniformly from the pool with torch's default
-      generator at each forward.
+    * otherwise the attribute ``policy`` when set to a rate, else a policy
+      drawn uniformly from the pool with torch's default generator at each
+      forward.
 
-    ``last_policy`` records the rate the last training forward used (None after
-    a batched forward, and under torch.compile, where the drawn rate stays a
-    tensor). The identity in eval mode. ``change_threshold`` reads norms on the
-    host, so it does not run inside ``torch.compile(fullgraph=True)``.
+    Under torch.compile the drawn policy and the step's stay tensors in the
+    graph, so a compiled model compiles once for the random draw and once for
+    the sequential step, not once per policy. ``last_policy`` records the rate
+    the last training forward used (None after a batched forward, and under
+    torch.compile where the rate is a tensor). The identity in eval mode.
+    ``change_threshold`` reads norms on the host: under torch.compile that part
+    runs between graphs, and ``fullgraph=True`` refuses it with that reason.
     """
 
     def __init__(self, block_size: int, *, policies=DEFAULT_POLICIES, change_threshold: float | None = None,
@@ -62,8 +66,13 @@ class ActiveDropBlock2d(nn.Module):
         self.normalize = _checks.check_choice(normalize, "normalize", NORMALIZE_MODES)
         self.eps = _checks.check_non_negative(eps, "eps")
         self.backend = backend
-        # Set by active_dropblock_step for the forwards it runs.
+        # A fixed rate for every training forward, when set (tests, experiments).
         self.policy: float | None = None
+        # Set by active_dropblock_step (sequential mode) for the forwards it runs: the pool index of
+        # the policy under evaluation, a (1,) int64 CPU tensor that the step changes in place between
+        # forwards. A compiled model reads it as a tensor input, where a float rate would be a
+        # constant that Dynamo recompiles for at every policy.
+        self.step_policy_index: torch.Tensor | None = None
         self.batched_policies = False
         self.last_policy: float | None = None
 
@@ -73,33 +82,40 @@ class ActiveDropBlock2d(nn.Module):
         if self.batched_policies:
             self.last_policy = None
             return self._forward_every_policy(x)
-        if self.policy is None and torch.compiler.is_compiling():
-            self.last_policy = None
-            return self._forward_random_policy_traced(x)
-        rate = self.policy if self.policy is not None else self._random_policy()
-        y = self._drop(x, rate)
         if self.change_threshold is not None:
-            rate, y = self._repick(x, rate, y)
+            return _forward_repicking(self, x)
+        if torch.compiler.is_compiling() and (self.step_policy_index is not None or self.policy is None):
+            self.last_policy = None
+            index = self.step_policy_index
+            if index is None:
+                # Shape (1,), not (): the same one draw as eager's, and a tensor index keeps the lookup in the graph.
+                index = torch.randint(len(self.policies), (1,))
+            return self._forward_traced(x, index)
+        rate = self._eager_policy()
         self.last_policy = rate
-        return y
+        return self._drop(x, rate)
 
     def _drop(self, x: torch.Tensor, rate: float) -> torch.Tensor:
         return drop_block2d(x, rate, self.block_size, couple_channels=self.couple_channels, normalize=self.normalize,
                             eps=self.eps, backend=self.backend)
 
-    def _random_policy(self) -> float:
+    def _eager_policy(self) -> float:
+        """The rate of an eager training forward: the step's, else the fixed policy, else a random draw."""
+        if self.step_policy_index is not None:
+            return self.policies[int(self.step_policy_index)]
+        if self.policy is not None:
+            return self.policy
         return self.policies[int(torch.randint(len(self.policies), ()))]
 
-    def _forward_random_policy_traced(self, x: torch.Tensor) -> torch.Tensor:
-        """The random-policy forward under torch.compile: the same draws as eager (the policy index,
-        then the mask seed, both from torch's default generator), but the drawn rate stays a tensor,
+    def _forward_traced(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """A training forward under torch.compile with the policy of pool index ``index`` (1,) int64:
+        drawn here (the random policy) or the step's. The same draws as eager (the policy index when
+        drawn, then the mask seed, both from torch's default generator), but the rate stays a tensor,
         given to every sample as a per-sample rate (N,): a Python float read from a tensor would
-        break the graph. The same gamma in float64 as the scalar path, so the same mask bits. A
-        policy of 0 differs in two small ways: it still draws a mask seed (eager skips the op and the
-        draw), and with normalize="batch" its scale float32(numel / (eps + numel)) is 1 only for
-        numel >= 34 (below, kept values move by one ulp)."""
-        # Shape (1,), not (): the same one draw, and a tensor index keeps the lookup in the graph.
-        index = torch.randint(len(self.policies), (1,))
+        break the graph, and a float constant would recompile per policy. The same gamma in float64
+        as the scalar path, so the same mask bits. A policy of 0 differs in two small ways: it still
+        draws a mask seed (eager skips the op and the draw), and with normalize="batch" its scale
+        float32(numel / (eps + numel)) is 1 only for numel >= 34 (below, kept values move by one ulp)."""
         rates = torch.tensor(self.policies, dtype=torch.float64)[index].to(x.device).expand(x.shape[0])
         groups = x.shape[0] if self.normalize == "sample" and x.shape[0] > 0 else 1
         return block_drop(x, rates, self.block_size, couple_channels=self.couple_channels,
@@ -143,6 +159,18 @@ class ActiveDropBlock2d(nn.Module):
         return (f"block_size={self.block_size}, policies={self.policies}, change_threshold={self.change_threshold}, "
                 f"couple_channels={self.couple_channels}, normalize={self.normalize!r}, eps={self.eps}, "
                 f"backend={self.backend!r}")
+
+
+def _forward_repicking(layer: ActiveDropBlock2d, x: torch.Tensor) -> torch.Tensor:
+    """A training forward with Algorithm 1's re-pick, which branches on norms read on the host."""
+    rate = layer._eager_policy()
+    rate, y = layer._repick(x, rate, layer._drop(x, rate))
+    layer.last_policy = rate
+    return y
+
+
+_forward_repicking = eager_only(_forward_repicking, "ActiveDropBlock2d's change_threshold reads norms on the host: it "
+                                                    "runs between graphs, not under torch.compile(fullgraph=True)")
 
 
 def relative_change(x: torch.Tensor, y: torch.Tensor, x_norm: float) -> float:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from robustdrop import _backend, _checks
-from robustdrop._backend import extension_error
+from robustdrop._backend import eager_only, extension_error
 from robustdrop._seed import draw_seed, op_seed
 from robustdrop.ops.fixed_mask import fixed_mask2d, pack_fixed_mask
 from robustdrop.reference.fixed_mask import MODES, random_keep_mask
@@ -58,12 +58,8 @@ def _fast_uniform():
 
 def _not_compiled(function):
     """A graph break under torch.compile: the mask is drawn once, by Python-level work not worth tracing."""
-    reason = ("RandomMask2d builds its mask at the first forward: run one eager forward, or pass shape=, "
-              "before torch.compile(fullgraph=True)")
-    try:
-        return torch.compiler.disable(function, reason=reason)
-    except TypeError:  # older torch takes no reason
-        return torch.compiler.disable(function)
+    return eager_only(function, "RandomMask2d builds its mask at the first forward: run one eager forward, or pass "
+                                "shape=, before torch.compile(fullgraph=True)")
 
 
 class RandomMask2d(nn.Module):
