@@ -131,6 +131,22 @@ def assert_backend_matches_reference(call, x: torch.Tensor, backend: str):
         assert_same_bits(actual, expected)
 
 
+def assert_drawn_seed_variant(op, args: tuple, seed_position: int):
+    """The ``_drawn_seed`` variant of the seeded forward op ``op`` (what a drawn seed goes through under
+    torch.compile) with ``args``' seed as a 0-d int64 CPU tensor: registered soundly (opcheck), and
+    ``op``'s outputs and x's gradient (x, args[0], requiring grad), to the bit."""
+    variant = getattr(torch.ops.robustdrop, op._qualified_op_name.split("::")[1] + "_drawn_seed")
+    variant_args = args[:seed_position] + (torch.tensor(args[seed_position]),) + args[seed_position + 1:]
+    torch.library.opcheck(variant, variant_args)
+    results = []
+    for call, call_args in ((variant, variant_args), (op, args)):
+        outputs = call(*call_args)
+        g = torch.linspace(-2, 3, outputs[0].numel(), device=outputs[0].device).view(outputs[0].shape)
+        results.append(list(outputs) + list(torch.autograd.grad(outputs[0], args[0], g.to(outputs[0].dtype))))
+    for actual, expected in zip(*results):
+        assert_same_bits(actual, expected)
+
+
 def memory_layouts(x: torch.Tensor) -> dict[str, torch.Tensor]:
     """x (N, C, H, W) with the same values in three layouts the kernels must handle."""
     return {

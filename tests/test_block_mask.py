@@ -9,8 +9,8 @@ import torch
 import robustdrop
 from robustdrop.nn import DropBlock2d
 from robustdrop.reference import block_mask as reference
-from conftest import (COMPILED_DEVICES, DEVICE_BACKENDS, DEVICES, KERNEL_BACKENDS, assert_compiled_matches_eager,
-                      assert_same_bits, python_calls_in_autograd)
+from conftest import (COMPILED_DEVICES, DEVICES, DEVICE_BACKENDS, KERNEL_BACKENDS, assert_compiled_matches_eager,
+                      assert_drawn_seed_variant, assert_same_bits, python_calls_in_autograd)
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -156,6 +156,7 @@ def test_opcheck(device, backend):
     x = torch.randn(2, 3, 9, 10, device=device, requires_grad=True)
     for couple in (False, True):
         torch.library.opcheck(forward, (x, 3, 0.2, 3, couple, True, 1e-6))
+        assert_drawn_seed_variant(forward, (x, 3, 0.2, 3, couple, True, 1e-6), seed_position=1)
     _, mask, scale = forward(x.detach(), 3, 0.2, 3, False, True, 1e-6)
     torch.library.opcheck(backward, (torch.randn_like(x), mask, scale))
 

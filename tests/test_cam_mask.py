@@ -9,8 +9,9 @@ import robustdrop
 from robustdrop.nn import CamDrop2d, cam_targets, set_cam_targets
 from robustdrop.reference import block_mask as block_reference
 from robustdrop.reference import cam_mask as reference
-from conftest import (COMPILED_DEVICES, DEVICE_BACKENDS, EMULATED_CUDA, KERNEL_BACKENDS, assert_backend_matches_reference,
-                      assert_compiled_matches_eager, assert_same_bits, memory_layouts, python_calls_in_autograd)
+from conftest import (COMPILED_DEVICES, DEVICE_BACKENDS, EMULATED_CUDA, KERNEL_BACKENDS,
+                      assert_backend_matches_reference, assert_compiled_matches_eager, assert_drawn_seed_variant,
+                      assert_same_bits, memory_layouts, python_calls_in_autograd)
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -233,6 +234,8 @@ def test_opcheck(device, backend):
     x.requires_grad_(True)
     for guided in (None, torch.tensor(True, device=device), torch.tensor(False, device=device)):
         torch.library.opcheck(forward_op(backend), (x, weight, target, guided, 5, 0.3, 3, 10, 2, True, 1e-6))
+        assert_drawn_seed_variant(forward_op(backend), (x, weight, target, guided, 5, 0.3, 3, 10, 2, True, 1e-6),
+                                  seed_position=4)
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)

@@ -15,7 +15,8 @@ import robustdrop
 from robustdrop.nn import FeatureDensityDropout1d, FeatureDensityDropout2d
 from robustdrop.reference import feature_density as reference
 from conftest import (COMPILED_DEVICES, DEVICE_BACKENDS, KERNEL_BACKENDS, assert_backend_matches_reference,
-                      assert_compiled_matches_eager, assert_same_bits, memory_layouts, python_calls_in_autograd)
+                      assert_compiled_matches_eager, assert_drawn_seed_variant, assert_same_bits, memory_layouts,
+                      python_calls_in_autograd)
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 EDGE_BOUND = 1e-4  # DESIGN.md 4.3
@@ -346,6 +347,8 @@ def test_opcheck(device, backend):
     torch.library.opcheck(op("feature_density", backend), (x.detach(), 2, 5))
     for rescale in (False, True):
         torch.library.opcheck(op("feature_density_forward", backend), (x, 2, 5, 7, -0.8, 0.9, rescale))
+        assert_drawn_seed_variant(op("feature_density_forward", backend), (x, 2, 5, 7, -0.8, 0.9, rescale),
+                                  seed_position=3)
     features = torch.randn(4, 9, device=device, requires_grad=True)
     torch.library.opcheck(op("feature_density_forward", backend), (features, 1, 25, 7, -0.8, 0.9, False))
     mask = torch.tensor([[0b101], [0b11111111]], dtype=torch.uint8, device=device)

@@ -158,15 +158,32 @@ def _resolve_uncached(backend: str, device_type: str) -> str:
     return backend
 
 
-def forward_table(op_name: str, reference_forward) -> dict:
+# The variant of a seeded op that takes its seed as a 0-d int64 CPU tensor (ops/block_mask.register_forward).
+DRAWN_SEED_SUFFIX = "_drawn_seed"
+
+
+def forward_table(op_name: str, reference_forward, *, seed_position: int | None = None) -> dict:
     """Backend name -> forward of one op: ``robustdrop::<op_name>`` (CPU and CUDA kernels),
     ``robustdrop::<op_name>_triton`` and the reference. The ops are looked up at call
-    time, so an install without them still imports."""
+    time, so an install without them still imports.
+
+    For a seeded op, ``seed_position`` is the index of its seed argument. A seed given
+    as a tensor (``_seed.op_seed`` under torch.compile) goes to the ``_drawn_seed``
+    variant of the compiled or Triton op; the reference reads it as an int.
+    """
+
+    def drawn(args) -> bool:
+        return seed_position is not None and isinstance(args[seed_position], torch.Tensor)
 
     def compiled(*args):
-        return getattr(torch.ops.robustdrop, op_name)(*args)
+        return getattr(torch.ops.robustdrop, op_name + (DRAWN_SEED_SUFFIX if drawn(args) else ""))(*args)
 
     def triton(*args):
-        return getattr(torch.ops.robustdrop, op_name + "_triton")(*args)
+        return getattr(torch.ops.robustdrop, op_name + "_triton" + (DRAWN_SEED_SUFFIX if drawn(args) else ""))(*args)
 
-    return {"cpu": compiled, "cuda": compiled, "triton": triton, "reference": reference_forward}
+    def reference(*args):
+        if drawn(args):
+            args = args[:seed_position] + (int(args[seed_position]),) + args[seed_position + 1:]
+        return reference_forward(*args)
+
+    return {"cpu": compiled, "cuda": compiled, "triton": triton, "reference": reference}

@@ -32,8 +32,10 @@ is architecture, not dropout: it is drawn without the key, so every rank
 seeded alike builds the same masks.
 
 Under ``torch.compile`` the rank is read while tracing (Dynamo folds
-``torch.distributed.get_rank()`` to a constant) and the XOR is a traced
-integer op on the drawn seed tensor, so ``fullgraph=True`` holds; the mode is
+``torch.distributed.get_rank()`` to a constant), the XOR is a traced integer
+op on the drawn seed tensor, and that tensor goes to the op as it is
+(``op_seed``), so a model stays one graph, with or without ``fullgraph=True``;
+the mode is
 a module global that Dynamo guards, so changing it recompiles. Compile after
 ``init_process_group``: a graph traced before it may keep rank 0's rule.
 """
@@ -91,28 +93,40 @@ def _distributed_rank() -> int:
     return distributed.get_rank()
 
 
-def draw_seed(*, per_rank: bool = True) -> int:
-    """A fresh seed from torch's default CPU generator, so ``torch.manual_seed`` makes runs repeatable.
+def draw_seed_tensor(*, per_rank: bool = True) -> torch.Tensor:
+    """A fresh seed from torch's default CPU generator, so ``torch.manual_seed`` makes runs repeatable,
+    as a 0-d int64 CPU tensor.
 
-    Drawn in [0, 2**63) so it needs no conversion, which keeps it usable as a
-    traced scalar under torch.compile. With ``per_rank`` (what ops use) and the
-    mode "per_rank", a distributed rank r > 0 gets the drawn seed XOR
-    ``rank_key(r)`` (module docstring); ``per_rank=False`` is for seeds that
+    Drawn in [0, 2**63) so it needs no conversion. With ``per_rank`` (what ops
+    use) and the mode "per_rank", a distributed rank r > 0 gets the drawn seed
+    XOR ``rank_key(r)`` (module docstring); ``per_rank=False`` is for seeds that
     must agree across ranks, such as a Random Mask's, which is architecture.
     """
     seed = torch.randint(0, 2**63 - 1, (), dtype=torch.int64)
     if per_rank and _rank_seeding == "per_rank":
         rank = _distributed_rank()
         if rank != 0:
-            # On the tensor, before .item(): a traced op under torch.compile, no Python int ops on a SymInt.
+            # On the tensor: a traced op under torch.compile, no Python int ops on a traced scalar.
             seed = torch.bitwise_xor(seed, rank_key(rank))
-    return seed.item()
+    return seed
 
 
-def op_seed(seed) -> int:
-    """The signed int64 an op receives for ``seed`` (None draws one)."""
+def draw_seed(*, per_rank: bool = True) -> int:
+    """``draw_seed_tensor``'s seed as a Python int."""
+    return draw_seed_tensor(per_rank=per_rank).item()
+
+
+def op_seed(seed) -> int | torch.Tensor:
+    """The signed int64 an op receives for ``seed``; None draws one.
+
+    Under torch.compile a drawn seed stays the 0-d tensor of
+    ``draw_seed_tensor``: reading it as an int in the graph would be a graph
+    break (without ``fullgraph=True``). The ops take it through their
+    ``_drawn_seed`` variants, which read it on the host when they run
+    (``robustdrop._backend.forward_table``).
+    """
     if seed is None:
-        return draw_seed()
+        return draw_seed_tensor() if torch.compiler.is_compiling() else draw_seed()
     if isinstance(seed, torch.SymInt):
         return seed
     seed = int(seed) % _TWO_64

@@ -8,6 +8,8 @@ the float32 scale are all that the backward keeps (one bit per element).
 The compiled op's autograd is in C++ (csrc/autograd/block_mask_autograd.cpp); the
 Triton op's is registered here, with the same formulas.
 """
+import re
+
 import torch
 
 from robustdrop import _backend, _checks, _seed
@@ -83,7 +85,7 @@ def block_drop(x: torch.Tensor, p, block_size: int, *, couple_channels: bool, no
     return _FORWARD[backend](*args)[0]
 
 
-_FORWARD = _backend.forward_table("block_mask_forward", reference.block_mask_forward)
+_FORWARD = _backend.forward_table("block_mask_forward", reference.block_mask_forward, seed_position=1)
 
 
 def _fake_forward(x, seed, gamma, block_size, couple_channels, normalize, eps, sample_gamma=None,
@@ -128,14 +130,48 @@ def register_forward(forward_name: str, backward_name: str, fake_forward, *, num
     """Fake implementation and, with ``autograd``, autograd of a forward op that returns (y, mask, scale).
 
     Any block-mask op whose backward is ``backward_name`` (keep ? dy * scale : 0)
-    registers through here; x must be its first input.
+    registers through here; x must be its first input. A seeded op (an argument
+    named ``seed``) also gets its ``_drawn_seed`` variant (``register_drawn_seed``).
     """
     torch.library.register_fake(f"robustdrop::{forward_name}", fake_forward)
-    if not autograd:
-        return
-    backward_op = getattr(torch.ops.robustdrop, backward_name)
-    torch.library.register_autograd(f"robustdrop::{forward_name}", _make_backward(backward_op, num_inputs),
-                                    setup_context=_setup_context)
+    backward = _make_backward(getattr(torch.ops.robustdrop, backward_name), num_inputs)
+    if autograd:
+        torch.library.register_autograd(f"robustdrop::{forward_name}", backward, setup_context=_setup_context)
+    op = getattr(torch.ops.robustdrop, forward_name).default
+    if any(argument.name == "seed" for argument in op._schema.arguments):
+        register_drawn_seed(op, fake_forward, backward)
+
+
+# Holds the registrations of the _drawn_seed variants for the life of the process.
+_DRAWN_SEED_LIBRARY = torch.library.Library("robustdrop", "FRAGMENT")
+
+
+def register_drawn_seed(op, fake_forward, backward) -> None:
+    """``robustdrop::<name>_drawn_seed``: the seeded forward op ``op`` with its seed passed as a
+    0-d int64 CPU tensor instead of an int; its one kernel reads the seed on the host and calls ``op``.
+
+    This is what a drawn seed (``seed=None``) goes through under torch.compile: the draw stays
+    a traced ``torch.randint``, and no ``.item()`` in the graph breaks it in two (Dynamo breaks
+    there unless ``fullgraph=True``). The variant is opaque to the compiler and has the same
+    fake implementation as ``op`` and, in Python, the same autograd as the Triton ops.
+    """
+    name = f"robustdrop::{op._schema.name.split('::')[1]}{_backend.DRAWN_SEED_SUFFIX}"
+    signature = str(op._schema).split("(", 1)[1]
+    signature, replaced = re.subn(r"\b(?:SymInt|int) seed\b", "Tensor seed", signature)
+    if replaced != 1:
+        raise RuntimeError(f"{op._schema.name} has no single int seed argument: {op._schema}")
+    seed_position = [argument.name for argument in op._schema.arguments].index("seed")
+
+    def kernel(*args):
+        args = list(args)
+        args[seed_position] = int(args[seed_position])
+        return op(*args)
+
+    torch.library.define(name, "(" + signature, lib=_DRAWN_SEED_LIBRARY)
+    torch.library.impl(name, "default", kernel, lib=_DRAWN_SEED_LIBRARY)
+    torch.library.register_fake(name, fake_forward, lib=_DRAWN_SEED_LIBRARY)
+    torch.library.register_autograd(name, backward, setup_context=_setup_context, lib=_DRAWN_SEED_LIBRARY)
+
 
 
 def register_backward(backward_name: str, *, autograd: bool) -> None:
