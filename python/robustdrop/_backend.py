@@ -175,11 +175,14 @@ def forward_table(op_name: str, reference_forward, *, seed_position: int | None 
     def drawn(args) -> bool:
         return seed_position is not None and isinstance(args[seed_position], torch.Tensor)
 
+    def call(name: str, args):
+        return getattr(torch.ops.robustdrop, name + DRAWN_SEED_SUFFIX if drawn(args) else name)(*args)
+
     def compiled(*args):
-        return getattr(torch.ops.robustdrop, op_name + (DRAWN_SEED_SUFFIX if drawn(args) else ""))(*args)
+        return call(op_name, args)
 
     def triton(*args):
-        return getattr(torch.ops.robustdrop, op_name + "_triton" + (DRAWN_SEED_SUFFIX if drawn(args) else ""))(*args)
+        return call(op_name + "_triton", args)
 
     def reference(*args):
         if drawn(args):
