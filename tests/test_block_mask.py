@@ -470,6 +470,34 @@ def test_per_sample_torch_compile_fullgraph(device, backend):
     assert_compiled_matches_eager(step, torch.randn(4, 3, 10, 10, device=device, requires_grad=True), rates)
 
 
+@pytest.mark.parametrize("fullgraph", [True, False])
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+def test_per_sample_public_op_torch_compile(device, backend, fullgraph):
+    """drop_block2d with per-sample rates under torch.compile: the rates' values are not read while
+    tracing (that would be a graph break, or an error with fullgraph=True), so the call stays in one
+    graph and gives eager's bits, drawn seed included."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+
+    def call(x, rates):
+        return robustdrop.drop_block2d(x, rates, 3, normalize="sample", backend=backend)
+
+    compiled = torch.compile(call, fullgraph=fullgraph, backend="aot_eager")
+    x = torch.randn(4, 3, 10, 10, device=device, requires_grad=True)
+    grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(device)
+    for rates in ([0.0, 0.1, 0.2, 0.3], [0.3, 0.0, 0.05, 0.1]):
+        rates = torch.tensor(rates, device=device)
+        torch.manual_seed(8)
+        y = compiled(x, rates)
+        (grad,) = torch.autograd.grad(y, x, grad_y)
+        torch.manual_seed(8)
+        y_eager = call(x, rates)
+        (grad_eager,) = torch.autograd.grad(y_eager, x, grad_y)
+        assert_same_bits(y, y_eager)
+        assert_same_bits(grad, grad_eager)
+    assert not torch._dynamo.utils.counters["graph_break"]
+
+
 @pytest.mark.parametrize("device,backend", [(d, b) for d, b in DEVICE_BACKENDS if b != "triton" or d == "cuda"])
 def test_per_sample_drop_rate_statistics(device, backend):
     """Each group of samples loses its own rate, within 0.03, as the plain statistics test."""

@@ -164,7 +164,8 @@ def check_finite(value, name: str) -> float:
 def check_sample_rates(p, batch: int, device, name: str = "p") -> torch.Tensor:
     """Per-sample drop rates: a floating tensor (N,) in [0, 1] on x's device, returned as float64.
 
-    Reads the values: one synchronisation for a CUDA tensor.
+    Reads the values: one synchronisation for a CUDA tensor. Not under torch.compile, where
+    reading them would end the graph (as CamDrop's target values, they are then unchecked).
     """
     if p.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be a float or a floating-point tensor of per-sample drop rates, got {p.dtype}")
@@ -174,6 +175,8 @@ def check_sample_rates(p, batch: int, device, name: str = "p") -> torch.Tensor:
     if p.device != device:
         raise ValueError(f"{name} must be on x's device {device}, got {p.device}")
     rates = p.detach().to(torch.float64)
+    if torch.compiler.is_compiling():
+        return rates
     if rates.numel() and not bool(((rates >= 0) & (rates <= 1)).all()):
         raise ValueError(f"{name} must hold drop rates in [0, 1], got values from {rates.min().item()} to "
                          f"{rates.max().item()}")

@@ -36,7 +36,8 @@ def drop_block2d(x: torch.Tensor, p, block_size: int, *, training: bool = True, 
         x: (N, C, H, W) floating-point input, any memory format.
         p: drop rate in [0, 1]; ``p == 0`` returns x unchanged. A tensor (N,)
             gives each sample its own rate (checking its values reads them: one
-            synchronisation for a CUDA tensor).
+            synchronisation for a CUDA tensor; under torch.compile they are
+            not read, so the graph holds, and not checked).
         block_size: side of the dropped squares, >= 1 (clamped to min(H, W)).
         training: when False, returns x unchanged.
         couple_channels: one mask (N, 1, H, W) shared by all channels.
