@@ -118,6 +118,11 @@ class ActiveDropBlock2d(nn.Module):
         float32(numel / (eps + numel)) is 1 only for numel >= 34 (below, kept values move by one ulp)."""
         rates = torch.tensor(self.policies, dtype=torch.float64)[index].to(x.device).expand(x.shape[0])
         groups = x.shape[0] if self.normalize == "sample" and x.shape[0] > 0 else 1
+        return self._drop_per_sample(x, rates, groups)
+
+    def _drop_per_sample(self, x: torch.Tensor, rates: torch.Tensor, groups: int) -> torch.Tensor:
+        """DropBlock with the per-sample drop rates ``rates`` (N,) float64 on x's device, the N samples
+        normalised in ``groups`` consecutive groups, and a seed drawn from torch's default generator."""
         return block_drop(x, rates, self.block_size, couple_channels=self.couple_channels,
                           normalize=self.normalize != "none", eps=self.eps, normalize_groups=groups, seed=None,
                           backend=resolve_backend(self.backend, x))
@@ -151,9 +156,7 @@ class ActiveDropBlock2d(nn.Module):
         copy_size = x.shape[0] // count
         rates = torch.tensor(self.policies, dtype=torch.float64, device=x.device).repeat_interleave(copy_size)
         groups = {"batch": count, "sample": max(x.shape[0], 1), "none": 1}[self.normalize]
-        return block_drop(x, rates, self.block_size, couple_channels=self.couple_channels,
-                          normalize=self.normalize != "none", eps=self.eps, normalize_groups=groups, seed=None,
-                          backend=resolve_backend(self.backend, x))
+        return self._drop_per_sample(x, rates, groups)
 
     def extra_repr(self) -> str:
         return (f"block_size={self.block_size}, policies={self.policies}, change_threshold={self.change_threshold}, "
