@@ -413,6 +413,81 @@ def test_active_drop_block_change_threshold_compiled():
         torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
 
 
+def _assert_compiled_is_eager(compiled, layer: nn.Module, x: torch.Tensor, grad_y: torch.Tensor, *,
+                              seed: int) -> torch.Tensor:
+    """The compiled layer's output and input gradient from ``seed`` are the eager layer's, to the bit; returns y."""
+    torch.manual_seed(seed)
+    y = compiled(x)
+    (grad_x,) = torch.autograd.grad(y, x, grad_y)
+    torch.manual_seed(seed)
+    y_eager = layer(x)
+    (grad_eager,) = torch.autograd.grad(y_eager, x, grad_y)
+    assert_same_bits(y, y_eager)
+    assert_same_bits(grad_x, grad_eager)
+    return y
+
+
+# DropBlock's linear schedule: from no drop to the target rate, more values than Dynamo's default limit of 8.
+RATE_SCHEDULE = tuple(0.02 * k for k in range(12))
+
+
+@pytest.mark.parametrize("fullgraph,compiler,normalize", [(True, "aot_eager", "batch"), (False, "aot_eager", "sample"),
+                                                          (True, "inductor", "batch")],
+                         ids=["fullgraph-aot_eager", "default-aot_eager-sample", "fullgraph-inductor"])
+def test_drop_block_rate_schedule_compiles_once(fullgraph, compiler, normalize):
+    """DropBlock2d's p reassigned at every step, as DropBlock's schedule does, on a compiled layer: at most
+    three graphs for twelve rates (the constructor's constant rate, p == 0 and the traced rate), and every
+    step gives eager's output and input gradient to the bit. p == 0 is the identity without a seed draw, so
+    the later steps' seeds stay eager's. Inductor lowers the traced rate's arithmetic itself, so it checks
+    that the float64 gamma it computes is the float one, bit for bit."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    backend = "cpu" if "cpu" in BACKENDS else "reference"
+    layer = DropBlock2d(0.1, 3, normalize=normalize, backend=backend)
+    compiled = torch.compile(layer, fullgraph=fullgraph, backend=compiler)
+    x = torch.randn(3, 4, 11, 11, requires_grad=True)
+    grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    with torch._inductor.config.patch(fallback_random=True), \
+            torch._dynamo.config.patch(recompile_limit=3, fail_on_recompile_limit_hit=True):
+        for step, rate in enumerate((0.1,) + RATE_SCHEDULE):
+            if step > 0:
+                layer.p = rate
+            y = _assert_compiled_is_eager(compiled, layer, x, grad_y, seed=step)
+            assert rate == 0.0 or not torch.equal(y, x)  # every non-zero rate dropped something
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
+
+
+def test_drop_block_rate_reassigned():
+    """p's setter: the module reads as before (repr, state_dict), a bad rate is refused with p's name at the
+    forward, eager and compiled, a copied layer's rate is its own, and a layer built under inference mode
+    takes a new rate."""
+    layer = DropBlock2d(0.1, 3)
+    layer.p = 0.25
+    assert layer.p == 0.25 and "p=0.25" in repr(layer) and not layer.state_dict()
+    twin = copy.deepcopy(layer)
+    twin.p = 0.5
+    assert layer.p == 0.25 and float(layer._rate) == 0.25 and float(twin._rate) == 0.5
+    with torch.inference_mode():
+        built_for_inference = DropBlock2d(0.1, 3)
+    built_for_inference.p = 0.2  # its rate tensor is not an inference tensor
+    assert float(built_for_inference._rate) == 0.2
+    x = torch.randn(2, 3, 8, 8)
+    for bad, error in ((1.5, ValueError), (float("nan"), ValueError), (True, TypeError), ("0.1", TypeError)):
+        layer.p = bad
+        with pytest.raises(error, match="^p must"):
+            layer(x)
+        torch._dynamo.reset()
+        with pytest.raises(error, match="^p must"):
+            torch.compile(layer, backend="aot_eager")(x)
+    rates = torch.tensor([0.0, 0.3])
+    layer.p = rates  # a per-sample rate, as drop_block2d takes
+    torch.manual_seed(0)
+    y = layer(x)
+    torch.manual_seed(0)
+    assert_same_bits(y, robustdrop.drop_block2d(x, rates, 3))
+    assert (y[0] != 0).all() and (y[1] == 0).any()  # only the second sample drops blocks
+
+
 @pytest.mark.parametrize("normalize", ["batch", "sample", "none"])
 def test_active_drop_block_random_policy_traced(normalize):
     """Active DropBlock's own policy draw (outside ``active_dropblock_step``) under fullgraph tracing: the
@@ -428,13 +503,6 @@ def test_active_drop_block_random_policy_traced(normalize):
     policies = set()
     with torch._dynamo.config.patch(error_on_recompile=True):
         for seed in range(6):
-            torch.manual_seed(seed)
-            y = compiled(x)
-            (grad_x,) = torch.autograd.grad(y, x, grad_y)
-            torch.manual_seed(seed)
-            y_eager = layer(x)
-            (grad_eager,) = torch.autograd.grad(y_eager, x, grad_y)
-            assert_same_bits(y, y_eager)
-            assert_same_bits(grad_x, grad_eager)
+            _assert_compiled_is_eager(compiled, layer, x, grad_y, seed=seed)
             policies.add(layer.last_policy)
     assert policies == {0.0, 0.15, 0.3}

@@ -14,7 +14,7 @@ from torch import nn
 
 from robustdrop import _checks
 from robustdrop._backend import eager_only, resolve_backend
-from robustdrop.ops.block_mask import NORMALIZE_MODES, block_drop, drop_block2d
+from robustdrop.ops.block_mask import NORMALIZE_MODES, block_drop, drop_block2d, rate_per_sample
 
 __all__ = ["ActiveDropBlock2d", "DEFAULT_POLICIES"]
 
@@ -116,7 +116,7 @@ class ActiveDropBlock2d(nn.Module):
         as the scalar path, so the same mask bits. A policy of 0 differs in two small ways: it still
         draws a mask seed (eager skips the op and the draw), and with normalize="batch" its scale
         float32(numel / (eps + numel)) is 1 only for numel >= 34 (below, kept values move by one ulp)."""
-        rates = torch.tensor(self.policies, dtype=torch.float64)[index].to(x.device).expand(x.shape[0])
+        rates = rate_per_sample(torch.tensor(self.policies, dtype=torch.float64)[index].reshape(()), x)
         groups = x.shape[0] if self.normalize == "sample" and x.shape[0] > 0 else 1
         return self._drop_per_sample(x, rates, groups)
 

@@ -86,6 +86,16 @@ def block_drop(x: torch.Tensor, p, block_size: int, *, couple_channels: bool, no
     return _FORWARD[backend](*args)[0]
 
 
+def rate_per_sample(rate: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The drop rate ``rate``, a () float64 CPU tensor, given to each of x's N samples: (N,) float64 on x's device.
+
+    An elementwise op reads a 0-d CPU tensor as a host scalar, on a GPU as well: no copy to the
+    device and no synchronisation, in eager and under Inductor (which passes such a tensor to its
+    GPU kernels as a scalar argument). ``0 + rate`` is exact, so the rates equal the float.
+    """
+    return torch.zeros(x.shape[0], dtype=torch.float64, device=x.device) + rate
+
+
 _FORWARD = _backend.forward_table("block_mask_forward", reference.block_mask_forward, seed_position=1)
 
 
