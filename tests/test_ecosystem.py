@@ -261,6 +261,113 @@ def test_gated_resnet18_channels_last():
     assert all(torch.isfinite(grad).all() for grad in grads)
 
 
+# ---------------------------------------------------------------- activation checkpointing
+
+class _Checkpointed(nn.Module):
+    """``inner`` under torch.utils.checkpoint: its activations are dropped and its forward recomputed in the
+    backward."""
+
+    def __init__(self, inner: nn.Module, use_reentrant: bool) -> None:
+        super().__init__()
+        self.inner = inner
+        self.use_reentrant = use_reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=self.use_reentrant)
+
+
+def _backward_grads(loss: torch.Tensor, tensors: list) -> list:
+    """The gradients of ``loss`` for ``tensors`` by ``loss.backward()``: reentrant checkpointing refuses
+    torch.autograd.grad."""
+    for tensor in tensors:
+        tensor.grad = None
+    loss.backward()
+    return [tensor.grad for tensor in tensors]
+
+
+def _checkpoint_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None, seed: int):
+    """A training step's output and gradients (parameters, then x), the backward after the forward's
+    ``cam_targets`` context has ended, as the README's loop does."""
+    y = _forward(model, x, target, seed)
+    return y.detach(), _backward_grads(y.square().sum(), list(model.parameters()) + [x])
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+@pytest.mark.parametrize("name", MAP_LAYERS + ["fdd1d"])
+def test_layer_under_activation_checkpointing(name, use_reentrant):
+    """A layer between two convolutions (linear layers for FDD-1D) inside torch.utils.checkpoint, which recomputes its forward in the
+    backward: two steps give the output and every gradient of the same model without checkpointing, to the
+    bit. The recompute replays the forward's random state (checkpoint restores it); CamDrop replays its
+    targets, gone by then, and its warm-up (one step here, so the first step is DropBlock and the second
+    guided; a recompute that counted a step again would guide the first step's mask)."""
+    backend = "cpu" if "cpu" in BACKENDS else "reference"
+    layer, target = _layer(name, backend)
+    if name == "cam_drop":
+        layer.warmup_steps = 1
+    torch.manual_seed(0)
+    if name == "fdd1d":
+        block, x = nn.Sequential(nn.Linear(6, CHANNELS), layer, nn.Linear(CHANNELS, 8)), torch.randn(4, 6)
+    else:
+        block = nn.Sequential(nn.Conv2d(3, CHANNELS, 3, padding=1), layer, nn.Conv2d(CHANNELS, 8, 3, padding=1))
+        x = torch.randn(4, 3, 8, 8)
+    plain = block.double().train()
+    checkpointed = _Checkpointed(copy.deepcopy(plain), use_reentrant)
+    x = x.double().requires_grad_()
+    for seed in (10, 11):
+        y, grads = _checkpoint_step(plain, x, target, seed)
+        y_checkpointed, grads_checkpointed = _checkpoint_step(checkpointed, x, target, seed)
+        assert_same_bits(y_checkpointed, y)
+        for grad_checkpointed, grad in zip(grads_checkpointed, grads):
+            assert_same_bits(grad_checkpointed, grad)
+    if name == "cam_drop":
+        assert int(checkpointed.inner[1].num_steps) == int(plain[1].num_steps) == 2
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+@pytest.mark.parametrize("mode", ["sequential", "batched"])
+def test_active_step_under_activation_checkpointing(mode, use_reentrant):
+    """active_dropblock_step on a model whose ActDB layer is checkpointed: the backward of the chosen loss
+    runs after the step, so the recompute must put back the policy the step chose (sequential) or every
+    policy (batched). The same losses, choice and gradients, to the bit, as without checkpointing."""
+    backend = "cpu" if "cpu" in BACKENDS else "reference"
+    torch.manual_seed(0)
+    plain = _active_step_model((0.05, 0.1, 0.2, 0.3), backend)
+    copied = copy.deepcopy(plain)
+    # The ActDB layer and the convolution after it (no BatchNorm, whose recompute would update its
+    # running statistics a second time, as it does under checkpointing everywhere).
+    checkpointed = nn.Sequential(*copied[:3], _Checkpointed(copied[3:5], use_reentrant), *copied[5:])
+    data = torch.Generator().manual_seed(1)
+    for seed in (10, 11):
+        x = torch.randn(4, 3, 9, 9, generator=data, dtype=torch.float64)
+        target = torch.randint(0, 5, (4,), generator=data)
+        results = []
+        for model in (plain, checkpointed):
+            torch.manual_seed(seed)
+            step = active_dropblock_step(model, F.cross_entropy, x, target, mode=mode)
+            results.append((step, _backward_grads(step.loss, list(model.parameters()))))
+        (step, grads), (step_checkpointed, grads_checkpointed) = results
+        assert_same_bits(step_checkpointed.losses, step.losses)
+        assert step_checkpointed.policy_index == step.policy_index
+        for grad_checkpointed, grad in zip(grads_checkpointed, grads):
+            assert_same_bits(grad_checkpointed, grad)
+
+
+def test_gated_call_under_activation_checkpointing():
+    """EWS's gates are forward hooks that live for one GatedNetwork call, so the call is what gets
+    checkpointed (README): its recompute installs them again, and the gradients are those without
+    checkpointing, to the bit."""
+    model, network, subnet, x = _subnet_and_model()
+    results = []
+    for run in (lambda: network(x, subnet),
+                lambda: torch.utils.checkpoint.checkpoint(network, x, subnet, use_reentrant=False)):
+        parameters = list(model.parameters())
+        grads = _backward_grads(run().square().sum(), parameters)
+        results.append([grad for grad in grads if grad is not None])
+    assert len(results[0]) == len(results[1]) > 0
+    for grad_checkpointed, grad in zip(results[1], results[0]):
+        assert_same_bits(grad_checkpointed, grad)
+
+
 # ---------------------------------------------------------------- torch.compile of ResNet-18
 
 

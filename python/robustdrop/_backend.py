@@ -115,6 +115,17 @@ def eager_only(function, reason: str):
         return torch.compiler.disable(function)
 
 
+def in_checkpoint_recompute() -> bool:
+    """Whether this forward runs while autograd executes a backward: activation checkpointing
+    (``torch.utils.checkpoint``, reentrant or not) recomputing a forward whose activations it
+    dropped. A layer with state that its forward reads or changes (a step counter, targets set
+    beside the forward) replays what the original forward used instead: checkpointing restores
+    torch's random state for the recompute, not a module's attributes. False under torch.compile,
+    whose checkpointed regions are recomputed inside the compiled backward, not by running
+    Python again."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
     """The backend that runs an op on ``tensor`` when the caller asked for ``backend``."""
     return _resolve(backend, tensor.device.type)

@@ -132,6 +132,8 @@ def _sequential_step(model, layers, count, loss_fn, inputs, targets) -> ActiveDr
     finally:
         for layer in layers:
             layer.step_policy_index = None
+            # The chosen forward's graph is the one kept: a checkpointed layer recomputes it in the backward.
+            layer._step_forward = (False, best_index)
         for (module, name), original in zip(owners, originals):
             module._buffers[name] = original
     with torch.no_grad():

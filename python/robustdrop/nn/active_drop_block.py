@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from robustdrop import _checks
-from robustdrop._backend import eager_only, resolve_backend
+from robustdrop._backend import eager_only, in_checkpoint_recompute, resolve_backend
 from robustdrop.ops.block_mask import NORMALIZE_MODES, block_drop, drop_block2d, rate_per_sample
 
 __all__ = ["ActiveDropBlock2d", "DEFAULT_POLICIES"]
@@ -75,10 +75,37 @@ class ActiveDropBlock2d(nn.Module):
         self.step_policy_index: torch.Tensor | None = None
         self.batched_policies = False
         self.last_policy: float | None = None
+        # (batched, policy index) of the last eager forward when it ran inside active_dropblock_step, else
+        # None; the sequential step leaves the chosen policy's here. For activation checkpointing's recompute.
+        self._step_forward: tuple[bool, int | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return x
+        if in_checkpoint_recompute() and self._step_forward is not None:
+            return self._recompute_step_forward(x)
+        if not torch.compiler.is_compiling():
+            index = self.step_policy_index
+            in_step = self.batched_policies or index is not None
+            self._step_forward = (self.batched_policies, None if index is None else int(index)) if in_step else None
+        return self._forward(x)
+
+    def _recompute_step_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Activation checkpointing's recompute, in the backward, of a forward that ran inside
+        ``active_dropblock_step``: the step is over, so its policy is put back for the recompute.
+        checkpoint restores torch's random state, so the mask seed is the original one. Forwards
+        outside a step need nothing: their policy draw is repeated from that random state."""
+        batched, index = self._step_forward
+        if batched:
+            return self._forward_every_policy(x)
+        outside_step = self.step_policy_index
+        self.step_policy_index = torch.tensor([index])
+        try:
+            return self._forward(x)
+        finally:
+            self.step_policy_index = outside_step
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.batched_policies:
             self.last_policy = None
             return self._forward_every_policy(x)

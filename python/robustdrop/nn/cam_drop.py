@@ -21,6 +21,7 @@ import contextlib
 import torch
 from torch import nn
 
+from robustdrop._backend import in_checkpoint_recompute
 from robustdrop.ops.cam_mask import cam_mask
 
 __all__ = ["CamDrop2d", "cam_targets", "set_cam_targets"]
@@ -47,7 +48,10 @@ class CamDrop2d(nn.Module):
 
     A training forward needs the batch's targets (N,) int64: pass ``target=``,
     or set them on every CamDrop2d of a model with ``cam_targets`` or
-    ``set_cam_targets``. It is the identity in eval mode.
+    ``set_cam_targets``. It is the identity in eval mode. Under activation
+    checkpointing (``torch.utils.checkpoint``) the forward recomputed in the
+    backward uses the targets and warm-up state of the forward it recomputes,
+    and counts no step.
     """
 
     def __init__(self, p: float, block_size: int, classifier: nn.Module, *, spatial_topk: int | None = None,
@@ -69,6 +73,8 @@ class CamDrop2d(nn.Module):
         self.backend = backend
         self.target: torch.Tensor | None = None
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.int64))
+        # (targets, guidance) of the last eager training forward, for activation checkpointing's recompute.
+        self._last_forward: tuple | None = None
 
     @property
     def classifier(self) -> nn.Module:
@@ -77,20 +83,33 @@ class CamDrop2d(nn.Module):
     def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
         if not self.training:
             return x
+        if in_checkpoint_recompute() and self._last_forward is not None:
+            # Activation checkpointing recomputes this forward in the backward, where the targets may be
+            # gone (the backward runs after `with cam_targets`) and the step counter has moved on: use the
+            # original forward's, and count the step once.
+            target, guided = self._last_forward
+        else:
+            target, guided = self._targets_and_guidance(x, target)
+            with torch.no_grad():
+                self.num_steps.add_(1)
+            if not torch.compiler.is_compiling():
+                self._last_forward = (target, guided)
+        return cam_mask(x, self.classifier.weight, target, self.p, self.block_size, spatial_topk=self.spatial_topk,
+                        channel_topk=self.channel_topk, training=True, backend=self.backend, guided=guided)
+
+    def _targets_and_guidance(self, x: torch.Tensor, target: torch.Tensor | None):
+        """The forward's targets (N,) and its guidance: None, or with a warm-up a 0-d bool tensor on x's
+        device, False while the step count is below warmup_steps (the forward is then DropBlock)."""
         target = self.target if target is None else target
         if target is None:
             raise ValueError(
                 "CamDrop2d needs the batch's class targets in training: run the forward inside "
                 "`with robustdrop.nn.cam_targets(model, target):`, call "
                 "`robustdrop.nn.set_cam_targets(model, target)` before it, or pass `target=` to this module")
-        guided = None
-        if self.warmup_steps > 0:
-            # A tensor, not a Python branch: torch.compile keeps one graph for every step.
-            guided = (self.num_steps >= self.warmup_steps).to(x.device)
-        with torch.no_grad():
-            self.num_steps.add_(1)
-        return cam_mask(x, self.classifier.weight, target, self.p, self.block_size, spatial_topk=self.spatial_topk,
-                        channel_topk=self.channel_topk, training=True, backend=self.backend, guided=guided)
+        if self.warmup_steps == 0:
+            return target, None
+        # A tensor, not a Python branch: torch.compile keeps one graph for every step.
+        return target, (self.num_steps >= self.warmup_steps).to(x.device)
 
     def extra_repr(self) -> str:
         out_features, in_features = self.classifier.weight.shape
