@@ -53,6 +53,9 @@ class ActiveDropBlock2d(nn.Module):
     torch.compile where the rate is a tensor). The identity in eval mode.
     ``change_threshold`` reads norms on the host: under torch.compile that part
     runs between graphs, and ``fullgraph=True`` refuses it with that reason.
+    Under activation checkpointing (``torch.utils.checkpoint``) the forward
+    recomputed in the backward uses the policy of the forward it recomputes,
+    the step's included once the step has ended.
     """
 
     def __init__(self, block_size: int, *, policies=DEFAULT_POLICIES, change_threshold: float | None = None,
