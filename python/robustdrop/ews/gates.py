@@ -161,7 +161,11 @@ class GatedNetwork:
 
     Args:
         model: the network; it is used, not copied (the gates exist only during
-            a gated call, so ``model(x)`` stays the full network).
+            a gated call, so ``model(x)`` stays the full network). For activation
+            checkpointing, checkpoint the gated call
+            (``checkpoint(gated, x, subnets, use_reentrant=False)``), not a region
+            inside the model: that region's recompute in the backward would run
+            without the gates.
         width: rho in (0, 1]: the fraction of channels and paths a subnet keeps.
         layers: None or module names to gate (``gated_layers``).
         example_input: an input for one dry forward (no gates, no gradient,
