@@ -511,11 +511,13 @@ def test_per_sample_drop_rate_statistics(device, backend):
 
 
 PER_SAMPLE_BAD_CALLS = [
-    (torch.tensor([0.1, 0.2]), ValueError, r"p must be a float or have shape \(N,\) = \(3,\)"),
-    (torch.tensor([[0.1, 0.2, 0.3]]), ValueError, r"p must be a float or have shape \(N,\)"),
+    (torch.tensor([0.1, 0.2]), ValueError, r"p must be a float, a 0-d tensor or a tensor \(N,\) = \(3,\)"),
+    (torch.tensor([[0.1, 0.2, 0.3]]), ValueError, r"p must be a float, a 0-d tensor or a tensor \(N,\)"),
     (torch.tensor([0, 1, 0]), TypeError, "p must be a float or a floating-point tensor"),
     (torch.tensor([0.1, 1.2, 0.3]), ValueError, r"p must hold drop rates in \[0, 1\]"),
     (torch.tensor([0.1, float("nan"), 0.3]), ValueError, r"p must hold drop rates in \[0, 1\]"),
+    (torch.tensor(1), TypeError, "p must be a float or a floating-point tensor"),
+    (torch.tensor(-0.1), ValueError, r"p must hold drop rates in \[0, 1\]"),
 ]
 
 
@@ -524,6 +526,51 @@ PER_SAMPLE_BAD_CALLS = [
 def test_per_sample_bad_rates_are_clear_errors(device, backend, p, error, message):
     with pytest.raises(error, match=message):
         robustdrop.drop_block2d(torch.randn(3, 2, 8, 8, device=device), p.to(device), 3, backend=backend)
+
+
+def test_zero_dim_rate_on_another_device_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"p as a 0-d tensor must be on x's device cpu or the CPU, got meta"):
+        robustdrop.drop_block2d(torch.randn(3, 2, 8, 8), torch.tensor(0.1, device="meta"), 3)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_zero_dim_rate_is_the_float_rate(device, backend):
+    """A 0-d tensor p, on the CPU (read as a host scalar by a GPU op) or on x's device, gives the float
+    p's output and gradient, to the bit. At p == 0 it still runs the op, whose scale is exactly 1 at
+    this size (numel / (eps + numel) rounds to 1 in float32 from 34 elements on)."""
+    x = torch.randn(4, 3, 9, 11, device=device)
+    for rate in (0.0, 0.25, 0.3):
+        tensor_rates = [torch.tensor(rate, dtype=torch.float64), torch.tensor(rate, dtype=torch.float64, device=device)]
+        if float(torch.tensor(rate, dtype=torch.float32)) == rate:
+            tensor_rates.append(torch.tensor(rate, dtype=torch.float32, device=device))
+        for normalize in ("batch", "sample"):
+            kwargs = dict(block_size=3, seed=12, normalize=normalize)
+            y, grad = run_with_grad(x, backend, p=rate, **kwargs)
+            for tensor_rate in tensor_rates:
+                y_tensor, grad_tensor = run_with_grad(x, backend, p=tensor_rate, **kwargs)
+                assert_same_bits(y_tensor, y)
+                assert_same_bits(grad_tensor, grad)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+def test_zero_dim_rate_changed_in_place_does_not_recompile(device, backend):
+    """A 0-d CPU rate under torch.compile(fullgraph=True) is a graph input: a schedule that changes it in
+    place runs one graph, and each step gives the float rate's eager bits."""
+    torch._dynamo.reset()
+    rate = torch.zeros((), dtype=torch.float64)
+
+    def call(x, p):
+        return robustdrop.drop_block2d(x, p, 3, backend=backend)
+
+    compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 3, 10, 10, device=device)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for value in (0.05, 0.1, 0.2, 0.0, 0.3):
+            rate.fill_(value)
+            torch.manual_seed(4)
+            y = compiled(x, rate)
+            torch.manual_seed(4)
+            assert_same_bits(y, call(x, value))  # at 0 too: the op's scale is exactly 1 here
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)

@@ -162,17 +162,21 @@ def check_finite(value, name: str) -> float:
 
 
 def check_sample_rates(p, batch: int, device, name: str = "p") -> torch.Tensor:
-    """Per-sample drop rates: a floating tensor (N,) in [0, 1] on x's device, returned as float64.
+    """Drop rates as a tensor: (N,) on x's device, one per sample, or 0-d on x's device or the CPU,
+    one for every sample; in [0, 1]. Returned as float64, of p's shape and on p's device.
 
     Reads the values: one synchronisation for a CUDA tensor. Not under torch.compile, where
     reading them would end the graph (as CamDrop's target values, they are then unchecked).
     """
     if p.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a float or a floating-point tensor of per-sample drop rates, got {p.dtype}")
-    if p.dim() != 1 or p.shape[0] != batch:
-        raise ValueError(f"{name} must be a float or have shape (N,) = ({batch},), one drop rate per sample, "
-                         f"got {tuple(p.shape)}")
-    if p.device != device:
+        raise TypeError(f"{name} must be a float or a floating-point tensor of drop rates, got {p.dtype}")
+    if p.dim() == 0:
+        if p.device != device and p.device.type != "cpu":
+            raise ValueError(f"{name} as a 0-d tensor must be on x's device {device} or the CPU, got {p.device}")
+    elif p.dim() != 1 or p.shape[0] != batch:
+        raise ValueError(f"{name} must be a float, a 0-d tensor or a tensor (N,) = ({batch},) of per-sample drop "
+                         f"rates, got shape {tuple(p.shape)}")
+    elif p.device != device:
         raise ValueError(f"{name} must be on x's device {device}, got {p.device}")
     rates = p.detach().to(torch.float64)
     if torch.compiler.is_compiling():

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from robustdrop import _checks
-from robustdrop.ops.block_mask import drop_block2d, rate_per_sample
+from robustdrop.ops.block_mask import drop_block2d
 
 
 class DropBlock2d(nn.Module):
@@ -72,14 +72,14 @@ class DropBlock2d(nn.Module):
         return y
 
     def _forward_traced(self, x: torch.Tensor) -> torch.Tensor:
-        """A compiled forward after p was reassigned: the rate enters the graph as the tensor ``_rate``,
-        given to every sample as a per-sample rate (N,), where a float would be a constant that Dynamo
-        recompiles for at every value. Dynamo guards only on the two bools, so p == 0 (the identity, as
-        eager) and p > 0 are at most two graphs."""
+        """A compiled forward after p was reassigned: the rate enters the graph as the 0-d tensor
+        ``_rate``, where a float would be a constant that Dynamo recompiles for at every value.
+        Dynamo guards only on the two bools, so p == 0 (the identity, as eager) and p > 0 are at
+        most two graphs."""
         _checks.check_feature_map(x)
         if not self.training or self._rate_is_zero:
             return x
-        return drop_block2d(x, rate_per_sample(self._rate, x), self.block_size, couple_channels=self.couple_channels,
+        return drop_block2d(x, self._rate, self.block_size, couple_channels=self.couple_channels,
                             normalize=self.normalize, eps=self.eps, backend=self.backend)
 
     def extra_repr(self) -> str:

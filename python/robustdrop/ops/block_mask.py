@@ -37,7 +37,12 @@ def drop_block2d(x: torch.Tensor, p, block_size: int, *, training: bool = True, 
         p: drop rate in [0, 1]; ``p == 0`` returns x unchanged. A tensor (N,)
             gives each sample its own rate (checking its values reads them: one
             synchronisation for a CUDA tensor; under torch.compile they are
-            not read, so the graph holds, and not checked).
+            not read, so the graph holds, and not checked). A 0-d tensor, on
+            x's device or the CPU, is one rate for every sample, the same bits
+            as the float: under torch.compile it is a graph input, so a rate
+            changed in place (a schedule) does not recompile, where a float
+            is a constant that does. A tensor rate always runs the op, 0
+            included.
         block_size: side of the dropped squares, >= 1 (clamped to min(H, W)).
         training: when False, returns x unchanged.
         couple_channels: one mask (N, 1, H, W) shared by all channels.
@@ -54,6 +59,8 @@ def drop_block2d(x: torch.Tensor, p, block_size: int, *, training: bool = True, 
     _checks.check_feature_map(x)
     per_sample = isinstance(p, torch.Tensor)
     rates = _checks.check_sample_rates(p, x.shape[0], x.device) if per_sample else p
+    if per_sample and rates.dim() == 0:
+        rates = rate_per_sample(rates, x)
     _, block_size, eps = _checks.check_block_drop_args(0.0 if per_sample else p, block_size, normalize, eps, seed,
                                                        normalize_modes=NORMALIZE_MODES)
     name = _backend.resolve_backend(backend, x)
