@@ -59,14 +59,14 @@ def drop_block2d(x: torch.Tensor, p, block_size: int, *, training: bool = True, 
     _checks.check_feature_map(x)
     per_sample = isinstance(p, torch.Tensor)
     rates = _checks.check_sample_rates(p, x.shape[0], x.device) if per_sample else p
-    if per_sample and rates.dim() == 0:
-        rates = rate_per_sample(rates, x)
     _, block_size, eps = _checks.check_block_drop_args(0.0 if per_sample else p, block_size, normalize, eps, seed,
                                                        normalize_modes=NORMALIZE_MODES)
     name = _backend.resolve_backend(backend, x)
     if not training or (not per_sample and float(p) == 0.0):
         return x
     groups = x.shape[0] if normalize == "sample" and x.shape[0] > 0 else 1
+    if per_sample and rates.dim() == 0:
+        rates = rate_per_sample(rates, x)
     return block_drop(x, rates if per_sample else float(p), block_size, couple_channels=couple_channels,
                       normalize=normalize != "none", eps=eps, normalize_groups=groups, seed=seed, backend=name)
 
