@@ -94,7 +94,8 @@ def block_drop(x: torch.Tensor, p, block_size: int, *, couple_channels: bool, no
 
 
 def rate_per_sample(rate: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The drop rate ``rate``, a () float64 CPU tensor, given to each of x's N samples: (N,) float64 on x's device.
+    """The drop rate ``rate``, a () float64 tensor on the CPU or x's device, given to each of x's N
+    samples: (N,) float64 on x's device.
 
     An elementwise op reads a 0-d CPU tensor as a host scalar, on a GPU as well: no copy to the
     device and no synchronisation, in eager and under Inductor (which passes such a tensor to its
@@ -189,7 +190,6 @@ def register_drawn_seed(op, fake_forward, backward) -> None:
     torch.library.impl(name, "default", kernel, lib=_DRAWN_SEED_LIBRARY)
     torch.library.register_fake(name, fake_forward, lib=_DRAWN_SEED_LIBRARY)
     torch.library.register_autograd(name, backward, setup_context=_setup_context, lib=_DRAWN_SEED_LIBRARY)
-
 
 
 def register_backward(backward_name: str, *, autograd: bool) -> None:
