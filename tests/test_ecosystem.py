@@ -1,6 +1,7 @@
 """robustdrop's layers with the rest of PyTorch: torch.autocast, channels_last
-inputs, and torch.compile(fullgraph=True) of the CIFAR ResNet-18 with a method's
-layer placed in it, forward and backward.
+inputs, torch.compile(fullgraph=True) of the CIFAR ResNet-18 with a method's
+layer placed in it, forward and backward, activation checkpointing and
+torch.export.
 
 Autocast (CPU, bfloat16 and float16): the layers have no autocast rule of their
 own; they receive what autocast made of the layer before them (a conv's output
@@ -613,3 +614,103 @@ def test_active_drop_block_random_policy_traced(normalize):
             _assert_compiled_is_eager(compiled, layer, x, grad_y, seed=seed)
             policies.add(layer.last_policy)
     assert policies == {0.0, 0.15, 0.3}
+
+
+# ---------------------------------------------------------------- torch.export
+
+EXPORTED_METHODS = ("dropblock", "active_dropblock", "camdrop", "fdd2d", "fdd1d", "random_mask")
+# The compiled and Triton backends export a training forward; the reference reads its drawn seed as a
+# Python int, which export cannot trace (test_reference_training_export_is_a_clear_error).
+EXPORT_BACKENDS = [name for name in ("cpu", "triton") if robustdrop.backends()[name].available]
+
+
+class _TrainingStep(nn.Module):
+    """model(x) with the batch's targets y given to its CamDrop layers: an input of the exported program,
+    where targets set on the model before export would be constants of it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.model.method != "camdrop":
+            return self.model(x)
+        with cam_targets(self.model, y):
+            return self.model(x)
+
+
+def _exported_model(method: str, backend: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = models.SmallCNN(method=method, **({} if method == "random_mask" else {"backend": backend}))
+    with torch.no_grad():  # Random Mask builds its masks at the first forward: before export (RandomMask2d)
+        model.eval()(torch.zeros(1, 3, 16, 16))
+    if method == "random_mask":
+        for layer in model.modules():
+            if isinstance(layer, RandomMask2d):
+                layer.backend = backend
+    return model
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["non_strict", "strict"])
+@pytest.mark.parametrize("backend", EXPORT_BACKENDS)
+@pytest.mark.parametrize("method", EXPORTED_METHODS)
+def test_model_exports(method, backend, strict):
+    """torch.export.export of a SmallCNN with each method, on each kernel backend, in both tracing modes.
+    The eval program is the eval model: the same logits, bit for bit. The training program draws its
+    masks from torch's generator when it runs, as the eager model does: under the same torch.manual_seed
+    the same logits, bit for bit, with targets other than the ones it was exported with, and other
+    logits under another seed."""
+    model = _exported_model(method, backend)
+    data = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 16, 16, generator=data)
+    targets = [torch.randint(0, 10, (4,), generator=data) for _ in range(2)]
+    step = _TrainingStep(model)
+    exported_eval = torch.export.export(step.eval(), (x, targets[0]), strict=strict).module()
+    assert_same_bits(exported_eval(x, targets[0]), step(x, targets[0]))
+
+    exported_train = torch.export.export(step.train(), (x, targets[0]), strict=strict).module()
+    assert any("robustdrop" in str(node.target) for node in exported_train.graph.nodes)
+    outputs = {}
+    for seed in (5, 6):
+        torch.manual_seed(seed)
+        outputs[seed] = exported_train(x, targets[1])
+        torch.manual_seed(seed)
+        assert_same_bits(outputs[seed], step(x, targets[1]))
+    assert method == "random_mask" or not torch.equal(outputs[5], outputs[6])
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["non_strict", "strict"])
+def test_unbuilt_random_mask_export_is_a_clear_error(strict):
+    """A RandomMask2d exported before its mask is built is an error that says what to do, not a program that
+    rebuilds the mask at every call and leaves a fake tensor in the module; the module still builds its own
+    mask at the next eager forward."""
+    layer = RandomMask2d(0.5, seed=7)
+    x = torch.randn(2, 4, 8, 8)
+    with pytest.raises(Exception, match="run one eager forward, or pass shape=, before .*torch.export"):
+        torch.export.export(layer, (x,), strict=strict)
+    assert layer.mask is None and layer.packed_mask.numel() == 0
+    layer(x)
+    assert torch.equal(layer.mask, RandomMask2d(0.5, seed=7, shape=(4, 8, 8)).mask)
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["non_strict", "strict"])
+def test_reference_training_export_is_a_clear_error(strict):
+    """The reference backend reads a drawn seed as a Python int: its training forward cannot be exported,
+    and the error names the backend and what to do instead."""
+    layer = DropBlock2d(0.2, 3, backend="reference")
+    with pytest.raises(Exception, match="backend='reference' reads a drawn seed"):
+        torch.export.export(layer, (torch.randn(2, 4, 8, 8),), strict=strict)
+    exported = torch.export.export(layer.eval(), (torch.randn(2, 4, 8, 8),), strict=strict).module()
+    x = torch.randn(2, 4, 8, 8)
+    assert torch.equal(exported(x), x)  # eval is the identity, exported on any backend
+
+
+def test_every_op_has_a_fake_implementation():
+    """Every op of the robustdrop library traces on fake tensors (torch.compile, torch.export): a fake
+    implementation of its own, or a composite kernel made of ops that have one."""
+    names = [name for name in torch._C._dispatch_get_all_op_names() if name.startswith("robustdrop::")]
+    assert "robustdrop::philox_uniform" in names or not robustdrop.backends()["cpu"].available
+    missing = [name for name in names
+               if not torch._C._dispatch_has_kernel_for_dispatch_key(name, "Meta")
+               and not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeExplicitAutograd")]
+    assert not missing

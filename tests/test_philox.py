@@ -82,6 +82,23 @@ def test_uniform_range_and_moments():
     assert abs(u.double().var().item() - 1 / 12) < 2e-3
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    """The compiled and Triton RNG ops are registered soundly (their fake implementations give the kernels'
+    output shape and dtype, so torch.compile and torch.export trace them): an index of any shape,
+    contiguous or not, and a seed past 2**63 (a negative op seed)."""
+    status = robustdrop.backends()
+    names = [name for name, backend in (("", "cuda" if device == "cuda" else "cpu"), ("_triton", "triton"))
+             if status[backend].available and (backend != "triton" or "triton" in available_backends(device))]
+    assert names, "no RNG op to check"
+    index = (torch.arange(24, device=device) * 7 + 2**33).view(2, 3, 4)
+    for suffix in names:
+        for op in (getattr(torch.ops.robustdrop, "philox_uniform" + suffix),
+                   getattr(torch.ops.robustdrop, "philox_words" + suffix)):
+            torch.library.opcheck(op, (index, 12345))
+            torch.library.opcheck(op, (index.transpose(0, 2), op_seed(2**64 - 3)))
+
+
 def test_reference_rejects_non_int64_index():
     with pytest.raises(TypeError, match="index"):
         philox_words(torch.arange(4, dtype=torch.int32), 0)

@@ -173,6 +173,12 @@ def _resolve_uncached(backend: str, device_type: str) -> str:
 DRAWN_SEED_SUFFIX = "_drawn_seed"
 
 
+# torch.export traces a drawn seed as a symbol, which the reference's Python-int RNG cannot take.
+REFERENCE_EXPORT_ERROR = ("backend='reference' reads a drawn seed (seed=None) as a Python int, which torch.export "
+                          "cannot trace: export a training forward on the 'cpu', 'cuda' or 'triton' backend, or "
+                          "pass seed= to the op")
+
+
 def forward_table(op_name: str, reference_forward, *, seed_position: int | None = None) -> dict:
     """Backend name -> forward of one op: ``robustdrop::<op_name>`` (CPU and CUDA kernels),
     ``robustdrop::<op_name>_triton`` and the reference. The ops are looked up at call
@@ -197,6 +203,8 @@ def forward_table(op_name: str, reference_forward, *, seed_position: int | None 
 
     def reference(*args):
         if drawn(args):
+            if torch.compiler.is_exporting():
+                raise RuntimeError(REFERENCE_EXPORT_ERROR)
             args = args[:seed_position] + (int(args[seed_position]),) + args[seed_position + 1:]
         return reference_forward(*args)
 

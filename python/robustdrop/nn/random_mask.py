@@ -56,10 +56,13 @@ def _fast_uniform():
     return philox_uniform
 
 
+_BUILD_FIRST = ("RandomMask2d builds its mask at the first forward: run one eager forward, or pass shape=, before "
+                "torch.compile(fullgraph=True) or torch.export")
+
+
 def _not_compiled(function):
     """A graph break under torch.compile: the mask is drawn once, by Python-level work not worth tracing."""
-    return eager_only(function, "RandomMask2d builds its mask at the first forward: run one eager forward, or pass "
-                                "shape=, before torch.compile(fullgraph=True)")
+    return eager_only(function, _BUILD_FIRST)
 
 
 class RandomMask2d(nn.Module):
@@ -102,8 +105,9 @@ class RandomMask2d(nn.Module):
     reads is the non-persistent buffer ``packed_mask``.
 
     Under ``torch.compile`` the first forward, which builds the mask, is a
-    graph break; ``fullgraph=True`` needs the mask built first (``shape=`` or
-    one eager forward).
+    graph break; ``fullgraph=True`` and ``torch.export`` need the mask built
+    first (``shape=`` or one eager forward): exporting an unbuilt module is an
+    error.
     """
 
     def __init__(self, ratio: float, *, mode: str = "random", per_channel: bool = True, seed: int | None = None,
@@ -137,6 +141,10 @@ class RandomMask2d(nn.Module):
 
     @_not_compiled
     def _build(self, shape: tuple[int, int, int], device: torch.device) -> None:
+        if torch.compiler.is_exporting() or torch._guards.detect_fake_mode() is not None:
+            # Traced on fake tensors (torch.export, FakeTensorMode): a mask drawn now would be a fake
+            # tensor kept in the module, and the program would rebuild it at every call.
+            raise RuntimeError(_BUILD_FIRST)
         # Normal tensors even when the first forward runs under torch.inference_mode():
         # the buffers outlive it, and later training forwards save them for backward.
         with torch.inference_mode(False):
@@ -250,7 +258,7 @@ def apply_random_mask(model: nn.Module, ratio: float, *, layers="shallow", mode:
     seed=base + i))`` (i its position in the list of names), so the masks of
     different layers differ. The masks are built at the first forward, from the
     convs' output shapes; run one forward (on a batch of the training input
-    size) before saving, loading into or compiling the model.
+    size) before saving, loading into, compiling or exporting the model.
 
     Args:
         model: the network; modified in place and returned.
