@@ -6,6 +6,7 @@ missing. ``ROBUSTDROP_BACKEND`` overrides ``auto``; an explicit backend that
 cannot run here is an error that says why.
 """
 import functools
+import inspect
 import os
 import warnings
 from typing import NamedTuple
@@ -179,15 +180,18 @@ REFERENCE_EXPORT_ERROR = ("backend='reference' reads a drawn seed (seed=None) as
                           "pass seed= to the op")
 
 
-def forward_table(op_name: str, reference_forward, *, seed_position: int | None = None) -> dict:
+def forward_table(op_name: str, reference_forward) -> dict:
     """Backend name -> forward of one op: ``robustdrop::<op_name>`` (CPU and CUDA kernels),
     ``robustdrop::<op_name>_triton`` and the reference. The ops are looked up at call
     time, so an install without them still imports.
 
-    For a seeded op, ``seed_position`` is the index of its seed argument. A seed given
-    as a tensor (``_seed.op_seed`` under torch.compile) goes to the ``_drawn_seed``
-    variant of the compiled or Triton op; the reference reads it as an int.
+    An op is seeded when its reference has an argument named ``seed``, as the op's schema
+    does (at the same position: the reference takes the op's arguments). A seed given as a
+    tensor (``_seed.op_seed`` under torch.compile) goes to the ``_drawn_seed`` variant of
+    the compiled or Triton op; the reference reads it as an int.
     """
+    parameters = list(inspect.signature(reference_forward).parameters)
+    seed_position = parameters.index("seed") if "seed" in parameters else None
 
     def drawn(args) -> bool:
         return seed_position is not None and isinstance(args[seed_position], torch.Tensor)

@@ -99,7 +99,7 @@ def feature_density_dropout(x: torch.Tensor, dims: int = 2, grids: int | None = 
 
 
 _DENSITY = _backend.forward_table("feature_density", reference.feature_density)
-_FORWARD = _backend.forward_table("feature_density_forward", reference.feature_density_forward, seed_position=3)
+_FORWARD = _backend.forward_table("feature_density_forward", reference.feature_density_forward)
 
 
 def _fake_density(x, dims, grids):
