@@ -705,12 +705,146 @@ def test_reference_training_export_is_a_clear_error(strict):
     assert torch.equal(exported(x), x)  # eval is the identity, exported on any backend
 
 
-def test_every_op_has_a_fake_implementation():
+def test_every_op_has_a_fake_implementation_and_a_vmap_rule():
     """Every op of the robustdrop library traces on fake tensors (torch.compile, torch.export): a fake
-    implementation of its own, or a composite kernel made of ops that have one."""
+    implementation of its own, or a composite kernel made of ops that have one. Every functional op has
+    a vmap rule of its own (robustdrop._vmap), not torch's fallback, which warns at every call."""
     names = [name for name in torch._C._dispatch_get_all_op_names() if name.startswith("robustdrop::")]
     assert "robustdrop::philox_uniform" in names or not robustdrop.backends()["cpu"].available
-    missing = [name for name in names
-               if not torch._C._dispatch_has_kernel_for_dispatch_key(name, "Meta")
-               and not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeExplicitAutograd")]
-    assert not missing
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+    no_fake = [name for name in names
+               if not has_kernel(name, "Meta") and not has_kernel(name, "CompositeExplicitAutograd")]
+    assert not no_fake
+    functional = [name for name in names
+                  if not getattr(torch.ops.robustdrop, name.split("::")[1]).default._schema.is_mutable]
+    no_vmap_rule = [name for name in functional if not has_kernel(name, "FuncTorchBatched")]
+    assert functional and not no_vmap_rule
+
+
+# ---------------------------------------------------------------- torch.vmap
+
+# vmap runs an op once per vmapped call (robustdrop._vmap) on the kernel backends; the reference's own
+# torch code is not written for vmap (CamDrop's and FDD's scatter into new tensors, which vmap refuses).
+VMAP_BACKENDS = EXPORT_BACKENDS
+VMAPPED_CALLS = 3
+
+
+def _vmapped_input(name: str) -> torch.Tensor:
+    shape = (VMAPPED_CALLS, 4, CHANNELS) + (() if name == "fdd1d" else (8, 8))
+    return torch.randn(shape, generator=torch.Generator().manual_seed(3), requires_grad=True)
+
+
+def _vmapped_forward(layer: nn.Module, xs: torch.Tensor, target: torch.Tensor | None, randomness: str, seed: int = 1):
+    torch.manual_seed(seed)
+    with cam_targets(layer, target) if target is not None else contextlib.nullcontext():
+        return torch.vmap(layer, randomness=randomness)(xs)
+
+
+@pytest.mark.parametrize("backend", VMAP_BACKENDS)
+@pytest.mark.parametrize("name", MAP_LAYERS + ["fdd1d"])
+def test_layer_under_vmap(name, backend):
+    """torch.vmap over a training layer with randomness="same": each vmapped call is the layer's own
+    call under the same torch.manual_seed (one seed drawn, as eager draws it), output and input gradient
+    to the bit."""
+    layer, target = _layer(name, backend)
+    xs = _vmapped_input(name)
+    ys = _vmapped_forward(layer, xs, target, "same")
+    grad_ys = torch.randn(ys.shape, generator=torch.Generator().manual_seed(4))
+    (grad_xs,) = torch.autograd.grad(ys, xs, grad_ys)
+    for call in range(VMAPPED_CALLS):
+        y = _forward(layer, xs[call], target, seed=1)
+        (grad_x,) = torch.autograd.grad(y, xs, grad_ys[call])
+        assert_same_bits(ys[call], y)
+        assert_same_bits(grad_xs[call], grad_x[call])
+    assert name == "random_mask" or not torch.equal(ys, xs)
+
+
+@pytest.mark.parametrize("backend", VMAP_BACKENDS)
+@pytest.mark.parametrize("name", MAP_LAYERS + ["fdd1d"])
+def test_layer_under_vmap_draws_per_call(name, backend):
+    """randomness="different": every vmapped call draws its own masks, so copies of one input come out
+    different (Random Mask's fixed mask stays the same); vmap's default randomness="error" refuses the
+    training forward's draw, as for torch.nn.Dropout, and runs the eval forward."""
+    layer, target = _layer(name, backend)
+    x = _vmapped_input(name)[0].detach()
+    ys = _vmapped_forward(layer, x.expand(VMAPPED_CALLS, *x.shape), target, "different")
+    differ = [not torch.equal(ys[0], ys[call]) for call in range(1, VMAPPED_CALLS)]
+    assert differ == [name != "random_mask"] * (VMAPPED_CALLS - 1)
+    if name != "random_mask":
+        with pytest.raises(RuntimeError, match="randomness"):
+            _vmapped_forward(layer, x.expand(VMAPPED_CALLS, *x.shape), target, "error")
+    layer.eval()
+    assert_same_bits(torch.vmap(layer)(x.expand(VMAPPED_CALLS, *x.shape))[1], layer(x))
+
+
+@pytest.mark.parametrize("backend", VMAP_BACKENDS)
+def test_seeded_ops_under_vmap_take_each_calls_seed(backend):
+    """The vmap rule of a seeded op (its ``_drawn_seed`` variant, which a drawn seed goes through) gives
+    every vmapped call its own input and seed: the same three outputs, to the bit, as one op call per
+    (input, seed) pair."""
+    suffix = "_triton" if backend == "triton" else ""
+    xs = torch.randn(VMAPPED_CALLS, 2, 4, 9, 9, generator=torch.Generator().manual_seed(0))
+    seeds = torch.tensor([5, -7, 2**62 + 1])
+    cases = [("block_mask_forward", (0.2, 3, False, True, 1e-6, None, 1), 1),
+             ("feature_density_forward", (2, 3, -0.8, 0.9, True), 3)]
+    for name, rest, seed_position in cases:
+        op = getattr(torch.ops.robustdrop, name + suffix)
+        variant = getattr(torch.ops.robustdrop, name + suffix + "_drawn_seed")
+
+        def call(x, seed):
+            args = (x,) + rest
+            return variant(*args[:seed_position], seed, *args[seed_position:])
+
+        outputs = torch.vmap(call)(xs, seeds)
+        for index in range(VMAPPED_CALLS):
+            args = (xs[index],) + rest
+            expected = op(*args[:seed_position], int(seeds[index]), *args[seed_position:])
+            for output, one in zip(outputs, expected):
+                assert_same_bits(output[index], one)
+
+
+@pytest.mark.parametrize("backend", VMAP_BACKENDS)
+def test_in_place_random_mask_under_vmap(backend):
+    """RandomMask2d(inplace=True) under vmap writes the masked values into x, with their gradient."""
+    layer = RandomMask2d(0.5, seed=3, inplace=True, backend=backend)
+    xs = _vmapped_input("random_mask")
+    hidden = xs * 1.0
+    ys = torch.vmap(layer)(hidden)
+    assert torch.equal(hidden, ys)
+    grad_ys = torch.randn(ys.shape, generator=torch.Generator().manual_seed(4))
+    (grad_xs,) = torch.autograd.grad(ys, xs, grad_ys)
+    keep = layer.mask.expand(ys.shape)
+    assert_same_bits(ys, torch.where(keep, xs, 0.0).detach())
+    assert_same_bits(grad_xs, torch.where(keep, grad_ys, 0.0))
+
+
+@pytest.mark.parametrize("method", ["dropblock", "random_mask"])
+def test_model_ensemble_under_vmap(method):
+    """An ensemble of SmallCNNs stacked with torch.func.stack_module_state and run by one vmapped
+    functional_call, as torch.func's model-ensembling recipe does, trains with the method's layers:
+    each member's logits and gradients are its own model's under the same torch.manual_seed (float64, to
+    rounding: vmap runs the members' convolutions as one grouped convolution)."""
+    torch.manual_seed(0)
+    members = [models.SmallCNN(method=method).double() for _ in range(VMAPPED_CALLS)]
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for member in members:
+            member.eval()(x)  # Random Mask builds its masks at the first forward
+    for member in members:
+        member.train()
+    params, buffers = torch.func.stack_module_state(members)
+    skeleton = copy.deepcopy(members[0]).to("meta")
+
+    def member_logits(member_params, member_buffers, x):
+        return torch.func.functional_call(skeleton, (member_params, member_buffers), (x,))
+
+    torch.manual_seed(2)
+    logits = torch.vmap(member_logits, in_dims=(0, 0, None), randomness="same")(params, buffers, x)
+    stacked_grads = torch.autograd.grad(logits.square().sum(), list(params.values()))
+    for index, member in enumerate(members):
+        torch.manual_seed(2)
+        member_logits_eager = member(x)
+        torch.testing.assert_close(logits[index], member_logits_eager)
+        grads = torch.autograd.grad(member_logits_eager.square().sum(), list(member.parameters()))
+        for stacked, grad in zip(stacked_grads, grads):
+            torch.testing.assert_close(stacked[index], grad)

@@ -5,7 +5,7 @@ available here) that compute the same function, bit for bit, from the same
 seed. Importing works without the compiled extension or Triton: ops then run
 on the PyTorch reference, after one warning.
 """
-from robustdrop import _backend
+from robustdrop import _backend, _vmap
 from robustdrop._backend import BackendStatus, backends
 from robustdrop._seed import rank_seeding, set_rank_seeding
 from robustdrop.ops import block_mask as _block_mask
@@ -28,7 +28,8 @@ __all__ = [
 
 
 def _register_ops() -> None:
-    """Fake implementations for the ops this install has, and autograd for the Triton ops.
+    """Fake implementations for the ops this install has, autograd for the Triton ops and, for
+    every op, a vmap rule (robustdrop._vmap).
 
     The compiled ops (CPU and CUDA kernels) have their autograd in C++
     (csrc/autograd), registered when robustdrop._C imports.
@@ -50,6 +51,7 @@ def _register_ops() -> None:
                                   "channel_mask_backward_triton", autograd=True)
         _fixed_mask.register("fixed_mask_apply_triton", autograd=True)
         _kl_distill.register("kl_distill_forward_triton", autograd=True)
+    _vmap.register_loop_rules()
 
 
 _register_ops()

@@ -20,6 +20,20 @@ def is_integral(value) -> bool:
     return kind is int or (kind is not bool and isinstance(value, numbers.Integral))
 
 
+def in_func_transform() -> bool:
+    """Whether this code runs eagerly inside a torch.func transform (``vmap``, ``grad``, ...)."""
+    # is_compiling first: Dynamo need not trace the functorch query.
+    return not torch.compiler.is_compiling() and torch._C._functorch.maybe_current_level() is not None
+
+
+def values_are_traced() -> bool:
+    """Whether tensors' values are out of Python's reach here: under torch.compile, where reading one
+    breaks the graph, and under a torch.func transform, where a vmapped tensor holds one value per
+    vmapped call. Checks that read values are skipped then, and random draws (seeds, Active
+    DropBlock's policy) stay tensors."""
+    return torch.compiler.is_compiling() or in_func_transform()
+
+
 def check_feature_map(x, name: str = "x", ndim: int = 4) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -179,7 +193,7 @@ def check_sample_rates(p, batch: int, device, name: str = "p") -> torch.Tensor:
     elif p.device != device:
         raise ValueError(f"{name} must be on x's device {device}, got {p.device}")
     rates = p.detach().to(torch.float64)
-    if torch.compiler.is_compiling():
+    if values_are_traced():
         return rates
     if rates.numel() and not bool(((rates >= 0) & (rates <= 1)).all()):
         raise ValueError(f"{name} must hold drop rates in [0, 1], got values from {rates.min().item()} to "

@@ -41,6 +41,8 @@ a module global that Dynamo guards, so changing it recompiles. Compile after
 """
 import torch
 
+from robustdrop import _checks
+
 _TWO_64 = 1 << 64
 _MASK_64 = _TWO_64 - 1
 _MASK_63 = (1 << 63) - 1
@@ -119,14 +121,14 @@ def draw_seed(*, per_rank: bool = True) -> int:
 def op_seed(seed) -> int | torch.Tensor:
     """The signed int64 an op receives for ``seed``; None draws one.
 
-    Under torch.compile a drawn seed stays the 0-d tensor of
-    ``draw_seed_tensor``: reading it as an int in the graph would be a graph
-    break (without ``fullgraph=True``). The ops take it through their
-    ``_drawn_seed`` variants, which read it on the host when they run
-    (``robustdrop._backend.forward_table``).
+    Under torch.compile and torch.func transforms (``_checks.values_are_traced``) a
+    drawn seed stays the 0-d tensor of ``draw_seed_tensor``. The ops take it
+    through their ``_drawn_seed`` variants, which read it on the host when they
+    run (``robustdrop._backend.forward_table``); under ``vmap`` torch runs such
+    an op once per vmapped call, each with its own seed.
     """
     if seed is None:
-        return draw_seed_tensor() if torch.compiler.is_compiling() else draw_seed()
+        return draw_seed_tensor() if _checks.values_are_traced() else draw_seed()
     if isinstance(seed, torch.SymInt):
         return seed
     seed = int(seed) % _TWO_64

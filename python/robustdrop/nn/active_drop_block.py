@@ -114,7 +114,7 @@ class ActiveDropBlock2d(nn.Module):
             return self._forward_every_policy(x)
         if self.change_threshold is not None:
             return _forward_repicking(self, x)
-        if torch.compiler.is_compiling() and (self.step_policy_index is not None or self.policy is None):
+        if _checks.values_are_traced() and (self.step_policy_index is not None or self.policy is None):
             self.last_policy = None
             index = self.step_policy_index
             if index is None:
@@ -138,11 +138,12 @@ class ActiveDropBlock2d(nn.Module):
         return self.policies[int(torch.randint(len(self.policies), ()))]
 
     def _forward_traced(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """A training forward under torch.compile with the policy of pool index ``index`` (1,) int64:
-        drawn here (the random policy) or the step's. The same draws as eager (the policy index when
-        drawn, then the mask seed, both from torch's default generator), but the rate stays a tensor,
-        given to every sample as a per-sample rate (N,): a Python float read from a tensor would
-        break the graph, and a float constant would recompile per policy. The same gamma in float64
+        """A training forward under torch.compile or torch.vmap with the policy of pool index ``index``
+        (1,) int64: drawn here (the random policy) or the step's. The same draws as eager (the policy
+        index when drawn, then the mask seed, both from torch's default generator), but the rate stays
+        a tensor, given to every sample as a per-sample rate (N,): a Python float read from a tensor
+        would break the graph, a float constant would recompile per policy, and under vmap with
+        randomness="different" each vmapped call draws its own policy. The same gamma in float64
         as the scalar path, so the same mask bits. A policy of 0 differs in two small ways: it still
         draws a mask seed (eager skips the op and the draw), and with normalize="batch" its scale
         float32(numel / (eps + numel)) is 1 only for numel >= 34 (below, kept values move by one ulp)."""

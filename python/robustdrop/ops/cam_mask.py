@@ -79,7 +79,7 @@ def cam_mask(x, weight, target, p, block_size, *, spatial_topk=None, channel_top
     channel_topk = _checks.check_topk(channel_topk, "channel_topk", c, "C")
     if not training or p == 0.0:
         return x
-    if not torch.compiler.is_compiling():
+    if not _checks.values_are_traced():
         _checks.check_target_values(target, weight.shape[0])
     gamma = block_reference.drop_rate_to_gamma(p, height, width, bs)
     args = (x, weight.detach(), target, guided, _seed.op_seed(seed), gamma, bs, spatial_topk, channel_topk,

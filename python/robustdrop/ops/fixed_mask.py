@@ -39,6 +39,10 @@ def fixed_mask2d(x: torch.Tensor, mask: torch.Tensor, *, inplace: bool = False, 
     _checks.check_feature_map(x)
     packed = _packed_mask(mask, x)
     name = _backend.resolve_backend(backend, x)
+    if inplace and _checks.in_func_transform():
+        # A torch.func transform cannot run _FixedMaskInPlace (an autograd.Function that writes its input):
+        # the same values, written into x by a copy.
+        return x.copy_(_FORWARD[name](x, packed))
     if inplace:
         return _FixedMaskInPlace.apply(x, packed, name)
     return _FORWARD[name](x, packed)

@@ -1,0 +1,47 @@
+"""``torch.vmap`` of robustdrop's ops: each op runs once per vmapped call.
+
+vmap over a model (``torch.func.stack_module_state`` ensembles, per-sample
+gradients) reaches the ops with inputs that carry a vmapped dimension. The
+rule registered here takes each call's slice of every vmapped input, runs the
+op on it and stacks the outputs along a new leading dimension: exactly the
+loop ``torch.stack([op(*args_i) for i in range(B)])``. A drawn seed is an input
+like any other (``_checks.values_are_traced``): with ``randomness="different"``
+it is vmapped, so every call draws its own masks; with ``"same"`` it is not,
+and every call uses the one seed.
+
+The ops' kernels take one batch of samples each, so a loop is what a batching
+rule can do without a second code path per kernel; it replaces torch's own
+fallback, which runs the same loop but warns at every call. The in-place ops
+keep that fallback.
+"""
+import torch
+
+__all__ = ["register_loop_rules"]
+
+
+def _call_slice(args: tuple, in_dims: tuple, index: int) -> tuple:
+    """The arguments of vmapped call ``index``: each vmapped tensor's slice, the rest as given."""
+    return tuple(arg if dim is None else arg.select(dim, index) for arg, dim in zip(args, in_dims))
+
+
+def _loop_rule(op):
+    def rule(info, in_dims, *args):
+        results = [op(*_call_slice(args, in_dims, index)) for index in range(info.batch_size)]
+        if isinstance(results[0], torch.Tensor):
+            return torch.stack(results), 0
+        outputs = tuple(torch.stack(parts) for parts in zip(*results))
+        return outputs, (0,) * len(outputs)
+
+    return rule
+
+
+def register_loop_rules() -> None:
+    """The loop above as the vmap rule of every functional op of the robustdrop library registered
+    so far (the compiled, Triton and ``_drawn_seed`` ops alike)."""
+    for qualified_name in torch._C._dispatch_get_all_op_names():
+        namespace, _, name = qualified_name.partition("::")
+        if namespace != "robustdrop":
+            continue
+        op = getattr(torch.ops.robustdrop, name).default
+        if not op._schema.is_mutable:
+            torch.library.register_vmap(qualified_name, _loop_rule(op))
