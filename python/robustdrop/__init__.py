@@ -13,7 +13,7 @@ from robustdrop.ops import cam_mask as _cam_mask
 from robustdrop.ops import feature_density as _feature_density
 from robustdrop.ops import fixed_mask as _fixed_mask
 from robustdrop.ops import kl_distill as _kl_distill
-from robustdrop.ops import philox as _philox
+from robustdrop.ops import _philox
 from robustdrop.ops.block_mask import drop_block2d
 from robustdrop.ops.cam_mask import cam_drop2d
 from robustdrop.ops.feature_density import feature_density, feature_density_dropout

@@ -1,4 +1,5 @@
-"""Fake implementations of the compiled RNG ops (DESIGN.md section 3).
+"""Fake implementations of the compiled RNG ops (DESIGN.md section 3): internal ops, with
+no functional API or benchmark of their own, hence the leading underscore.
 
 ``robustdrop::philox_uniform(index, seed)`` and ``philox_words(index, seed)``
 (CPU and CUDA kernels in csrc) map an int64 index tensor of any shape to
