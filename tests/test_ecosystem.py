@@ -848,3 +848,72 @@ def test_model_ensemble_under_vmap(method):
         grads = torch.autograd.grad(member_logits_eager.square().sum(), list(member.parameters()))
         for stacked, grad in zip(stacked_grads, grads):
             torch.testing.assert_close(stacked[index], grad)
+
+
+# ---------------------------------------------------------------- CUDA graphs
+
+def test_drawn_seed_ops_run_outside_cuda_graphs():
+    """The ``_drawn_seed`` ops read their seed on the host when they run: inside a CUDA graph that read
+    would happen once, at recording, and every replay would drop the same positions. They are tagged
+    cudagraph_unsafe, which Inductor reads (torch.compile(mode="reduce-overhead") runs them between its
+    CUDA graphs): its check finds the op in a compiled DropBlock's graph."""
+    names = [name for name in torch._C._dispatch_get_all_op_names()
+             if name.startswith("robustdrop::") and name.endswith("_drawn_seed")]
+    assert names
+    for name in names:
+        assert torch.Tag.cudagraph_unsafe in getattr(torch.ops.robustdrop, name.split("::")[1]).default.tags
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._inductor.utils import get_first_incompatible_cudagraph_node
+
+    forward_graphs = []
+
+    def keep_forward_graph(graph_module, example_inputs):
+        def forward_compiler(forward_graph, inputs):
+            forward_graphs.append(forward_graph)
+            return forward_graph
+
+        return aot_module_simplified(graph_module, example_inputs, fw_compiler=forward_compiler)
+
+    torch._dynamo.reset()
+    layer = DropBlock2d(0.2, 3, backend=BACKENDS[0])
+    torch.compile(layer, backend=keep_forward_graph, fullgraph=True)(torch.randn(2, 3, 8, 8, requires_grad=True))
+    unsafe = get_first_incompatible_cudagraph_node(forward_graphs[0])
+    assert unsafe is not None and str(unsafe.target).endswith("_drawn_seed.default")
+
+
+def test_random_draw_while_capturing_a_cuda_graph_is_an_error(monkeypatch):
+    """A seed drawn for a CUDA op (seed=None) or Active DropBlock's random policy, while a CUDA graph is
+    being captured, is an error that says what to do: drawn once on the host, it would be replayed. An
+    explicit seed is the caller's choice and passes; a CPU op never asks (the query would create a CUDA
+    context)."""
+    from robustdrop import _seed
+
+    capturing = [True]
+    asked = []
+
+    def is_current_stream_capturing():
+        asked.append(True)
+        return capturing[0]
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", is_current_stream_capturing)
+    cuda = torch.device("cuda")
+    with pytest.raises(RuntimeError, match="reduce-overhead"):
+        _seed.op_seed(None, cuda)
+    with pytest.raises(RuntimeError, match="reduce-overhead"):
+        ActiveDropBlock2d(3, policies=(0.1, 0.2))._eager_policy(cuda)
+    assert _seed.op_seed(5, cuda) == 5
+    asked.clear()
+    assert isinstance(_seed.op_seed(None, torch.device("cpu")), int) and not asked
+    capturing[0] = False
+    assert isinstance(_seed.op_seed(None, cuda), int) and asked
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_capture_of_a_drawn_seed_is_an_error():
+    """The same, through torch.cuda.graph on a real capture."""
+    x = torch.randn(2, 3, 8, 8, device="cuda")
+    robustdrop.drop_block2d(x, 0.2, 3)  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="reduce-overhead"):
+        with torch.cuda.graph(graph):
+            robustdrop.drop_block2d(x, 0.2, 3)

@@ -118,17 +118,35 @@ def draw_seed(*, per_rank: bool = True) -> int:
     return draw_seed_tensor(per_rank=per_rank).item()
 
 
-def op_seed(seed) -> int | torch.Tensor:
-    """The signed int64 an op receives for ``seed``; None draws one.
+CAPTURE_ERROR = ("robustdrop draws its random numbers (a seed for seed=None, Active DropBlock's policy) on the host, "
+                 "so while a CUDA graph is being captured it would draw them once and every replay would drop the "
+                 "same positions. Capture with torch.compile(mode=\"reduce-overhead\"), which runs robustdrop's "
+                 "seeded ops outside its CUDA graphs, or pass seed= to replay one seed on purpose")
+
+
+def check_not_capturing(device: torch.device) -> None:
+    """``CAPTURE_ERROR`` when a CUDA graph is being captured on the current stream of ``device``."""
+    # Asked only for CUDA tensors: the query needs the CUDA context, which a CPU op must not create.
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(CAPTURE_ERROR)
+
+
+def op_seed(seed, device: torch.device | None = None) -> int | torch.Tensor:
+    """The signed int64 an op on ``device`` receives for ``seed``; None draws one.
 
     Under torch.compile and torch.func transforms (``_checks.values_are_traced``) a
     drawn seed stays the 0-d tensor of ``draw_seed_tensor``. The ops take it
     through their ``_drawn_seed`` variants, which read it on the host when they
     run (``robustdrop._backend.forward_table``); under ``vmap`` torch runs such
-    an op once per vmapped call, each with its own seed.
+    an op once per vmapped call, each with its own seed. Drawing while a CUDA
+    graph is captured on the current stream is an error (``CAPTURE_ERROR``).
     """
     if seed is None:
-        return draw_seed_tensor() if _checks.values_are_traced() else draw_seed()
+        if _checks.values_are_traced():
+            return draw_seed_tensor()
+        if device is not None:
+            check_not_capturing(device)
+        return draw_seed()
     if isinstance(seed, torch.SymInt):
         return seed
     seed = int(seed) % _TWO_64

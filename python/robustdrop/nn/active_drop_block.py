@@ -14,6 +14,7 @@ from torch import nn
 
 from robustdrop import _checks
 from robustdrop._backend import eager_only, in_checkpoint_recompute, resolve_backend
+from robustdrop._seed import check_not_capturing
 from robustdrop.ops.block_mask import NORMALIZE_MODES, block_drop, drop_block2d, rate_per_sample
 
 __all__ = ["ActiveDropBlock2d", "DEFAULT_POLICIES"]
@@ -121,7 +122,7 @@ class ActiveDropBlock2d(nn.Module):
                 # Shape (1,), not (): the same one draw as eager's, and a tensor index keeps the lookup in the graph.
                 index = torch.randint(len(self.policies), (1,))
             return self._forward_traced(x, index)
-        rate = self._eager_policy()
+        rate = self._eager_policy(x.device)
         self.last_policy = rate
         return self._drop(x, rate)
 
@@ -129,12 +130,14 @@ class ActiveDropBlock2d(nn.Module):
         return drop_block2d(x, rate, self.block_size, couple_channels=self.couple_channels, normalize=self.normalize,
                             eps=self.eps, backend=self.backend)
 
-    def _eager_policy(self) -> float:
-        """The rate of an eager training forward: the step's, else the fixed policy, else a random draw."""
+    def _eager_policy(self, device: torch.device) -> float:
+        """The rate of an eager training forward on ``device``: the step's, else the fixed policy, else a
+        random draw."""
         if self.step_policy_index is not None:
             return self.policies[int(self.step_policy_index)]
         if self.policy is not None:
             return self.policy
+        check_not_capturing(device)
         return self.policies[int(torch.randint(len(self.policies), ()))]
 
     def _forward_traced(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -197,7 +200,7 @@ class ActiveDropBlock2d(nn.Module):
 
 def _forward_repicking(layer: ActiveDropBlock2d, x: torch.Tensor) -> torch.Tensor:
     """A training forward with Algorithm 1's re-pick, which branches on norms read on the host."""
-    rate = layer._eager_policy()
+    rate = layer._eager_policy(x.device)
     rate, y = layer._repick(x, rate, layer._drop(x, rate))
     layer.last_policy = rate
     return y

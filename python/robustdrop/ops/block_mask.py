@@ -89,7 +89,7 @@ def block_drop(x: torch.Tensor, p, block_size: int, *, couple_channels: bool, no
         gamma = 0.0
     else:
         sample_gamma, gamma = None, reference.drop_rate_to_gamma(p, height, width, bs)
-    args = (x, _seed.op_seed(seed), gamma, bs, couple_channels, normalize, eps, sample_gamma, normalize_groups)
+    args = (x, _seed.op_seed(seed, x.device), gamma, bs, couple_channels, normalize, eps, sample_gamma, normalize_groups)
     return _FORWARD[backend](*args)[0]
 
 
@@ -173,6 +173,10 @@ def register_drawn_seed(op, fake_forward, backward) -> None:
     a traced ``torch.randint``, and no ``.item()`` in the graph breaks it in two (Dynamo breaks
     there unless ``fullgraph=True``). The variant is opaque to the compiler and has the same
     fake implementation as ``op`` and, in Python, the same autograd as the Triton ops.
+
+    It is tagged ``cudagraph_unsafe``: its host read of the seed would happen once, when a CUDA
+    graph is recorded, and every replay would reuse that seed and so drop the same positions.
+    Under ``torch.compile(mode="reduce-overhead")`` Inductor runs it outside its CUDA graphs.
     """
     name = f"robustdrop::{op._schema.name.split('::')[1]}{_backend.DRAWN_SEED_SUFFIX}"
     signature = str(op._schema).split("(", 1)[1]
@@ -186,7 +190,7 @@ def register_drawn_seed(op, fake_forward, backward) -> None:
         args[seed_position] = int(args[seed_position])
         return op(*args)
 
-    torch.library.define(name, "(" + signature, lib=_DRAWN_SEED_LIBRARY)
+    torch.library.define(name, "(" + signature, lib=_DRAWN_SEED_LIBRARY, tags=(torch.Tag.cudagraph_unsafe,))
     torch.library.impl(name, "default", kernel, lib=_DRAWN_SEED_LIBRARY)
     torch.library.register_fake(name, fake_forward, lib=_DRAWN_SEED_LIBRARY)
     torch.library.register_autograd(name, backward, setup_context=_setup_context, lib=_DRAWN_SEED_LIBRARY)

@@ -82,7 +82,7 @@ def cam_mask(x, weight, target, p, block_size, *, spatial_topk=None, channel_top
     if not _checks.values_are_traced():
         _checks.check_target_values(target, weight.shape[0])
     gamma = block_reference.drop_rate_to_gamma(p, height, width, bs)
-    args = (x, weight.detach(), target, guided, _seed.op_seed(seed), gamma, bs, spatial_topk, channel_topk,
+    args = (x, weight.detach(), target, guided, _seed.op_seed(seed, x.device), gamma, bs, spatial_topk, channel_topk,
             normalize == "batch", eps)
     return _FORWARD[name](*args)[0]
 

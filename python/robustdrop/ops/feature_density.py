@@ -95,7 +95,7 @@ def feature_density_dropout(x: torch.Tensor, dims: int = 2, grids: int | None = 
     name = _backend.resolve_backend(backend, x)
     if not training:
         return x
-    return _FORWARD[name](x, dims, grids, _seed.op_seed(seed), kappa, alpha, rescale)[0]
+    return _FORWARD[name](x, dims, grids, _seed.op_seed(seed, x.device), kappa, alpha, rescale)[0]
 
 
 _DENSITY = _backend.forward_table("feature_density", reference.feature_density)
