@@ -804,6 +804,22 @@ def test_seeded_ops_under_vmap_take_each_calls_seed(backend):
 
 
 @pytest.mark.parametrize("backend", VMAP_BACKENDS)
+def test_vmap_over_zero_calls(backend):
+    """vmap over a dimension of size 0 gives each op's outputs for zero calls: (0, *one call's shape), in
+    the call's dtype, and the inputs their empty gradients."""
+    x = torch.randn(0, 2, 4, 8, 8, dtype=torch.float16, requires_grad=True)
+    for function in (lambda x: robustdrop.drop_block2d(x, 0.2, 3, backend=backend),
+                     lambda x: robustdrop.feature_density_dropout(x, backend=backend),
+                     lambda x: kl_distill(x.flatten(1).float(), x.flatten(1).float().detach(), reduction="none",
+                                          backend=backend)):
+        y = torch.vmap(function, randomness="different")(x)
+        one_call = function(torch.randn(2, 4, 8, 8, dtype=torch.float16))
+        assert y.shape == (0,) + one_call.shape and y.dtype == one_call.dtype
+        (grad_x,) = torch.autograd.grad(y.sum(), x)
+        assert grad_x.shape == x.shape
+
+
+@pytest.mark.parametrize("backend", VMAP_BACKENDS)
 def test_in_place_random_mask_under_vmap(backend):
     """RandomMask2d(inplace=True) under vmap writes the masked values into x, with their gradient."""
     layer = RandomMask2d(0.5, seed=3, inplace=True, backend=backend)
