@@ -1,7 +1,7 @@
 """robustdrop's layers with the rest of PyTorch: torch.autocast, channels_last
 inputs, torch.compile(fullgraph=True) of the CIFAR ResNet-18 with a method's
-layer placed in it, forward and backward, activation checkpointing and
-torch.export.
+layer placed in it, forward and backward, activation checkpointing,
+torch.export, torch.vmap and CUDA graphs.
 
 Autocast (CPU, bfloat16 and float16): the layers have no autocast rule of their
 own; they receive what autocast made of the layer before them (a conv's output
