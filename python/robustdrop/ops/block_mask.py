@@ -163,6 +163,8 @@ def register_forward(forward_name: str, backward_name: str, fake_forward, *, num
 
 # Holds the registrations of the _drawn_seed variants for the life of the process.
 _DRAWN_SEED_LIBRARY = torch.library.Library("robustdrop", "FRAGMENT")
+# The tag came with Inductor's graph partitioning (torch 2.8); an older torch has neither.
+_CUDAGRAPH_UNSAFE = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 
 
 def register_drawn_seed(op, fake_forward, backward) -> None:
@@ -190,7 +192,7 @@ def register_drawn_seed(op, fake_forward, backward) -> None:
         args[seed_position] = int(args[seed_position])
         return op(*args)
 
-    torch.library.define(name, "(" + signature, lib=_DRAWN_SEED_LIBRARY, tags=(torch.Tag.cudagraph_unsafe,))
+    torch.library.define(name, "(" + signature, lib=_DRAWN_SEED_LIBRARY, tags=_CUDAGRAPH_UNSAFE)
     torch.library.impl(name, "default", kernel, lib=_DRAWN_SEED_LIBRARY)
     torch.library.register_fake(name, fake_forward, lib=_DRAWN_SEED_LIBRARY)
     torch.library.register_autograd(name, backward, setup_context=_setup_context, lib=_DRAWN_SEED_LIBRARY)
