@@ -655,27 +655,33 @@ def _exported_model(method: str, backend: str) -> nn.Module:
 @pytest.mark.parametrize("backend", EXPORT_BACKENDS)
 @pytest.mark.parametrize("method", EXPORTED_METHODS)
 def test_model_exports(method, backend, strict):
-    """torch.export.export of a SmallCNN with each method, on each kernel backend, in both tracing modes.
-    The eval program is the eval model: the same logits, bit for bit. The training program draws its
-    masks from torch's generator when it runs, as the eager model does: under the same torch.manual_seed
-    the same logits, bit for bit, with targets other than the ones it was exported with, and other
-    logits under another seed."""
+    """torch.export.export of a SmallCNN with each method, on each kernel backend, in both tracing modes,
+    the batch size a dynamic dimension. The eval program is the eval model: the same logits, bit for bit.
+    The training program draws its masks from torch's generator when it runs, as the eager model does:
+    under the same torch.manual_seed the same logits, bit for bit, at another batch size and with other
+    targets than it was exported with, and other logits under another seed."""
     model = _exported_model(method, backend)
     data = torch.Generator().manual_seed(1)
-    x = torch.randn(4, 3, 16, 16, generator=data)
-    targets = [torch.randint(0, 10, (4,), generator=data) for _ in range(2)]
+    x, other_x = torch.randn(4, 3, 16, 16, generator=data), torch.randn(6, 3, 16, 16, generator=data)
+    target, other_target = torch.randint(0, 10, (4,), generator=data), torch.randint(0, 10, (6,), generator=data)
     step = _TrainingStep(model)
-    exported_eval = torch.export.export(step.eval(), (x, targets[0]), strict=strict).module()
-    assert_same_bits(exported_eval(x, targets[0]), step(x, targets[0]))
+    batch = torch.export.Dim("batch", min=2, max=64)
+    dynamic_shapes = {"x": {0: batch}, "y": {0: batch}}
 
-    exported_train = torch.export.export(step.train(), (x, targets[0]), strict=strict).module()
+    def export(module):
+        return torch.export.export(module, (x, target), dynamic_shapes=dynamic_shapes, strict=strict).module()
+
+    exported_eval = export(step.eval())
+    assert_same_bits(exported_eval(other_x, other_target), step(other_x, other_target))
+
+    exported_train = export(step.train())
     assert any("robustdrop" in str(node.target) for node in exported_train.graph.nodes)
     outputs = {}
     for seed in (5, 6):
         torch.manual_seed(seed)
-        outputs[seed] = exported_train(x, targets[1])
+        outputs[seed] = exported_train(other_x, other_target)
         torch.manual_seed(seed)
-        assert_same_bits(outputs[seed], step(x, targets[1]))
+        assert_same_bits(outputs[seed], step(other_x, other_target))
     assert method == "random_mask" or not torch.equal(outputs[5], outputs[6])
 
 
