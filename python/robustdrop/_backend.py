@@ -187,8 +187,8 @@ def forward_table(op_name: str, reference_forward) -> dict:
 
     An op is seeded when its reference has an argument named ``seed``, as the op's schema
     does (at the same position: the reference takes the op's arguments). A seed given as a
-    tensor (``_seed.op_seed`` under torch.compile) goes to the ``_drawn_seed`` variant of
-    the compiled or Triton op; the reference reads it as an int.
+    tensor (``_seed.op_seed`` under torch.compile or torch.vmap) goes to the ``_drawn_seed``
+    variant of the compiled or Triton op; the reference reads it as an int.
     """
     parameters = list(inspect.signature(reference_forward).parameters)
     seed_position = parameters.index("seed") if "seed" in parameters else None

@@ -174,7 +174,8 @@ def register_drawn_seed(op, fake_forward, backward) -> None:
     This is what a drawn seed (``seed=None``) goes through under torch.compile: the draw stays
     a traced ``torch.randint``, and no ``.item()`` in the graph breaks it in two (Dynamo breaks
     there unless ``fullgraph=True``). The variant is opaque to the compiler and has the same
-    fake implementation as ``op`` and, in Python, the same autograd as the Triton ops.
+    fake implementation as ``op`` and, in Python, the same autograd as the Triton ops. Under
+    ``torch.vmap`` the seed is a vmapped input when ``randomness="different"`` (robustdrop._vmap).
 
     It is tagged ``cudagraph_unsafe``: its host read of the seed would happen once, when a CUDA
     graph is recorded, and every replay would reuse that seed and so drop the same positions.
