@@ -34,6 +34,12 @@ def values_are_traced() -> bool:
     return torch.compiler.is_compiling() or in_func_transform()
 
 
+def check_philox_index(index: torch.Tensor) -> None:
+    """The RNG ops' index: int64 (csrc/checks.h check_philox_args, for the compiled kernels)."""
+    if index.dtype != torch.int64:
+        raise TypeError(f"index must be int64, got {index.dtype}")
+
+
 def check_feature_map(x, name: str = "x", ndim: int = 4) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")

@@ -141,7 +141,7 @@ class RandomMask2d(nn.Module):
 
     @_not_compiled
     def _build(self, shape: tuple[int, int, int], device: torch.device) -> None:
-        if torch.compiler.is_exporting() or torch._guards.detect_fake_mode() is not None:
+        if torch._guards.detect_fake_mode() is not None:
             # Traced on fake tensors (torch.export, FakeTensorMode): a mask drawn now would be a fake
             # tensor kept in the module, and the program would rebuild it at every call.
             raise RuntimeError(_BUILD_FIRST)

@@ -11,22 +11,18 @@ are random numbers, not functions of a differentiable input.
 """
 import torch
 
+from robustdrop._checks import check_philox_index
+
 __all__ = ["register"]
 
 
-def _check_index(index: torch.Tensor) -> None:
-    # The kernels' own check (csrc/checks.h check_philox_args), so a traced call fails as the eager one does.
-    if index.dtype != torch.int64:
-        raise TypeError(f"index must be int64, got {index.dtype}")
-
-
 def _fake_uniform(index: torch.Tensor, seed: int) -> torch.Tensor:
-    _check_index(index)
+    check_philox_index(index)  # as the kernels check, so a traced call fails as an eager one
     return index.new_empty(index.shape, dtype=torch.float32)
 
 
 def _fake_words(index: torch.Tensor, seed: int) -> torch.Tensor:
-    _check_index(index)
+    check_philox_index(index)
     return index.new_empty(index.shape, dtype=torch.int64)
 
 

@@ -89,7 +89,8 @@ def block_drop(x: torch.Tensor, p, block_size: int, *, couple_channels: bool, no
         gamma = 0.0
     else:
         sample_gamma, gamma = None, reference.drop_rate_to_gamma(p, height, width, bs)
-    args = (x, _seed.op_seed(seed, x.device), gamma, bs, couple_channels, normalize, eps, sample_gamma, normalize_groups)
+    args = (x, _seed.op_seed(seed, x.device), gamma, bs, couple_channels, normalize, eps, sample_gamma,
+            normalize_groups)
     return _FORWARD[backend](*args)[0]
 
 

@@ -26,6 +26,8 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import custom_op, triton_op, wrap_triton
 
+from robustdrop._checks import check_philox_index
+
 # Triton's own constant: float32(2**31 - 1) times it is 0.99999994 < 1.
 _INT31_TO_UNIT = tl.constexpr(4.6566127342e-10)
 
@@ -122,13 +124,8 @@ def register_op(name: str, probe_kernel, mutates_args: tuple = ()):
 _BLOCK = 1024
 
 
-def _check_index(index: torch.Tensor) -> None:
-    if index.dtype != torch.int64:
-        raise TypeError(f"index must be int64, got {index.dtype}")
-
-
 def _run(index: torch.Tensor, seed: int, words: bool) -> torch.Tensor:
-    _check_index(index)
+    check_philox_index(index)
     flat = index.contiguous()
     out = torch.empty(flat.shape, dtype=torch.int64 if words else torch.float32, device=flat.device)
     numel = flat.numel()
