@@ -685,17 +685,26 @@ def test_model_exports(method, backend, strict):
     assert method == "random_mask" or not torch.equal(outputs[5], outputs[6])
 
 
+@pytest.mark.parametrize("root", ["layer", "model"])
 @pytest.mark.parametrize("strict", [False, True], ids=["non_strict", "strict"])
-def test_unbuilt_random_mask_export_is_a_clear_error(strict):
+def test_unbuilt_random_mask_export_is_a_clear_error(strict, root):
     """A RandomMask2d exported before its mask is built is an error that says what to do, not a program that
     rebuilds the mask at every call and leaves a fake tensor in the module; the module still builds its own
-    mask at the next eager forward."""
+    mask at the next eager forward, exported alone or inside a model."""
     layer = RandomMask2d(0.5, seed=7)
+    module = layer if root == "layer" else nn.Sequential(nn.Conv2d(4, 4, 1), layer)
     x = torch.randn(2, 4, 8, 8)
+    hooks = torch.nn.modules.module._global_buffer_registration_hooks
+    hooks_before = len(hooks)
     with pytest.raises(Exception, match="run one eager forward, or pass shape=, before .*torch.export"):
-        torch.export.export(layer, (x,), strict=strict)
+        torch.export.export(module, (x,), strict=strict)
     assert layer.mask is None and layer.packed_mask.numel() == 0
-    layer(x)
+    if len(hooks) > hooks_before and root == "layer":
+        # torch 2.11's non-strict export leaves its buffer-assignment hook registered when the traced forward
+        # raises (later torch removes it in a finally): every later buffer assignment on the exported root
+        # module fails, whatever the module. A RandomMask2d inside a model is not that root.
+        pytest.xfail("torch leaked non-strict export's buffer-assignment hook for the root module")
+    module(x)
     assert torch.equal(layer.mask, RandomMask2d(0.5, seed=7, shape=(4, 8, 8)).mask)
 
 
