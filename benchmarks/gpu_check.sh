@@ -27,6 +27,9 @@
 #                 (PREBUILD_PYTHON_VERSION, default 3.12, or PREBUILD_PYTHON; PREBUILD_TORCH, default
 #                 2.11.0, a CUDA build from PyPI installed once into build/gpu_prebuild/venv), so that
 #                 `build` takes seconds
+#   prebuild-test (no GPU needed, after prebuild) the whole test suite on this machine's CPU under the
+#                 prebuild's Python, torch and Triton, the device image's versions: what those versions
+#                 break fails here, before the lease (about 20 minutes on 2 cores)
 #
 # Time: the run stops starting stages GPU_CHECK_SECONDS (default 450; 0: no limit) after it began;
 # each stage runs under `timeout` for at most its own cap (STAGE_CAPS below) and what is left, and a
@@ -76,7 +79,7 @@ failed=0
 stage_deadline() {  # STAGE ENCLOSING_DEADLINE
   local cap=${STAGE_CAPS[$1]:-0} deadline=$2 limit
   # prebuild runs on the CPU machine before the lease: no lease budget applies.
-  [ "$1" = prebuild ] && { echo 0; return; }
+  case $1 in prebuild*) echo 0; return ;; esac
   for limit in $([ "$cap" -gt 0 ] && echo $(($(date +%s) + cap))) \
                $([ "$BUDGET_SECONDS" -gt 0 ] && echo $((RUN_START + BUDGET_SECONDS))); do
     if [ "$deadline" -eq 0 ] || [ "$limit" -lt "$deadline" ]; then deadline=$limit; fi
@@ -216,6 +219,21 @@ sys.exit(0 if torch._C._dispatch_has_kernel_for_dispatch_key('robustdrop::block_
   echo "carry $PREBUILT to the device machine; its build stage takes it while the sources stay as they are"
 }
 
+stage_prebuild-test() {
+  local venv=build/gpu_prebuild/venv
+  if [ ! -f "$PREBUILT/STAMP" ] || [ "$(cat "$PREBUILT/STAMP")" != "$(sources_stamp "$venv/bin/python")" ]; then
+    echo "no $PREBUILT/ built from these sources: run the prebuild stage first"
+    return 1
+  fi
+  # The suite's own packages. NumPy under 2.4: Triton 3.6's interpreter, which runs the triton tests on
+  # the CPU, turns one-element arrays into Python ints, and NumPy 2.4 refuses that ("only 0-dimensional
+  # arrays can be converted to Python scalars"). On a GPU the kernels are compiled and NumPy plays no part.
+  "$venv/bin/python" -m pip install --quiet pytest matplotlib scikit-learn "numpy<2.4" || return 1
+  cp "$PREBUILT"/robustdrop/_C*.so python/robustdrop/ || return 1
+  "$venv/bin/python" -c "import torch, triton; print(f'torch {torch.__version__}, Triton {triton.__version__}')"
+  "$venv/bin/python" -m pytest -q -p no:cacheprovider -rfEx tests
+}
+
 ensure_built() {
   have_cuda_extension || stage_build
 }
@@ -297,7 +315,7 @@ record() {  # STAGE STATUS START
 run_stage() {
   local stage=$1 start status left
   if ! declare -F "stage_$stage" >/dev/null; then
-    echo "unknown stage '$stage'; stages: $ALL_STAGES test sanitize prebuild" >&2
+    echo "unknown stage '$stage'; stages: $ALL_STAGES test sanitize prebuild prebuild-test" >&2
     echo "| $stage | FAILED (unknown stage) | - | $(date -u +%FT%TZ) |" >> "$OUT_DIR/summary.md"
     return 2
   fi
@@ -359,6 +377,12 @@ stages=("$@")
 for stage in "${stages[@]}"; do
   run_stage "$stage" || failed=1
 done
-[ "${stages[*]}" = prebuild ] || write_results "${stages[@]}"
+# The prebuild stages run on the CPU machine: alone, they have no GPU results to write.
+for stage in "${stages[@]}"; do
+  case $stage in
+    prebuild*) ;;
+    *) write_results "${stages[@]}"; break ;;
+  esac
+done
 cat "$OUT_DIR/summary.md"
 exit $failed

@@ -232,7 +232,8 @@ def test_gpu_check_script_parses_and_names_its_stages(tmp_path):
                             env=dict(os.environ, GPU_CHECK_OUT=str(tmp_path)))
     assert result.returncode != 0
     assert "unknown stage 'no-such-stage'" in result.stderr
-    stages = ("info", "build", "verify", "test", "sanitize", "bench-fp32", "bench-bf16", "bench-models", "prebuild")
+    stages = ("info", "build", "verify", "test", "sanitize", "bench-fp32", "bench-bf16", "bench-models", "prebuild",
+              "prebuild-test")
     for stage in stages:
         assert stage in result.stderr
     assert "| no-such-stage | FAILED" in (tmp_path / "summary.md").read_text()
