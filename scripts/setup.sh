@@ -10,7 +10,8 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install --quiet "torch==2.13.0"
 fi
 missing=()
-for module in ninja pytest numpy matplotlib triton; do
+# onnxscript and onnxruntime: the ONNX export tests (torch.onnx.export and running its program).
+for module in ninja pytest numpy matplotlib triton onnxscript onnxruntime; do
   "$PY" -c "import $module" 2>/dev/null || missing+=("$module")
 done
 # scikit-learn (the robustness experiment's digits) imports as sklearn.

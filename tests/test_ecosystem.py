@@ -1,7 +1,7 @@
 """robustdrop's layers with the rest of PyTorch: torch.autocast, channels_last
 inputs, torch.compile(fullgraph=True) of the CIFAR ResNet-18 with a method's
 layer placed in it, forward and backward, activation checkpointing,
-torch.export, torch.vmap and CUDA graphs.
+torch.export, ONNX export, torch.vmap and CUDA graphs.
 
 Autocast (CPU, bfloat16 and float16): the layers have no autocast rule of their
 own; they receive what autocast made of the layer before them (a conv's output
@@ -30,6 +30,7 @@ FDD's cells and CamDrop's top-k could flip on a float32 rounding.
 """
 import contextlib
 import copy
+import warnings
 
 import pytest
 import torch
@@ -734,6 +735,76 @@ def test_every_op_has_a_fake_implementation_and_a_vmap_rule():
                   if not getattr(torch.ops.robustdrop, name.split("::")[1]).default._schema.is_mutable]
     no_vmap_rule = [name for name in functional if not has_kernel(name, "FuncTorchBatched")]
     assert functional and not no_vmap_rule
+
+
+# ---------------------------------------------------------------- ONNX
+
+def _onnx_session(path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _onnx_run(path, *inputs):
+    session = _onnx_session(path)
+    feeds = {argument.name: value.numpy() for argument, value in zip(session.get_inputs(), inputs)}
+    return torch.from_numpy(session.run(None, feeds)[0])
+
+
+def _export_onnx(model, inputs, path, **options):
+    pytest.importorskip("onnxscript")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporters' own deprecation and progress notices
+        program = torch.onnx.export(model, inputs, **options)
+    if program is not None:  # the torch.export-based exporter returns the program; the older one wrote path
+        program.save(str(path))
+
+
+@pytest.mark.parametrize("method", models.METHODS)
+def test_eval_model_exports_to_onnx(method, tmp_path):
+    """torch.onnx.export (the torch.export-based exporter) of a SmallCNN with each method, in eval: the
+    program runs in onnxruntime and gives the eval model's logits, within the rounding of onnxruntime's own
+    convolutions. Random Mask's masks are initializers of the graph; the other methods are the identity."""
+    torch.manual_seed(0)
+    model = models.SmallCNN(method=method)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        model.eval()(x)  # Random Mask builds its masks at the first forward
+        expected = model(x)
+    _export_onnx(model, (x,), tmp_path / "model.onnx", dynamo=True)
+    torch.testing.assert_close(_onnx_run(tmp_path / "model.onnx", x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["export", "torchscript"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["out_of_place", "in_place"])
+def test_random_mask_exports_to_onnx_as_a_select(dynamo, inplace, tmp_path):
+    """A RandomMask2d alone, through either ONNX exporter, in or out of place: the program gives the layer's
+    output to the bit, for another batch size than the export's (a dynamic dimension), and Inf and NaN at
+    dropped positions stay out of it (a select, not a multiply)."""
+    layer = RandomMask2d(0.4, seed=3, shape=(4, 5, 11), inplace=inplace)
+    x = torch.randn(2, 4, 5, 11)
+    options = ({"dynamic_shapes": ({0: torch.export.Dim("batch", min=1)},)} if dynamo else
+               {"f": str(tmp_path / "mask.onnx"), "input_names": ["x"], "dynamic_axes": {"x": {0: "batch"}}})
+    _export_onnx(layer, (x.clone(),), tmp_path / "mask.onnx", dynamo=dynamo, **options)
+    other = torch.randn(5, 4, 5, 11)
+    other[:, ~layer.mask] = float("inf")
+    other[0, ~layer.mask] = float("nan")
+    expected = layer(other.clone())
+    assert torch.equal(expected[:, ~layer.mask], torch.zeros_like(expected[:, ~layer.mask]))
+    assert_same_bits(_onnx_run(tmp_path / "mask.onnx", other), expected)
+
+
+def test_training_forward_does_not_export_to_onnx(tmp_path):
+    """A mask drawn at every step has no ONNX form: the TorchScript-based exporter asked to keep training mode
+    gets robustdrop's error, which says to export in eval mode; the torch.export-based exporter names the op
+    it cannot translate."""
+    pytest.importorskip("onnxscript")
+    model = models.SmallCNN(method="dropblock").train()
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(Exception, match=r"robustdrop::block_mask_forward draws a random mask.*model\.eval\(\)"):
+        _export_onnx(model, (x,), tmp_path / "train.onnx", dynamo=False, f=str(tmp_path / "train.onnx"),
+                     training=torch.onnx.TrainingMode.TRAINING)
+    with pytest.raises(Exception, match="robustdrop.block_mask_forward"):
+        _export_onnx(model, (x,), tmp_path / "train.onnx", dynamo=True)
 
 
 # ---------------------------------------------------------------- torch.vmap

@@ -180,6 +180,12 @@ REFERENCE_EXPORT_ERROR = ("backend='reference' reads a drawn seed (seed=None) as
                           "pass seed= to the op")
 
 
+# ONNX has no generator of DESIGN.md section 3's RNG, and the methods that draw masks are the identity in eval.
+ONNX_SEEDED_ERROR = ("robustdrop::{op} draws a random mask, which ONNX cannot express: export the model in eval "
+                     "mode (model.eval()), where DropBlock, Active DropBlock, CamDrop and feature-density dropout "
+                     "are the identity and Random Mask is exported as a select")
+
+
 def forward_table(op_name: str, reference_forward) -> dict:
     """Backend name -> forward of one op: ``robustdrop::<op_name>`` (CPU and CUDA kernels),
     ``robustdrop::<op_name>_triton`` and the reference. The ops are looked up at call
@@ -199,13 +205,26 @@ def forward_table(op_name: str, reference_forward) -> dict:
     def call(name: str, args):
         return getattr(torch.ops.robustdrop, name + DRAWN_SEED_SUFFIX if drawn(args) else name)(*args)
 
+    def onnx(args):
+        # ONNX knows no robustdrop op: the op is exported as its reference, torch ops that the exporter
+        # translates. ONNX has no generator of the RNG contract, so a seeded op cannot be exported.
+        if seed_position is not None:
+            raise RuntimeError(ONNX_SEEDED_ERROR.format(op=op_name))
+        return reference_forward(*args)
+
     def compiled(*args):
+        if torch.onnx.is_in_onnx_export():
+            return onnx(args)
         return call(op_name, args)
 
     def triton(*args):
+        if torch.onnx.is_in_onnx_export():
+            return onnx(args)
         return call(op_name + "_triton", args)
 
     def reference(*args):
+        if torch.onnx.is_in_onnx_export():
+            return onnx(args)
         if drawn(args):
             if torch.compiler.is_exporting():
                 raise RuntimeError(REFERENCE_EXPORT_ERROR)

@@ -82,16 +82,20 @@ def pack_keep_mask(keep: torch.Tensor) -> torch.Tensor:
     bits = keep.to(torch.uint8)
     if width % 8:
         bits = F.pad(bits, (0, (-width) % 8))
-    shifts = torch.arange(8, dtype=torch.uint8, device=keep.device)
     # Distinct bits never carry, so a uint8 sum is their OR.
-    return (bits.view(*keep.shape[:-1], (width + 7) // 8, 8) << shifts).sum(-1, dtype=torch.uint8)
+    return (bits.view(*keep.shape[:-1], (width + 7) // 8, 8) * _bit_values(keep.device)).sum(-1, dtype=torch.uint8)
 
 
 def unpack_keep_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
     """Inverse of pack_keep_mask: (N, Cm, H, ceil(W/8)) uint8 -> (N, Cm, H, W) bool."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
-    bits = (mask.unsqueeze(-1) >> shifts) & 1
-    return bits.flatten(-2)[..., :width].bool()
+    bits = (mask.unsqueeze(-1) & _bit_values(mask.device)) != 0
+    return bits.flatten(-2)[..., :width]
+
+
+def _bit_values(device: torch.device) -> torch.Tensor:
+    """(8,) uint8: 2**b for bit b of a byte. Multiplies and ANDs rather than shifts, which the ONNX
+    exporter does not translate for uint8 (Random Mask's packed mask is exported through this code)."""
+    return torch.tensor([1 << bit for bit in range(8)], dtype=torch.uint8, device=device)
 
 
 def normalize_scale(numel: int, kept: torch.Tensor, normalize: bool, eps: float) -> torch.Tensor:
