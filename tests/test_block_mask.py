@@ -280,6 +280,20 @@ def test_ops_called_directly_reject_bad_input(device, backend):
         backward(x, mask.float(), scale)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("backend", [name for name in ("cuda", "triton") if robustdrop.backends()[name].available])
+def test_second_gpu_without_set_device(backend):
+    """x on cuda:1 while cuda:0 is the current device (several GPUs in one process, no set_device): the
+    kernels run on x's device and give what they give on cuda:0, forward and backward."""
+    assert torch.cuda.current_device() == 0
+    x = torch.randn(2, 3, 13, 11, device="cuda:0")
+    expected = run_with_grad(x, backend, p=0.3, block_size=3, seed=11)
+    actual = run_with_grad(x.to("cuda:1"), backend, p=0.3, block_size=3, seed=11)
+    for got, want in zip(actual, expected):
+        assert got.device == torch.device("cuda:1")
+        assert_same_bits(got.cpu(), want.cpu())
+
+
 def test_backend_selection(monkeypatch):
     status = robustdrop.backends()
     assert set(status) == {"cuda", "triton", "cpu", "reference"}

@@ -98,7 +98,25 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         if not any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
             kernel[grid](*args, **kwargs)
         return
-    wrap_triton(kernel)[grid](*args, **kwargs)
+    device = _other_cuda_device(args)
+    if device is None:
+        wrap_triton(kernel)[grid](*args, **kwargs)
+        return
+    # Triton launches on the current CUDA device: tensors on another one (several GPUs in one process,
+    # without set_device) would be refused, or read from the wrong device.
+    with torch.cuda.device(device):
+        wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+def _other_cuda_device(args) -> int | None:
+    """The index of the CUDA device that holds the launch's first tensor when it is not the current device,
+    else None. None while torch.compile traces: Inductor sets the device of every kernel it launches."""
+    if torch.compiler.is_compiling():
+        return None
+    tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if tensor is None or tensor.device.type != "cuda" or is_fake(tensor):
+        return None
+    return None if tensor.device.index == torch.cuda.current_device() else tensor.device.index
 
 
 def register_op(name: str, probe_kernel, mutates_args: tuple = ()):
