@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 import torch
 
+from robustdrop import _checks
+
 BACKEND_NAMES = ("cuda", "triton", "cpu", "reference")
 ENV_VARIABLE = "ROBUSTDROP_BACKEND"
 
@@ -213,17 +215,17 @@ def forward_table(op_name: str, reference_forward) -> dict:
         return reference_forward(*args)
 
     def compiled(*args):
-        if torch.onnx.is_in_onnx_export():
+        if _checks.in_onnx_export():
             return onnx(args)
         return call(op_name, args)
 
     def triton(*args):
-        if torch.onnx.is_in_onnx_export():
+        if _checks.in_onnx_export():
             return onnx(args)
         return call(op_name + "_triton", args)
 
     def reference(*args):
-        if torch.onnx.is_in_onnx_export():
+        if _checks.in_onnx_export():
             return onnx(args)
         if drawn(args):
             if torch.compiler.is_exporting():

@@ -26,6 +26,13 @@ def in_func_transform() -> bool:
     return not torch.compiler.is_compiling() and torch._C._functorch.maybe_current_level() is not None
 
 
+def in_onnx_export() -> bool:
+    """Whether torch.onnx.export is tracing this code. Its exporters trace through torch.export or the
+    TorchScript tracer: those cheap queries come first, since ``torch.onnx.is_in_onnx_export`` costs
+    about a microsecond, which every op call would pay."""
+    return (torch.compiler.is_exporting() or torch.jit.is_tracing()) and torch.onnx.is_in_onnx_export()
+
+
 def values_are_traced() -> bool:
     """Whether tensors' values are out of Python's reach here: under torch.compile, where reading one
     breaks the graph, and under a torch.func transform, where a vmapped tensor holds one value per

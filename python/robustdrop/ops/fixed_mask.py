@@ -43,7 +43,7 @@ def fixed_mask2d(x: torch.Tensor, mask: torch.Tensor, *, inplace: bool = False, 
         # A torch.func transform cannot run _FixedMaskInPlace (an autograd.Function that writes its input):
         # the same values, written into x by a copy.
         return x.copy_(_FORWARD[name](x, packed))
-    if inplace and not torch.onnx.is_in_onnx_export():  # an ONNX graph has no in-place op: its output is y
+    if inplace and not _checks.in_onnx_export():  # an ONNX graph has no in-place op: its output is y
         return _FixedMaskInPlace.apply(x, packed, name)
     return _FORWARD[name](x, packed)
 
