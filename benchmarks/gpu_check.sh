@@ -228,7 +228,7 @@ stage_prebuild-test() {
   # The suite's own packages. NumPy under 2.4: Triton 3.6's interpreter, which runs the triton tests on
   # the CPU, turns one-element arrays into Python ints, and NumPy 2.4 refuses that ("only 0-dimensional
   # arrays can be converted to Python scalars"). On a GPU the kernels are compiled and NumPy plays no part.
-  "$venv/bin/python" -m pip install --quiet pytest matplotlib scikit-learn "numpy<2.4" || return 1
+  "$venv/bin/python" -m pip install --quiet pytest matplotlib scikit-learn onnxscript onnxruntime "numpy<2.4" || return 1
   cp "$PREBUILT"/robustdrop/_C*.so python/robustdrop/ || return 1
   "$venv/bin/python" -c "import torch, triton; print(f'torch {torch.__version__}, Triton {triton.__version__}')"
   "$venv/bin/python" -m pytest -q -p no:cacheprovider -rfEx tests
