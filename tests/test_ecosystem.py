@@ -793,6 +793,22 @@ def test_random_mask_exports_to_onnx_as_a_select(dynamo, inplace, tmp_path):
     assert_same_bits(_onnx_run(tmp_path / "mask.onnx", other), expected)
 
 
+@pytest.mark.parametrize("dynamo", [True, False], ids=["export", "torchscript"])
+def test_unbuilt_random_mask_onnx_export_is_a_clear_error(dynamo, tmp_path):
+    """A RandomMask2d whose mask is not built yet: either ONNX exporter gets the error that says what to do
+    (the TorchScript tracer would otherwise fail on a traced shape), and the next eager forward builds the
+    mask the seed gives."""
+    layer = RandomMask2d(0.4, seed=3)
+    model = nn.Sequential(nn.Conv2d(4, 4, 1), layer)
+    x = torch.randn(2, 4, 5, 11)
+    options = {} if dynamo else {"f": str(tmp_path / "mask.onnx")}
+    with pytest.raises(Exception, match="run one eager forward, or pass shape=, before .*torch.onnx.export"):
+        _export_onnx(model, (x,), tmp_path / "mask.onnx", dynamo=dynamo, **options)
+    assert layer.mask is None
+    model(x)
+    assert torch.equal(layer.mask, RandomMask2d(0.4, seed=3, shape=(4, 5, 11)).mask)
+
+
 def test_training_forward_does_not_export_to_onnx(tmp_path):
     """A mask drawn at every step has no ONNX form: the TorchScript-based exporter asked to keep training mode
     gets robustdrop's error, which says to export in eval mode; the torch.export-based exporter names the op

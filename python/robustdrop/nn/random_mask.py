@@ -57,7 +57,7 @@ def _fast_uniform():
 
 
 _BUILD_FIRST = ("RandomMask2d builds its mask at the first forward: run one eager forward, or pass shape=, before "
-                "torch.compile(fullgraph=True) or torch.export")
+                "torch.compile(fullgraph=True), torch.export, torch.onnx.export or torch.jit.trace")
 
 
 def _not_compiled(function):
@@ -141,9 +141,10 @@ class RandomMask2d(nn.Module):
 
     @_not_compiled
     def _build(self, shape: tuple[int, int, int], device: torch.device) -> None:
-        if torch._guards.detect_fake_mode() is not None:
+        if torch._guards.detect_fake_mode() is not None or torch.jit.is_tracing():
             # Traced on fake tensors (torch.export, FakeTensorMode): a mask drawn now would be a fake
-            # tensor kept in the module, and the program would rebuild it at every call.
+            # tensor kept in the module, and the program would rebuild it at every call. The TorchScript
+            # tracer (torch.jit.trace, the older ONNX exporter) gives the shape as traced tensors.
             raise RuntimeError(_BUILD_FIRST)
         # Normal tensors even when the first forward runs under torch.inference_mode():
         # the buffers outlive it, and later training forwards save them for backward.
