@@ -125,7 +125,8 @@ CAPTURE_ERROR = ("robustdrop draws its random numbers (a seed for seed=None, Act
 
 
 def check_not_capturing(device: torch.device) -> None:
-    """``CAPTURE_ERROR`` when a CUDA graph is being captured on the current stream of ``device``."""
+    """``CAPTURE_ERROR`` when an op on ``device`` runs while a CUDA graph is being captured on the current
+    stream. That stream is the current device's: ``torch.cuda.graph`` makes the capturing device current."""
     # Asked only for CUDA tensors: the query needs the CUDA context, which a CPU op must not create.
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(CAPTURE_ERROR)
