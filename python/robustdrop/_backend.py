@@ -207,30 +207,29 @@ def forward_table(op_name: str, reference_forward) -> dict:
     def call(name: str, args):
         return getattr(torch.ops.robustdrop, name + DRAWN_SEED_SUFFIX if drawn(args) else name)(*args)
 
-    def onnx(args):
-        # ONNX knows no robustdrop op: the op is exported as its reference, torch ops that the exporter
-        # translates. ONNX has no generator of the RNG contract, so a seeded op cannot be exported.
-        if seed_position is not None:
-            raise RuntimeError(ONNX_SEEDED_ERROR.format(op=op_name))
-        return reference_forward(*args)
+    def exportable_to_onnx(forward):
+        # ONNX knows no robustdrop op: under torch.onnx.export every backend runs the reference, torch ops
+        # that the exporter translates. ONNX has no generator of the RNG contract: a seeded op is an error.
+        def run(*args):
+            if not _checks.in_onnx_export():
+                return forward(*args)
+            if seed_position is not None:
+                raise RuntimeError(ONNX_SEEDED_ERROR.format(op=op_name))
+            return reference_forward(*args)
+        return run
 
     def compiled(*args):
-        if _checks.in_onnx_export():
-            return onnx(args)
         return call(op_name, args)
 
     def triton(*args):
-        if _checks.in_onnx_export():
-            return onnx(args)
         return call(op_name + "_triton", args)
 
     def reference(*args):
-        if _checks.in_onnx_export():
-            return onnx(args)
         if drawn(args):
             if torch.compiler.is_exporting():
                 raise RuntimeError(REFERENCE_EXPORT_ERROR)
             args = args[:seed_position] + (int(args[seed_position]),) + args[seed_position + 1:]
         return reference_forward(*args)
 
+    compiled, triton, reference = (exportable_to_onnx(forward) for forward in (compiled, triton, reference))
     return {"cpu": compiled, "cuda": compiled, "triton": triton, "reference": reference}

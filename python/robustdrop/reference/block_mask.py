@@ -93,9 +93,10 @@ def unpack_keep_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def _bit_values(device: torch.device) -> torch.Tensor:
-    """(8,) uint8: 2**b for bit b of a byte. Multiplies and ANDs rather than shifts, which the ONNX
-    exporter does not translate for uint8 (Random Mask's packed mask is exported through this code)."""
-    return torch.tensor([1 << bit for bit in range(8)], dtype=torch.uint8, device=device)
+    """(8,) uint8: 2**b for bit b of a byte, made on ``device`` (no host-to-device copy). Multiplies and
+    ANDs rather than shifts, which the ONNX exporter does not translate for uint8 (Random Mask's packed
+    mask is exported through this code)."""
+    return (2 ** torch.arange(8, device=device)).to(torch.uint8)
 
 
 def normalize_scale(numel: int, kept: torch.Tensor, normalize: bool, eps: float) -> torch.Tensor:
