@@ -33,12 +33,14 @@ TORCH_LIBRARY(robustdrop, m) {
   // spatial_topk largest CAM positions and the channel_topk largest class
   // weights of each sample. weight (K, g*C), target (N,) int64; guided, when
   // given, is a 0-d bool tensor on x's device: False makes every position and
-  // channel a candidate (DropBlock, for warm-up). Returns y, the bit-packed keep
-  // mask (N, C, H, ceil(W/8)) uint8 and the float32 0-d scale; the backward is
-  // block_mask_backward.
+  // channel a candidate (DropBlock, for warm-up). sample_gamma, when given, is a
+  // float32 (N,) seed probability per sample that replaces gamma, as in
+  // block_mask_forward. Returns y, the bit-packed keep mask (N, C, H, ceil(W/8))
+  // uint8 and the float32 0-d scale; the backward is block_mask_backward.
   m.def(
       "cam_mask_forward(Tensor x, Tensor weight, Tensor target, Tensor? guided, SymInt seed, float gamma, "
-      "int block_size, int spatial_topk, int channel_topk, bool normalize, float eps) -> (Tensor, Tensor, Tensor)");
+      "int block_size, int spatial_topk, int channel_topk, bool normalize, float eps, Tensor? sample_gamma=None) "
+      "-> (Tensor, Tensor, Tensor)");
   // Feature density (DESIGN.md 4.3) of x (N, C, H, W) with dims in {1, 2, 3}, or of
   // x (N, F) with dims 1: per sample, the PCA coordinates of the channels binned on a
   // grids**dims grid. Returns cell (N, C) int64 and counts (N, grids**dims) int64.

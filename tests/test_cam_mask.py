@@ -17,7 +17,8 @@ FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
 def forward_op(backend: str):
-    """(x, weight, target, guided, seed, gamma, bs, spatial_topk, channel_topk, normalize, eps) -> (y, mask, scale)."""
+    """(x, weight, target, guided, seed, gamma, bs, spatial_topk, channel_topk, normalize, eps[, sample_gamma])
+    -> (y, mask, scale)."""
     if backend == "reference":
         return reference.cam_mask_forward
     return getattr(torch.ops.robustdrop, "cam_mask_forward" + ("_triton" if backend == "triton" else ""))
@@ -94,6 +95,82 @@ def test_op_matches_reference_bit_for_bit(device, backend, normalize):
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+def test_per_sample_rates_match_reference_bit_for_bit(device, backend):
+    """sample_gamma (N,) replaces gamma: rates 0 and 1 (every candidate seeds) included, guided or not."""
+    generator = torch.Generator().manual_seed(6)
+    for index, (shape, classes, group, block_size, _, spatial_topk, channel_topk) in enumerate(CASES[:3]):
+        x, weight, target = integer_inputs(shape, classes, group, generator, device)
+        bs = block_reference.effective_block_size(block_size, *shape[2:])
+        rates = torch.tensor([0.0, 1.0, 0.3, 0.7][:shape[0]], dtype=torch.float64).roll(index)
+        sample_gamma = block_reference.drop_rate_to_gamma(rates, shape[2], shape[3], bs).float().to(device)
+        for guided in (None, False):
+            flag = None if guided is None else torch.tensor(guided, device=device)
+            args = (x, weight, target, flag, 40 + index, 0.0, bs, spatial_topk, channel_topk, True, 1e-6, sample_gamma)
+            for actual, expected in zip(forward_op(backend)(*args), reference.cam_mask_forward(*args)):
+                assert_same_bits(actual, expected)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_each_sample_gets_the_mask_of_its_own_rate(device, backend):
+    """Sample n of a per-sample call is sample n of a plain call at rate p[n] with the same seed."""
+    generator = torch.Generator().manual_seed(9)
+    x, weight, target = integer_inputs((4, 6, 10, 9), 5, 2, generator, device)
+    x = x.abs() + 1.0  # nothing is zero before the drop
+    rates = [0.0, 0.5, 0.2, 0.9]
+    y = robustdrop.cam_drop2d(x, weight, target, torch.tensor(rates, device=device), 3, spatial_topk=30,
+                              channel_topk=4, seed=8, normalize="none", backend=backend)
+    for n, rate in enumerate(rates):
+        plain = robustdrop.cam_drop2d(x, weight, target, rate, 3, spatial_topk=30, channel_topk=4, seed=8,
+                                      normalize="none", backend=backend)
+        assert torch.equal(y[n], plain[n]), n
+    assert (y[0] != 0).all() and (y[3] == 0).any()
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_zero_dim_rate_is_the_float_rate(device, backend):
+    """A 0-d tensor p, on the CPU or on x's device, gives the float p's output and gradient, to the bit, and
+    equal per-sample rates do too. At p == 0 the op still runs, with a scale of exactly 1 at this size."""
+    generator = torch.Generator().manual_seed(10)
+    x, weight, target = integer_inputs((3, 4, 9, 11), 6, 1, generator, device)
+    x.requires_grad_(True)
+    grad_y = torch.randn(x.shape, generator=generator).to(device)
+
+    def run(p):
+        y = robustdrop.cam_drop2d(x, weight, target, p, 3, spatial_topk=20, channel_topk=2, seed=12, backend=backend)
+        return y, torch.autograd.grad(y, x, grad_y)[0]
+
+    for rate in (0.0, 0.25, 0.6):
+        y, grad = run(rate)
+        for tensor_rate in (torch.tensor(rate, dtype=torch.float64), torch.tensor(rate, device=device),
+                            torch.full((3,), rate, dtype=torch.float64, device=device)):
+            y_tensor, grad_tensor = run(tensor_rate)
+            assert_same_bits(y_tensor, y)
+            assert_same_bits(grad_tensor, grad)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+def test_zero_dim_rate_changed_in_place_does_not_recompile(device, backend):
+    """A 0-d CPU rate under torch.compile(fullgraph=True) is a graph input: a schedule that changes it in
+    place runs one graph, and each step gives the float rate's eager bits."""
+    torch._dynamo.reset()
+    generator = torch.Generator().manual_seed(11)
+    x, weight, target = integer_inputs((3, 4, 10, 10), 5, 1, generator, device)
+    rate = torch.zeros((), dtype=torch.float64)
+
+    def call(x, p):
+        return robustdrop.cam_drop2d(x, weight, target, p, 3, spatial_topk=40, channel_topk=3, backend=backend)
+
+    compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for value in (0.05, 0.1, 0.2, 0.0, 0.3):
+            rate.fill_(value)
+            torch.manual_seed(4)
+            y = compiled(x, rate)
+            torch.manual_seed(4)
+            assert_same_bits(y, call(x, value))  # at 0 too: the op's scale is exactly 1 here
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
 def test_masks_match_on_random_inputs_with_a_margin(device, backend):
     shape, group = (3, 6, 10, 9), 2
     for index, (spatial_topk, channel_topk) in enumerate([(7, 2), (30, 4), (1, 6), (90, 1)]):
@@ -122,14 +199,16 @@ def test_blocks_start_only_at_candidate_positions_and_channels(device, backend):
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("group", [1, 2, 4])
 def test_every_candidate_is_drop_block_bit_for_bit(device, backend, group):
-    """With spatial_topk = H*W and channel_topk = C the result is drop_block2d's with the same seed."""
+    """With spatial_topk = H*W and channel_topk = C the result is drop_block2d's with the same seed, with a
+    float rate or per-sample rates."""
     x = torch.randn(2, 3, 9, 11, device=device, requires_grad=True)
     weight = torch.randn(5, 3 * group, device=device)
     target = torch.tensor([4, 0], device=device)
-    for seed in (0, 7, 2**64 - 3):
-        y = robustdrop.cam_drop2d(x, weight, target, 0.4, 3, spatial_topk=99, channel_topk=3, seed=seed,
+    rates = torch.tensor([0.6, 0.2], device=device)
+    for seed, p in ((0, 0.4), (7, 0.4), (2**64 - 3, 0.4), (5, rates)):
+        y = robustdrop.cam_drop2d(x, weight, target, p, 3, spatial_topk=99, channel_topk=3, seed=seed,
                                   backend=backend)
-        y_block = robustdrop.drop_block2d(x, 0.4, 3, seed=seed, backend=backend)
+        y_block = robustdrop.drop_block2d(x, p, 3, seed=seed, backend=backend)
         assert_same_bits(y, y_block)
         g = torch.randn_like(y)
         assert_same_bits(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y_block, x, g)[0])
@@ -232,10 +311,12 @@ def test_opcheck(device, backend):
     generator = torch.Generator().manual_seed(1)
     x, weight, target = integer_inputs((2, 3, 7, 8), 4, 2, generator, device)
     x.requires_grad_(True)
+    sample_gamma = torch.tensor([0.05, 0.3], device=device)
     for guided in (None, torch.tensor(True, device=device), torch.tensor(False, device=device)):
-        torch.library.opcheck(forward_op(backend), (x, weight, target, guided, 5, 0.3, 3, 10, 2, True, 1e-6))
-        assert_drawn_seed_variant(forward_op(backend), (x, weight, target, guided, 5, 0.3, 3, 10, 2, True, 1e-6),
-                                  seed_position=4)
+        for args in ((x, weight, target, guided, 5, 0.3, 3, 10, 2, True, 1e-6),
+                     (x, weight, target, guided, 5, 0.0, 3, 10, 2, True, 1e-6, sample_gamma)):
+            torch.library.opcheck(forward_op(backend), args)
+            assert_drawn_seed_variant(forward_op(backend), args, seed_position=4)
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
@@ -326,6 +407,9 @@ def _bad_calls(n=2, c=3, classes=4):
         (dict(x=torch.randn(n, c, 8)), ValueError, "x must be 4-D"),
         (dict(x=torch.randint(0, 5, (n, c, 8, 8))), TypeError, "x must be a floating-point"),
         (dict(p=1.5), ValueError, "p must be in"),
+        (dict(p=torch.tensor(1.5)), ValueError, r"p must hold drop rates in \[0, 1\]"),
+        (dict(p=torch.tensor([0.1, 0.2, 0.3])), ValueError, r"p must be a float, a 0-d tensor or a tensor \(N,\)"),
+        (dict(p=torch.tensor([1, 0])), TypeError, "p must be a float or a floating-point tensor"),
         (dict(block_size=0), ValueError, "block_size must be >= 1"),
         (dict(spatial_topk=0), ValueError, "spatial_topk must be >= 1"),
         (dict(spatial_topk=65), ValueError, r"spatial_topk must be <= H\*W = 64"),
@@ -357,7 +441,7 @@ def test_ops_called_directly_reject_bad_input(device, backend):
 
     def call(**changes):
         args = dict(x=x, weight=weight, target=target, guided=None, seed=1, gamma=0.1, block_size=3,
-                    spatial_topk=5, channel_topk=2, normalize=True, eps=1e-6)
+                    spatial_topk=5, channel_topk=2, normalize=True, eps=1e-6, sample_gamma=None)
         args.update(changes)
         return forward(*args.values())
 
@@ -373,6 +457,10 @@ def test_ops_called_directly_reject_bad_input(device, backend):
         call(channel_topk=-1)
     with pytest.raises(TypeError, match="guided must be a bool"):
         call(guided=torch.tensor(1.0, device=device))
+    with pytest.raises(TypeError, match="sample_gamma must be float32"):
+        call(sample_gamma=torch.full((2,), 0.1, dtype=torch.float64, device=device))
+    with pytest.raises(ValueError, match=r"sample_gamma must have shape \(N,\) = \(2,\)"):
+        call(sample_gamma=torch.full((3,), 0.1, device=device))
     if device == "cpu" and backend == "cpu" and not EMULATED_CUDA:
         with pytest.raises(ValueError, match="target must hold class indices"):
             call(target=torch.tensor([1, 9]))

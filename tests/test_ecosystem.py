@@ -540,21 +540,34 @@ def _assert_compiled_is_eager(compiled, layer: nn.Module, x: torch.Tensor, grad_
 RATE_SCHEDULE = tuple(0.02 * k for k in range(12))
 
 
-@pytest.mark.parametrize("fullgraph,compiler,normalize", [(True, "aot_eager", "batch"), (False, "aot_eager", "sample"),
-                                                          (True, "inductor", "batch")],
-                         ids=["fullgraph-aot_eager", "default-aot_eager-sample", "fullgraph-inductor"])
-def test_drop_block_rate_schedule_compiles_once(fullgraph, compiler, normalize):
-    """DropBlock2d's p reassigned at every step, as DropBlock's schedule does, on a compiled layer: at most
-    three graphs for twelve rates (the constructor's constant rate, p == 0 and the traced rate), and every
-    step gives eager's output and input gradient to the bit. p == 0 is the identity without a seed draw, so
-    the later steps' seeds stay eager's. Inductor lowers the traced rate's arithmetic itself, so it checks
-    that the float64 gamma it computes is the float one, bit for bit."""
+def _scheduled_layer(method: str, normalize: str, spatial_topk: int = 60) -> nn.Module:
+    """A DropBlock2d or a CamDrop2d (its targets set) at p = 0.1, for (3, 4, H, W) inputs."""
+    backend = "cpu" if "cpu" in BACKENDS else "reference"
+    if method == "dropblock":
+        return DropBlock2d(0.1, 3, normalize=normalize, backend=backend)
+    layer = CamDrop2d(0.1, 3, nn.Linear(8, 5), spatial_topk=spatial_topk, channel_topk=3, backend=backend)
+    layer.target = torch.tensor([4, 0, 2])
+    return layer
+
+
+@pytest.mark.parametrize("method,fullgraph,compiler,normalize", [
+    ("dropblock", True, "aot_eager", "batch"), ("dropblock", False, "aot_eager", "sample"),
+    ("dropblock", True, "inductor", "batch"), ("camdrop", True, "aot_eager", "batch"),
+    ("camdrop", True, "inductor", "batch"),
+], ids=["dropblock-fullgraph-aot_eager", "dropblock-default-aot_eager-sample", "dropblock-fullgraph-inductor",
+        "camdrop-fullgraph-aot_eager", "camdrop-fullgraph-inductor"])
+def test_rate_schedule_compiles_once(method, fullgraph, compiler, normalize):
+    """DropBlock2d's or CamDrop2d's p reassigned at every step, as DropBlock's schedule does (CamDrop's
+    authors use it too), on a compiled layer: at most three graphs for twelve rates (the constructor's
+    constant rate, p == 0 and the traced rate), and every step gives eager's output and input gradient to
+    the bit. p == 0 is the identity without a seed draw, so the later steps' seeds stay eager's. Inductor
+    lowers the traced rate's arithmetic itself, so it checks that the float64 gamma it computes is the
+    float one, bit for bit."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    backend = "cpu" if "cpu" in BACKENDS else "reference"
-    layer = DropBlock2d(0.1, 3, normalize=normalize, backend=backend)
+    layer = _scheduled_layer(method, normalize, spatial_topk=200)
     compiled = torch.compile(layer, fullgraph=fullgraph, backend=compiler)
-    x = torch.randn(3, 4, 11, 11, requires_grad=True)
+    x = torch.randn(3, 4, 16, 16, requires_grad=True)
     grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
     with torch._inductor.config.patch(fallback_random=True), \
             torch._dynamo.config.patch(recompile_limit=3, fail_on_recompile_limit_hit=True):
@@ -566,21 +579,24 @@ def test_drop_block_rate_schedule_compiles_once(fullgraph, compiler, normalize):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
 
 
-def test_drop_block_rate_reassigned():
+@pytest.mark.parametrize("method", ["dropblock", "camdrop"])
+def test_rate_reassigned(method):
     """p's setter: the module reads as before (repr, state_dict), a bad rate is refused with p's name at the
     forward, eager and compiled, a copied layer's rate is its own, and a layer built under inference mode
     takes a new rate."""
-    layer = DropBlock2d(0.1, 3)
+    layer = _scheduled_layer(method, "batch")
+    state = layer.state_dict()
     layer.p = 0.25
-    assert layer.p == 0.25 and "p=0.25" in repr(layer) and not layer.state_dict()
+    assert layer.p == 0.25 and "p=0.25" in repr(layer) and layer.state_dict().keys() == state.keys()
     twin = copy.deepcopy(layer)
     twin.p = 0.5
     assert layer.p == 0.25 and float(layer._rate) == 0.25 and float(twin._rate) == 0.5
     with torch.inference_mode():
-        built_for_inference = DropBlock2d(0.1, 3)
+        built_for_inference = _scheduled_layer(method, "batch")
     built_for_inference.p = 0.2  # its rate tensor is not an inference tensor
     assert float(built_for_inference._rate) == 0.2
-    x = torch.randn(2, 3, 8, 8)
+    layer.target = torch.tensor([1, 3])
+    x = torch.randn(2, 4, 8, 8)
     for bad, error in ((1.5, ValueError), (float("nan"), ValueError), (True, TypeError), ("0.1", TypeError)):
         layer.p = bad
         with pytest.raises(error, match="^p must"):
@@ -589,11 +605,16 @@ def test_drop_block_rate_reassigned():
         with pytest.raises(error, match="^p must"):
             torch.compile(layer, backend="aot_eager")(x)
     rates = torch.tensor([0.0, 0.3])
-    layer.p = rates  # a per-sample rate, as drop_block2d takes
+    layer.p = rates  # a per-sample rate, as drop_block2d and cam_drop2d take
     torch.manual_seed(0)
     y = layer(x)
     torch.manual_seed(0)
-    assert_same_bits(y, robustdrop.drop_block2d(x, rates, 3))
+    if method == "dropblock":
+        expected = robustdrop.drop_block2d(x, rates, 3)
+    else:
+        expected = robustdrop.cam_drop2d(x, layer.classifier.weight, layer.target, rates, 3, spatial_topk=60,
+                                         channel_topk=3)
+    assert_same_bits(y, expected)
     assert (y[0] != 0).all() and (y[1] == 0).any()  # only the second sample drops blocks
 
 

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "../checks.h"
@@ -36,6 +37,10 @@ struct PlaneScratch {
 // a seed at (i, j) counts only where allowed[i * W + j] is 1.
 int64_t build_plane_mask(uint64_t seed, uint32_t folded_cut, int64_t plane, const PlaneGeometry& g,
                          uint8_t* mask_plane, PlaneScratch& scratch, const uint8_t* allowed = nullptr);
+
+// Each sample's folded seed threshold (philox_cpu.h folded_threshold): float32(gamma)
+// for all N, or sample_gamma[n] when given ((N,) float32, already checked).
+std::vector<uint32_t> sample_cuts(int64_t N, double gamma, const std::optional<at::Tensor>& sample_gamma);
 
 // Writes the keep bits of a plane without seeds (every element kept, padding bits 0).
 void fill_kept_plane(const PlaneGeometry& g, uint8_t* mask_plane);

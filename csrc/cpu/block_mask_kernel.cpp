@@ -368,9 +368,6 @@ at::Tensor apply_mask_dispatch(const at::Tensor& input, const at::Tensor& mask, 
   return apply_block_mask(input, mask, std::vector<float>(input.size(0), scale));
 }
 
-namespace {
-
-// Each sample's folded seed threshold: float32(gamma), or sample_gamma[n] when given.
 std::vector<uint32_t> sample_cuts(int64_t N, double gamma, const std::optional<at::Tensor>& sample_gamma) {
   if (!sample_gamma.has_value()) return std::vector<uint32_t>(N, folded_threshold(static_cast<float>(gamma)));
   const at::Tensor values = sample_gamma->contiguous();
@@ -379,6 +376,8 @@ std::vector<uint32_t> sample_cuts(int64_t N, double gamma, const std::optional<a
   for (int64_t n = 0; n < N; ++n) cuts[n] = folded_threshold(probability[n]);
   return cuts;
 }
+
+namespace {
 
 // scale_g = float32(numel_g / (eps + kept_g)) for G groups of N / G samples, each
 // of numel_g = numel / G elements; or ones without normalisation.

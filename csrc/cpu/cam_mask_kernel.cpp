@@ -136,11 +136,12 @@ void select_candidates(const std::vector<float>& cam, const std::vector<float>& 
   });
 }
 
-// Fills mask (N, C, H, row_bytes) and returns the kept count. spatial and
-// channel are empty when every position and channel is a candidate.
-int64_t build_cam_mask(uint64_t seed, float gamma, const PlaneGeometry& g, int64_t N, int64_t C,
-                       const std::vector<uint8_t>& spatial, const std::vector<uint8_t>& channel, uint8_t* mask) {
-  const uint32_t folded_cut = folded_threshold(gamma);
+// Fills mask (N, C, H, row_bytes) and returns the kept count. sample_cut[n] is
+// sample n's folded seed threshold. spatial and channel are empty when every
+// position and channel is a candidate.
+int64_t build_cam_mask(uint64_t seed, const std::vector<uint32_t>& sample_cut, const PlaneGeometry& g, int64_t N,
+                       int64_t C, const std::vector<uint8_t>& spatial, const std::vector<uint8_t>& channel,
+                       uint8_t* mask) {
   const int64_t plane_bytes = g.height * g.row_bytes, positions = g.height * g.width;
   const bool guided = !channel.empty();
   std::atomic<int64_t> kept{0};
@@ -154,7 +155,7 @@ int64_t build_cam_mask(uint64_t seed, float gamma, const PlaneGeometry& g, int64
         local += positions;
       } else {
         const uint8_t* allowed = guided ? spatial.data() + (plane / C) * positions : nullptr;
-        local += build_plane_mask(seed, folded_cut, plane, g, mask_plane, scratch, allowed);
+        local += build_plane_mask(seed, sample_cut[plane / C], plane, g, mask_plane, scratch, allowed);
       }
     }
     kept += local;
@@ -165,8 +166,9 @@ int64_t build_cam_mask(uint64_t seed, float gamma, const PlaneGeometry& g, int64
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cam_mask_forward_cpu(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target, const std::optional<at::Tensor>& guided,
     int64_t seed, double gamma, int64_t block_size, int64_t spatial_topk, int64_t channel_topk, bool normalize,
-    double eps) {
+    double eps, const std::optional<at::Tensor>& sample_gamma) {
   check_cam_mask_forward_args(input, weight, target, guided, gamma, block_size, spatial_topk, channel_topk, eps);
+  check_sample_gamma_args(input, sample_gamma, 1);
   const at::Tensor x = walkable(input);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), positions = H * W;
   TORCH_CHECK_VALUE(positions < (int64_t{1} << 32), "x must have fewer than 2**32 positions per map, got ", positions);
@@ -185,8 +187,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cam_mask_forward_cpu(
       channel.resize(N * C);
       select_candidates(cam, weights, N, C, positions, spatial_topk, channel_topk, spatial, channel);
     }
-    kept = build_cam_mask(static_cast<uint64_t>(seed), static_cast<float>(gamma), plane_geometry(H, W, block_size),
-                          N, C, spatial, channel, mask.data_ptr<uint8_t>());
+    kept = build_cam_mask(static_cast<uint64_t>(seed), sample_cuts(N, gamma, sample_gamma),
+                          plane_geometry(H, W, block_size), N, C, spatial, channel, mask.data_ptr<uint8_t>());
   }
   const float scale = normalized_scale(x.numel(), kept, normalize, eps);
   at::Tensor y = apply_mask_dispatch(x, mask, scale);

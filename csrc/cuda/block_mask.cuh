@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <tuple>
 
@@ -50,6 +51,16 @@ struct SeedRate {
   int64_t planes_per_sample;  // Cm
 
   static SeedRate uniform(float gamma) { return {gamma, nullptr, 1}; }
+
+  // The rate of a forward op's (gamma, sample_gamma): gamma, or sample_gamma's
+  // (N,) float32 values for planes_per_sample planes each. `values` receives
+  // sample_gamma made contiguous, which must outlive the launches.
+  static SeedRate of(double gamma, const std::optional<at::Tensor>& sample_gamma, int64_t planes_per_sample,
+                     at::Tensor& values) {
+    if (!sample_gamma.has_value()) return uniform(static_cast<float>(gamma));
+    values = sample_gamma->contiguous();
+    return {static_cast<float>(gamma), values.data_ptr<float>(), planes_per_sample};
+  }
 };
 
 // Where pass 1 adds its kept bits: one counter per normalisation group, group

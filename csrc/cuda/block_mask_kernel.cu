@@ -874,13 +874,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_mask_forward_cuda(
   const MaskGeometry g{N * mask_channels, H, W, block_size, H - block_size + 1, W - block_size + 1,
                        mask_row_bytes(W)};
   // sample_gamma replaces gamma; the kernels read it on the device.
-  SeedRate rate = SeedRate::uniform(static_cast<float>(gamma));
   at::Tensor sample_rates;
-  if (sample_gamma.has_value()) {
-    sample_rates = sample_gamma->contiguous();
-    rate.per_sample = sample_rates.data_ptr<float>();
-    rate.planes_per_sample = mask_channels;
-  }
+  const SeedRate rate = SeedRate::of(gamma, sample_gamma, mask_channels, sample_rates);
   // One kept-bit counter per group of N / G samples, only needed to normalise.
   KeptCounter counter{nullptr, N / G * mask_channels};
   at::Tensor kept;

@@ -402,8 +402,9 @@ void launch_cam(const at::Tensor& x, const float* a, const bool* guided, float* 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cam_mask_forward_cuda(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target, const std::optional<at::Tensor>& guided,
     int64_t seed, double gamma, int64_t block_size, int64_t spatial_topk, int64_t channel_topk, bool normalize,
-    double eps) {
+    double eps, const std::optional<at::Tensor>& sample_gamma) {
   check_cam_mask_forward_args(input, weight, target, guided, gamma, block_size, spatial_topk, channel_topk, eps);
+  check_sample_gamma_args(input, sample_gamma, 1);
   const c10::cuda::CUDAGuard device_guard(input.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3), positions = H * W;
@@ -461,8 +462,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cam_mask_forward_cuda(
   const MaskGeometry g{N * C, H, W, block_size, H - block_size + 1, W - block_size + 1, mask_row_bytes(W)};
   const CandidateFilter filter{spatial_ptr, channel_ptr, C};
   const KeptCounter counter{normalize ? kept_ptr : nullptr, g.planes};  // one batch-wide count
-  launch_mask(g, static_cast<uint64_t>(seed), SeedRate::uniform(static_cast<float>(gamma)), mask.data_ptr<uint8_t>(),
-              counter, options, stream, &filter);
+  at::Tensor sample_rates;  // sample_gamma replaces gamma; the kernels read it on the device
+  launch_mask(g, static_cast<uint64_t>(seed), SeedRate::of(gamma, sample_gamma, C, sample_rates),
+              mask.data_ptr<uint8_t>(), counter, options, stream, &filter);
 
   // Apply; the scale is derived on the device from the count.
   const ScaleSource source =

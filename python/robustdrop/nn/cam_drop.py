@@ -22,16 +22,21 @@ import torch
 from torch import nn
 
 from robustdrop._backend import in_checkpoint_recompute
+from robustdrop.nn._rate import ScheduledRate
 from robustdrop.ops.cam_mask import cam_mask
 
 __all__ = ["CamDrop2d", "cam_targets", "set_cam_targets"]
 
 
-class CamDrop2d(nn.Module):
+class CamDrop2d(ScheduledRate, nn.Module):
     """CamDrop over (N, C, H, W) feature maps (see ``robustdrop.cam_drop2d``).
 
     Args:
-        p: drop rate in [0, 1] (gamma as DropBlock's).
+        p: drop rate in [0, 1] (gamma as DropBlock's). It may be reassigned
+            between forwards, as the linear schedule of the rate that the
+            CamDrop authors take from DropBlock: as ``DropBlock2d``'s, a
+            schedule under torch.compile costs at most two more graphs, not
+            one per value.
         block_size: side of the dropped squares.
         classifier: the model's final ``nn.Linear`` (after global average
             pooling), of weight (K, C') with C' a multiple of this layer's C.
@@ -63,7 +68,7 @@ class CamDrop2d(nn.Module):
                             f"got {type(classifier).__name__}")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
-        self.p = p
+        self._init_rate(p)
         self.block_size = block_size
         # A tuple keeps nn.Module from registering the classifier a second time.
         self._classifier = (classifier,)
@@ -94,8 +99,9 @@ class CamDrop2d(nn.Module):
                 self.num_steps.add_(1)
             if not torch.compiler.is_compiling():
                 self._last_forward = (target, guided)
-        return cam_mask(x, self.classifier.weight, target, self.p, self.block_size, spatial_topk=self.spatial_topk,
-                        channel_topk=self.channel_topk, training=True, backend=self.backend, guided=guided)
+        return cam_mask(x, self.classifier.weight, target, self._forward_rate(), self.block_size,
+                        spatial_topk=self.spatial_topk, channel_topk=self.channel_topk, training=True,
+                        backend=self.backend, guided=guided)
 
     def _targets_and_guidance(self, x: torch.Tensor, target: torch.Tensor | None):
         """The forward's targets (N,) and its guidance: None, or with a warm-up a 0-d bool tensor on x's

@@ -57,26 +57,32 @@ def drop_block2d(x: torch.Tensor, p, block_size: int, *, training: bool = True, 
         the same bits for the same seed.
     """
     _checks.check_feature_map(x)
-    per_sample = isinstance(p, torch.Tensor)
-    rates = _checks.check_sample_rates(p, x.shape[0], x.device) if per_sample else p
-    _, block_size, eps = _checks.check_block_drop_args(0.0 if per_sample else p, block_size, normalize, eps, seed,
-                                                       normalize_modes=NORMALIZE_MODES)
+    p, block_size, eps = check_rate_args(p, x, block_size, normalize, eps, seed, normalize_modes=NORMALIZE_MODES)
     name = _backend.resolve_backend(backend, x)
-    if not training or (not per_sample and float(p) == 0.0):
+    if not training or (isinstance(p, float) and p == 0.0):
         return x
     groups = x.shape[0] if normalize == "sample" and x.shape[0] > 0 else 1
-    if per_sample and rates.dim() == 0:
-        rates = rate_per_sample(rates, x)
-    return block_drop(x, rates if per_sample else float(p), block_size, couple_channels=couple_channels,
-                      normalize=normalize != "none", eps=eps, normalize_groups=groups, seed=seed, backend=name)
+    return block_drop(x, p, block_size, couple_channels=couple_channels, normalize=normalize != "none", eps=eps,
+                      normalize_groups=groups, seed=seed, backend=name)
+
+
+def check_rate_args(p, x: torch.Tensor, block_size, normalize, eps, seed,
+                    normalize_modes: tuple = _checks.NORMALIZE_MODES) -> tuple:
+    """The checked (p, block_size, eps) of a block-dropping op on x (N, C, H, W): p as a float, or,
+    given as a tensor, as float64 rates of its shape (0-d, or (N,) on x's device)."""
+    if not isinstance(p, torch.Tensor):
+        return _checks.check_block_drop_args(p, block_size, normalize, eps, seed, normalize_modes)
+    rates = _checks.check_sample_rates(p, x.shape[0], x.device)
+    _, block_size, eps = _checks.check_block_drop_args(0.0, block_size, normalize, eps, seed, normalize_modes)
+    return rates, block_size, eps
 
 
 def block_drop(x: torch.Tensor, p, block_size: int, *, couple_channels: bool, normalize: bool, eps: float,
                normalize_groups: int = 1, seed: int | None, backend: str) -> torch.Tensor:
     """DropBlock on checked arguments and a resolved backend: the op call behind drop_block2d.
 
-    p is a float or a float tensor (N,) of per-sample drop rates (not checked
-    again). The N samples form ``normalize_groups`` consecutive groups, each
+    p is a float, or a float tensor of drop rates: (N,), one per sample, or 0-d,
+    one for every sample (not checked again). The N samples form ``normalize_groups`` consecutive groups, each
     normalised by its own kept count (Active DropBlock's batched step gives each
     policy's copy of the batch its own group).
     """
@@ -84,14 +90,21 @@ def block_drop(x: torch.Tensor, p, block_size: int, *, couple_channels: bool, no
     bs = reference.effective_block_size(block_size, height, width)
     if bs == 0:  # an empty map has nothing to drop
         return x.clone()
-    if isinstance(p, torch.Tensor):
-        sample_gamma = reference.drop_rate_to_gamma(p, height, width, bs).to(torch.float32)
-        gamma = 0.0
-    else:
-        sample_gamma, gamma = None, reference.drop_rate_to_gamma(p, height, width, bs)
+    gamma, sample_gamma = seed_probabilities(p, x, bs)
     args = (x, _seed.op_seed(seed, x.device), gamma, bs, couple_channels, normalize, eps, sample_gamma,
             normalize_groups)
     return _FORWARD[backend](*args)[0]
+
+
+def seed_probabilities(p, x: torch.Tensor, bs: int) -> tuple:
+    """The (gamma, sample_gamma) arguments of a block-mask forward op on x (N, C, H, W) for drop
+    rate p: (float64 gamma, None) for a float p, or (0.0, float32 (N,) per-sample gamma on x's
+    device) for a tensor p, (N,) or 0-d (``rate_per_sample``)."""
+    height, width = x.shape[-2:]
+    if not isinstance(p, torch.Tensor):
+        return reference.drop_rate_to_gamma(p, height, width, bs), None
+    rates = rate_per_sample(p, x) if p.dim() == 0 else p
+    return 0.0, reference.drop_rate_to_gamma(rates, height, width, bs).to(torch.float32)
 
 
 def rate_per_sample(rate: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

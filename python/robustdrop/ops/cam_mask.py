@@ -37,7 +37,10 @@ def cam_drop2d(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, p: f
             C' a multiple of C (a deeper layer's width). Not differentiated.
         target: (N,) int64 class index of each sample. Checking its values
             reads them: one synchronisation for a CUDA tensor in eager mode.
-        p: drop rate in [0, 1] that sets gamma as in ``drop_block2d``.
+        p: drop rate in [0, 1] that sets gamma as in ``drop_block2d``; as
+            there, a tensor (N,) gives each sample its own rate and a 0-d
+            tensor is one rate that torch.compile reads as a graph input (a
+            schedule does not recompile). A tensor rate always runs the op.
         block_size: side of the dropped squares, >= 1.
         spatial_topk: candidate positions per sample, in [1, H*W]; default
             ``max(1, round(H*W / bs**2))``, as the authors' code.
@@ -68,29 +71,30 @@ def cam_mask(x, weight, target, p, block_size, *, spatial_topk=None, channel_top
         raise ValueError(f"x must have at least one channel, got shape {tuple(x.shape)}")
     _checks.check_classifier_weight(weight, c, x.device)
     _checks.check_target(target, n, x.device)
-    p, block_size, eps = _checks.check_block_drop_args(p, block_size, normalize, eps, seed)
+    p, block_size, eps = _block_mask.check_rate_args(p, x, block_size, normalize, eps, seed)
     name = _backend.resolve_backend(backend, x)
     bs = block_reference.effective_block_size(block_size, height, width)
     if bs == 0:  # an empty map has nothing to rank or drop
-        return x if not training or p == 0.0 else x.clone()
+        return x if not training or (isinstance(p, float) and p == 0.0) else x.clone()
     spatial_topk = reference.default_spatial_topk(height, width, bs) if spatial_topk is None else spatial_topk
     spatial_topk = _checks.check_topk(spatial_topk, "spatial_topk", height * width, "H*W")
     channel_topk = reference.default_channel_topk(c) if channel_topk is None else channel_topk
     channel_topk = _checks.check_topk(channel_topk, "channel_topk", c, "C")
-    if not training or p == 0.0:
+    if not training or (isinstance(p, float) and p == 0.0):
         return x
     if not _checks.values_are_traced():
         _checks.check_target_values(target, weight.shape[0])
-    gamma = block_reference.drop_rate_to_gamma(p, height, width, bs)
+    gamma, sample_gamma = _block_mask.seed_probabilities(p, x, bs)
     args = (x, weight.detach(), target, guided, _seed.op_seed(seed, x.device), gamma, bs, spatial_topk, channel_topk,
-            normalize == "batch", eps)
+            normalize == "batch", eps, sample_gamma)
     return _FORWARD[name](*args)[0]
 
 
 _FORWARD = _backend.forward_table("cam_mask_forward", reference.cam_mask_forward)
 
 
-def _fake_forward(x, weight, target, guided, seed, gamma, block_size, spatial_topk, channel_topk, normalize, eps):
+def _fake_forward(x, weight, target, guided, seed, gamma, block_size, spatial_topk, channel_topk, normalize, eps,
+                  sample_gamma=None):
     return _block_mask.fake_outputs(x, x.shape[1])
 
 
@@ -98,4 +102,4 @@ def register(forward_name: str, backward_name: str, *, autograd: bool) -> None:
     """Fake implementation and, with ``autograd`` (False for the compiled op: csrc/autograd has
     it), autograd of a CamDrop forward op; its backward op is DropBlock's, registered by
     ``block_mask.register``."""
-    _block_mask.register_forward(forward_name, backward_name, _fake_forward, num_inputs=11, autograd=autograd)
+    _block_mask.register_forward(forward_name, backward_name, _fake_forward, num_inputs=12, autograd=autograd)

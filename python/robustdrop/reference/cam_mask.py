@@ -89,8 +89,9 @@ def cam_candidates(x, weight, target, spatial_topk: int, channel_topk: int):
     return spatial, topk_candidates(class_weights, channel_topk)
 
 
-def cam_keep_mask(x_shape: tuple, seed: int, gamma: float, block_size: int, spatial, channel) -> torch.Tensor:
-    """The keep mask (N, C, H, W) bool: DropBlock's seeds kept only at candidates, then expanded."""
+def cam_keep_mask(x_shape: tuple, seed: int, gamma, block_size: int, spatial, channel) -> torch.Tensor:
+    """The keep mask (N, C, H, W) bool: DropBlock's seeds kept only at candidates, then expanded;
+    gamma a float or (N,) float32 per-sample seed probabilities."""
     n, c, h, w = x_shape
     seed_height, seed_width = h - block_size + 1, w - block_size + 1
     seeds = block_mask.philox_seed_grid((n, c, seed_height, seed_width), seed, gamma, spatial.device)
@@ -98,12 +99,14 @@ def cam_keep_mask(x_shape: tuple, seed: int, gamma: float, block_size: int, spat
     return ~block_mask.expand_seeds(seeds & allowed, block_size)
 
 
-def cam_mask_forward(x, weight, target, guided, seed, gamma, block_size, spatial_topk, channel_topk, normalize, eps):
+def cam_mask_forward(x, weight, target, guided, seed, gamma, block_size, spatial_topk, channel_topk, normalize, eps,
+                     sample_gamma=None):
     """The reference of robustdrop::cam_mask_forward: returns (y, packed mask, scale).
 
     x (N, C, H, W); weight (K, g*C); target (N,) int64; guided None or a 0-d
     bool tensor: when it holds False every position and channel is a
     candidate (DropBlock). block_size is already min(block_size, H, W).
+    sample_gamma None or float32 (N,), each sample's seed probability in place of gamma.
     y (N, C, H, W); mask (N, C, H, ceil(W/8)) uint8; scale float32 0-d.
     """
     n, c, h, w = x.shape
@@ -111,7 +114,8 @@ def cam_mask_forward(x, weight, target, guided, seed, gamma, block_size, spatial
     if guided is not None:
         unguided = ~guided.to(device=x.device, dtype=torch.bool)
         spatial, channel = spatial | unguided, channel | unguided
-    keep = cam_keep_mask((n, c, h, w), seed, gamma, block_size, spatial, channel)
+    probability = gamma if sample_gamma is None else sample_gamma
+    keep = cam_keep_mask((n, c, h, w), seed, probability, block_size, spatial, channel)
     if x.numel() == 0:
         keep = torch.zeros_like(keep)
     y, scale = block_mask.drop_with_keep_mask(x, keep, False, normalize, eps)

@@ -310,6 +310,7 @@ def _select_candidates(cam, a, guided, spatial_topk, channel_topk) -> tuple[torc
 def cam_mask_forward(
     x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, guided: Optional[torch.Tensor], seed: int,
     gamma: float, block_size: int, spatial_topk: int, channel_topk: int, normalize: bool, eps: float,
+    sample_gamma: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CamDrop forward: ``(y, mask, scale)`` as ``robustdrop::cam_mask_forward``.
 
@@ -317,16 +318,20 @@ def cam_mask_forward(
     channels_last (other strides are copied to contiguous first). weight:
     (K, g*C) floating point, any strides; target: (N,) int64; guided: None or
     one bool on x's device (False: plain DropBlock). seed: signed 64-bit;
-    gamma: seed probability (rounded to float32 once); block_size: bs, already
+    gamma: seed probability (rounded to float32 once), ignored when
+    sample_gamma, (N,) float32 on x's device, gives each sample its own;
+    block_size: bs, already
     <= min(H, W); 0 <= spatial_topk <= H*W; 0 <= channel_topk <= C. Returns y
     (x's shape, dtype and layout), mask (N, C, H, ceil(W/8)) uint8 and scale,
     a 0-d float32 tensor on x's device.
     """
     _check_forward_args(x, weight, target, guided, gamma, block_size, spatial_topk, channel_topk, eps)
+    block_mask._check_sample_gamma_args(x, sample_gamma, 1)
     src, channels_last = block_mask._walkable(x)
     C = src.shape[1]
     if src.numel() == 0:
         return block_mask._empty_forward(src, C, normalize, eps)
     cam, a = _class_activation_map(src, channels_last, weight, target, guided)
     candidates = _select_candidates(cam, a, guided, spatial_topk, channel_topk)
-    return block_mask._drop_blocks(src, channels_last, seed, gamma, block_size, C, normalize, eps, candidates)
+    return block_mask._drop_blocks(src, channels_last, seed, gamma, block_size, C, normalize, eps, candidates,
+                                   sample_gamma=sample_gamma)
