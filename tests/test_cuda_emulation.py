@@ -148,8 +148,9 @@ def _op_cases(ops):
     x_cam_last = _randn(2, 16, 7, 7, seed=7).contiguous(memory_format=torch.channels_last)
     x_cam_big = _randn(1, 2, 66, 66, seed=8)
 
-    def cam(x, weight, target, guided, bs, spatial, channel):
-        y, mask, scale = ops.cam_mask_forward(x, weight, target, guided, 5, 0.2, bs, spatial, channel, True, 1e-6)
+    def cam(x, weight, target, guided, bs, spatial, channel, sample_gamma=None):
+        y, mask, scale = ops.cam_mask_forward(x, weight, target, guided, 5, 0.2, bs, spatial, channel, True, 1e-6,
+                                              sample_gamma)
         return [y, mask, scale]
 
     def density(x, dims, grids, rescale):
@@ -179,6 +180,10 @@ def _op_cases(ops):
         "cam_channels_last": lambda: cam(x_cam_last, _randn(4, 16, seed=14), torch.tensor([1, 3]),
                                          torch.tensor(True), 3, 10, 5),
         "cam_separable": lambda: cam(x_cam_big, _randn(3, 2, seed=15), torch.tensor([2]), None, 65, 500, 1),
+        "cam_per_sample": lambda: cam(x_cam, weight, target, None, 3, 20, 3, sample_gamma=rates[:3] * 2),
+        "cam_per_sample_separable": lambda: cam(_randn(2, 2, 66, 66, seed=22), _randn(3, 2, seed=23),
+                                                torch.tensor([2, 0]), None, 65, 500, 2,
+                                                sample_gamma=torch.tensor([0.0, 0.01])),
         # H*W over the 10240 keys the selection caches in shared memory.
         "cam_uncached_keys": lambda: cam(_randn(1, 2, 110, 110, seed=19), _randn(3, 2, seed=20), torch.tensor([1]),
                                          None, 3, 5000, 1),
@@ -196,7 +201,8 @@ def _op_cases(ops):
 
 
 CASES = ["philox", "block_wide", "block_wide_coupled", "block_tall", "block_separable", "block_per_sample_groups",
-         "block_half_channels_last", "cam", "cam_channels_last", "cam_separable", "cam_uncached_keys",
+         "block_half_channels_last", "cam", "cam_channels_last", "cam_separable", "cam_per_sample",
+         "cam_per_sample_separable", "cam_uncached_keys",
          "density_gram", "density_covariance", "density_features", "density_global_workspace", "fixed_mask",
          "kl_distill", "kl_distill_float64", "kl_distill_loss"]
 
