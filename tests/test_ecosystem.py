@@ -44,7 +44,7 @@ from robustdrop.ews import GatedNetwork, kl_distill
 from robustdrop.nn import (ActiveDropBlock2d, CamDrop2d, DropBlock2d, FeatureDensityDropout1d, FeatureDensityDropout2d,
                            RandomMask2d, cam_targets)
 from robustdrop.nn.active_drop_block import DEFAULT_POLICIES
-from robustdrop.training import active_dropblock_step
+from robustdrop.training import LinearRateSchedule, active_dropblock_step
 
 BACKENDS = [name for name in ("cpu", "reference") if robustdrop.backends()[name].available]
 AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]
@@ -616,6 +616,96 @@ def test_rate_reassigned(method):
                                          channel_topk=3)
     assert_same_bits(y, expected)
     assert (y[0] != 0).all() and (y[1] == 0).any()  # only the second sample drops blocks
+
+
+def _three_scheduled_layers() -> nn.ModuleList:
+    return nn.ModuleList([DropBlock2d(0.1, 3), nn.ReLU(), DropBlock2d(0.3, 5), CamDrop2d(0.2, 3, nn.Linear(4, 2))])
+
+
+@pytest.mark.parametrize("start,end,first,last", [
+    (0.0, None, [0.0, 0.0, 0.0], [0.1, 0.3, 0.2]),  # DropBlock's: from no drop to each layer's p
+    (None, 0.0, [0.1, 0.3, 0.2], [0.0, 0.0, 0.0]),  # CamDrop's Table 5, inverted
+    (0.05, 0.25, [0.05] * 3, [0.25] * 3),
+], ids=["drop_block", "inverted", "explicit"])
+def test_linear_rate_schedule_sets_every_layer(start, end, first, last):
+    """Every DropBlock2d and CamDrop2d of the model, in module order: the start at step 0, a straight line,
+    the end exactly from step T on."""
+    model = _three_scheduled_layers()
+    schedule = LinearRateSchedule(model, total_steps=4, start=start, end=end)
+    layers = [model[0], model[2], model[3]]
+    assert schedule.layers == layers
+    seen = []
+    for step in range(7):
+        assert schedule.last_step == step
+        rates = [layer.p for layer in layers]
+        assert rates == schedule.rates()
+        seen.append(rates)
+        schedule.step()
+    assert seen[0] == first and all(rates == last for rates in seen[4:])
+    for step in (1, 2, 3):
+        assert seen[step] == pytest.approx([a + (b - a) * step / 4 for a, b in zip(first, last)], abs=1e-15)
+
+
+def test_linear_rate_schedule_resumes_from_its_state_dict():
+    """The state keeps the targets as well as the step: a model saved mid-schedule holds the current rates,
+    not the targets, so a new schedule on it would otherwise aim at the wrong rates."""
+    model = _three_scheduled_layers()
+    schedule = LinearRateSchedule(model, total_steps=10)
+    for _ in range(3):
+        schedule.step()
+    state, rates = schedule.state_dict(), schedule.rates()
+    resumed_model = copy.deepcopy(model)
+    resumed = LinearRateSchedule(resumed_model, total_steps=10)
+    assert resumed.targets != schedule.targets
+    resumed.load_state_dict(state)
+    assert resumed.last_step == 3 and resumed.targets == [0.1, 0.3, 0.2]
+    assert [layer.p for layer in resumed.layers] == rates
+    for _ in range(7):
+        resumed.step()
+    assert [layer.p for layer in resumed.layers] == [0.1, 0.3, 0.2]
+
+
+def test_linear_rate_schedule_bad_input_is_a_clear_error():
+    model = _three_scheduled_layers()
+    for kwargs, error, message in [
+        (dict(total_steps=0), ValueError, "total_steps must be >= 1"),
+        (dict(total_steps=2.5), TypeError, "total_steps must be an int"),
+        (dict(total_steps=5, start=1.5), ValueError, r"start must be in \[0, 1\]"),
+        (dict(total_steps=5, end="0.1"), TypeError, "end must be a real number"),
+    ]:
+        with pytest.raises(error, match=message):
+            LinearRateSchedule(model, **kwargs)
+    with pytest.raises(ValueError, match="model has no DropBlock2d or CamDrop2d"):
+        LinearRateSchedule(nn.Sequential(nn.Conv2d(3, 3, 1), ActiveDropBlock2d(3)), total_steps=5)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        LinearRateSchedule([DropBlock2d(0.1, 3)], total_steps=5)
+    per_sample = DropBlock2d(torch.tensor([0.1, 0.2]), 3)
+    with pytest.raises(TypeError, match="the schedule's layers must have a float p"):
+        LinearRateSchedule(per_sample, total_steps=5)
+    LinearRateSchedule(per_sample, total_steps=5, start=0.0, end=0.2)  # no target needed
+    schedule = LinearRateSchedule(model, total_steps=5)
+    with pytest.raises(ValueError, match="state has 2 target rates, but the model has 3 scheduled layers"):
+        schedule.load_state_dict({"last_step": 1, "targets": [0.1, 0.2]})
+    with pytest.raises(ValueError, match="last_step must be an int >= 0"):
+        schedule.load_state_dict({"last_step": -1, "targets": [0.1, 0.2, 0.3]})
+
+
+def test_linear_rate_schedule_trains_a_compiled_model_without_recompiling():
+    """Twelve scheduled rates through a compiled model's training steps: two graphs (p == 0 and p > 0),
+    where a float rate per step would pass Dynamo's limit."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    backend = "cpu" if "cpu" in BACKENDS else "reference"
+    model = models.SmallCNN(method="dropblock", stage=2, p=0.2, block_size=3, backend=backend)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    schedule = LinearRateSchedule(model, total_steps=10)
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        for _ in range(12):
+            F.cross_entropy(compiled(x), y).backward()
+            schedule.step()
+    assert model.drop.p == 0.2
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
 
 @pytest.mark.parametrize("normalize", ["batch", "sample", "none"])

@@ -10,16 +10,27 @@ is the one to minimise::
         optimizer.zero_grad()
         step.loss.backward()
         optimizer.step()
+
+``LinearRateSchedule`` is DropBlock's linear schedule of the drop rate (and the
+inverted one of CamDrop's Table 5) for every DropBlock2d and CamDrop2d of a
+model, stepped like a learning-rate scheduler::
+
+    schedule = robustdrop.training.LinearRateSchedule(model, total_steps=len(loader) * epochs)
+    for images, labels in loader:
+        ...
+        optimizer.step()
+        schedule.step()
 """
 import dataclasses
 
 import torch
 from torch import nn
 
-from robustdrop._checks import check_choice
+from robustdrop._checks import check_choice, check_positive_int, check_probability, is_integral
+from robustdrop.nn._rate import ScheduledRate
 from robustdrop.nn.active_drop_block import ActiveDropBlock2d
 
-__all__ = ["ActiveDropBlockStep", "active_dropblock_step"]
+__all__ = ["ActiveDropBlockStep", "LinearRateSchedule", "active_dropblock_step"]
 
 MODES = ("sequential", "batched")
 
@@ -164,3 +175,85 @@ def _buffer_owners(model: nn.Module) -> list[tuple[nn.Module, str]]:
     """(module, name) of every buffer of model, each module once."""
     return [(module, name) for module in model.modules() for name, buffer in module._buffers.items()
             if buffer is not None]
+
+
+class LinearRateSchedule:
+    """A linear schedule of the drop rate p of every DropBlock2d and CamDrop2d in ``model``.
+
+    At step t the rate of each layer is ``start + (end - start) * min(t, T) / T``
+    with T = ``total_steps``: ``start`` at step 0, ``end`` from step T on.
+    ``start`` or ``end`` None stands for each layer's own p when the schedule is
+    made (its target rate). The defaults are DropBlock's schedule, from no drop
+    to the target (its keep probability decreased linearly from 1);
+    ``start=None, end=0.0`` is the inverted one of CamDrop's Table 5.
+
+    Making the schedule sets step 0's rates; ``step()`` advances one step, so
+    call it after each optimizer step (or each epoch, with T in epochs). The
+    layers take a reassigned p under torch.compile without recompiling per
+    value (``robustdrop.nn.DropBlock2d``). ``state_dict()`` and
+    ``load_state_dict()`` save and restore the step and the target rates, for a
+    resumed run.
+
+    Args:
+        model: a module holding at least one DropBlock2d or CamDrop2d.
+        total_steps: T >= 1, the steps from ``start`` to ``end``.
+        start, end: drop rates in [0, 1], or None for each layer's own p (then
+            a float, not a tensor of per-sample rates).
+    """
+
+    def __init__(self, model: nn.Module, *, total_steps: int, start: float | None = 0.0,
+                 end: float | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.layers = [module for module in model.modules() if isinstance(module, ScheduledRate)]
+        if not self.layers:
+            raise ValueError(f"model has no DropBlock2d or CamDrop2d whose rate to schedule ({type(model).__name__})")
+        self.total_steps = check_positive_int(total_steps, "total_steps")
+        self.start = None if start is None else check_probability(start, "start")
+        self.end = None if end is None else check_probability(end, "end")
+        self.targets = [self._target_rate(layer) for layer in self.layers]
+        self.last_step = 0
+        self._set_rates()
+
+    def _target_rate(self, layer: nn.Module) -> float | None:
+        """The layer's p, which the schedule needs when start or end is None (else None)."""
+        if self.start is not None and self.end is not None:
+            return None
+        if isinstance(layer.p, torch.Tensor):
+            raise TypeError(f"the schedule's layers must have a float p when start or end is None (their own "
+                            f"rate), got a tensor in {type(layer).__name__}")
+        return check_probability(layer.p, "p")
+
+    def rates(self) -> list[float]:
+        """The rate of each scheduled layer at the current step, in ``model.modules()`` order."""
+        t = min(self.last_step, self.total_steps)
+        rates = []
+        for target in self.targets:
+            start = target if self.start is None else self.start
+            end = target if self.end is None else self.end
+            rates.append(end if t == self.total_steps else start + (end - start) * t / self.total_steps)
+        return rates
+
+    def step(self) -> None:
+        """Advances one step and sets the layers' rates."""
+        self.last_step += 1
+        self._set_rates()
+
+    def _set_rates(self) -> None:
+        for layer, rate in zip(self.layers, self.rates()):
+            layer.p = rate
+
+    def state_dict(self) -> dict:
+        return {"last_step": self.last_step, "targets": list(self.targets)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores the step and the target rates of ``state_dict()`` and sets the layers' rates."""
+        last_step, targets = state["last_step"], state["targets"]
+        if not is_integral(last_step) or last_step < 0:
+            raise ValueError(f"state's last_step must be an int >= 0, got {last_step!r}")
+        if len(targets) != len(self.layers):
+            raise ValueError(f"state has {len(targets)} target rates, but the model has {len(self.layers)} "
+                             f"scheduled layers")
+        self.targets = [None if target is None else check_probability(target, "target rate") for target in targets]
+        self.last_step = int(last_step)
+        self._set_rates()
