@@ -34,9 +34,9 @@ class CamDrop2d(ScheduledRate, nn.Module):
     Args:
         p: drop rate in [0, 1] (gamma as DropBlock's). It may be reassigned
             between forwards, as the linear schedule of the rate that the
-            CamDrop authors take from DropBlock: as ``DropBlock2d``'s, a
-            schedule under torch.compile costs at most two more graphs, not
-            one per value.
+            CamDrop authors take from DropBlock (``robustdrop.training.
+            LinearRateSchedule``): as ``DropBlock2d``'s, a schedule under
+            torch.compile costs at most two more graphs, not one per value.
         block_size: side of the dropped squares.
         classifier: the model's final ``nn.Linear`` (after global average
             pooling), of weight (K, C') with C' a multiple of this layer's C.

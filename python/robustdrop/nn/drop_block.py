@@ -24,7 +24,8 @@ class DropBlock2d(ScheduledRate, nn.Module):
     schedule costs at most two more graphs (p == 0 and p > 0), not one per
     value (Dynamo's default limit is eight; see ``ScheduledRate``). The masks
     are eager's, bit for bit: the same gamma in float64, and ``p == 0`` still
-    returns x without drawing a seed.
+    returns x without drawing a seed. ``robustdrop.training.LinearRateSchedule``
+    sets the rate of every such layer of a model.
     """
 
     def __init__(self, p: float, block_size: int, inplace: bool = False, eps: float = 1e-6, *,
