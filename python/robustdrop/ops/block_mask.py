@@ -82,9 +82,10 @@ def block_drop(x: torch.Tensor, p, block_size: int, *, couple_channels: bool, no
     """DropBlock on checked arguments and a resolved backend: the op call behind drop_block2d.
 
     p is a float, or a float tensor of drop rates: (N,), one per sample, or 0-d,
-    one for every sample (not checked again). The N samples form ``normalize_groups`` consecutive groups, each
-    normalised by its own kept count (Active DropBlock's batched step gives each
-    policy's copy of the batch its own group).
+    one for every sample (not checked again). The N samples form
+    ``normalize_groups`` consecutive groups, each normalised by its own kept
+    count (Active DropBlock's batched step gives each policy's copy of the batch
+    its own group).
     """
     height, width = x.shape[-2:]
     bs = reference.effective_block_size(block_size, height, width)
