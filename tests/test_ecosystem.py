@@ -1079,6 +1079,116 @@ def test_model_ensemble_under_vmap(method):
             torch.testing.assert_close(stacked[index], grad)
 
 
+# ---------------------------------------------------------------- torch.func's differentiating transforms
+
+def _func_input(name: str, batch: int = 4) -> torch.Tensor:
+    shape = (batch, CHANNELS) + (() if name == "fdd1d" else (8, 8))
+    return torch.randn(shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+
+
+def _layer_function(layer: nn.Module, target: torch.Tensor | None, seed: int = 1):
+    """x -> the layer's training forward under torch.manual_seed(seed), CamDrop with its targets."""
+    def forward(x):
+        return _forward(layer, x, target, seed=seed)
+
+    return forward
+
+
+@pytest.mark.parametrize("backend", VMAP_BACKENDS + ["reference"])
+@pytest.mark.parametrize("name", MAP_LAYERS + ["fdd1d"])
+def test_layer_under_torch_func_grad_vjp_and_jvp(name, backend):
+    """torch.func.grad and torch.func.vjp of a training layer, and grad of grad, give what autograd gives
+    (backward and double backward with create_graph=True) under the same torch.manual_seed, to the bit;
+    so does forward mode, torch.func.jvp: the layer is y = M x with M diagonal, so M v is the vjp of v."""
+    layer, target = _layer(name, backend)
+    layer.double()
+    forward = _layer_function(layer, target)
+    x = _func_input(name)
+    grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+
+    def loss(x):
+        return forward(x).square().sum()
+
+    def grad_norm(x):
+        return torch.func.grad(loss)(x).square().sum()
+
+    leaf = x.clone().requires_grad_(True)
+    y = forward(leaf)
+    (grad_x,) = torch.autograd.grad(y, leaf, grad_y)
+    (loss_grad,) = torch.autograd.grad(loss(leaf), leaf, create_graph=True)
+    (second,) = torch.autograd.grad(loss_grad.square().sum(), leaf)
+    assert name == "random_mask" or not torch.equal(y, x)  # the layer dropped something
+    assert_same_bits(torch.func.grad(loss)(x), loss_grad.detach())
+    y_func, vjp = torch.func.vjp(forward, x)
+    assert_same_bits(y_func, y.detach())
+    assert_same_bits(vjp(grad_y)[0], grad_x)
+    y_forward_mode, tangent = torch.func.jvp(forward, (x,), (grad_y,))
+    assert_same_bits(y_forward_mode, y.detach())
+    assert_same_bits(tangent, grad_x)
+    assert_same_bits(torch.func.grad(grad_norm)(x), second)
+
+
+@pytest.mark.parametrize("backend", VMAP_BACKENDS)
+@pytest.mark.parametrize("name", ["drop_block", "cam_drop", "fdd2d", "random_mask"])
+def test_per_sample_gradients_with_torch_func(name, backend):
+    """torch.func's per-sample-gradient recipe, vmap(grad(loss of one sample)): with randomness="same"
+    each sample's gradient is its own call's under the same torch.manual_seed; with "different" copies of
+    one sample draw their own masks. jacrev of the layer is the diagonal matrix of its input gradient
+    (y = keep * scale * x), and so is jacfwd."""
+    layer, target = _layer(name, backend)
+    layer.double()
+    x = _func_input(name)
+
+    def sample_loss(x_n, target_n):
+        batch_target = None if target is None else target_n[None]
+        return _forward(layer, x_n[None], batch_target).square().sum()
+
+    targets = torch.zeros(x.shape[0], dtype=torch.long) if target is None else target
+    per_sample = torch.vmap(torch.func.grad(sample_loss), randomness="same")(x, targets)
+    for n in range(x.shape[0]):
+        assert_same_bits(per_sample[n], torch.func.grad(sample_loss)(x[n], targets[n]))
+    copies = torch.vmap(torch.func.grad(sample_loss), randomness="different")(x[:1].expand(3, *x.shape[1:]),
+                                                                              targets[:1].expand(3))
+    assert (name == "random_mask") == torch.equal(copies[0], copies[1])
+    small = x[:1, :, :4, :4]
+    layer, _ = _layer(name, backend)  # a new layer: Random Mask's mask is made for the first input's shape
+    forward = _layer_function(layer.double(), None if target is None else target[:1])
+    jacobian = torch.func.jacrev(forward)(small).reshape(small.numel(), small.numel())
+    leaf = small.clone().requires_grad_(True)
+    (diagonal,) = torch.autograd.grad(forward(leaf).sum(), leaf)
+    assert_same_bits(jacobian, torch.diag(diagonal.flatten()))
+    assert_same_bits(torch.func.jacfwd(forward, randomness="same")(small).reshape(jacobian.shape), jacobian)
+
+
+@pytest.mark.parametrize("backend", VMAP_BACKENDS + ["reference"])
+def test_functional_ops_under_torch_func_grad(backend):
+    """The functional ops that no layer above covers: EWS's channel gate and kl_distill. kl_distill's kernels
+    save their gradient as a constant, so under a torch.func transform that differentiates it runs its torch
+    expression (the reference): torch.func.grad and its second derivative (hessian, forward over reverse
+    mode) are the reference's."""
+    generator = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 5, 4, 4, generator=generator, dtype=torch.float64)
+    keep = torch.rand(3, 5, generator=generator) < 0.5
+
+    def gate_loss(x):
+        return robustdrop.ews.channel_gate(x, keep, backend=backend).square().sum()
+
+    assert_same_bits(torch.func.grad(gate_loss)(x), 2 * torch.where(keep[:, :, None, None], x, 0.0))
+    student, teacher = (torch.randn(4, 7, generator=generator, dtype=torch.float64) for _ in range(2))
+
+    def kl_loss(student, backend):
+        return kl_distill(student, teacher, temperature=2.0, backend=backend)
+
+    expected = torch.func.grad(kl_loss)(student, "reference")
+    assert_same_bits(torch.func.grad(kl_loss)(student, backend), expected)
+    leaf = student.clone().requires_grad_(True)
+    (autograd_grad,) = torch.autograd.grad(kl_loss(leaf, backend), leaf)
+    torch.testing.assert_close(expected, autograd_grad, rtol=1e-12, atol=1e-15)
+    second = torch.func.hessian(kl_loss)(student, backend)
+    assert_same_bits(second, torch.func.hessian(kl_loss)(student, "reference"))
+    assert second.abs().sum() > 0
+
+
 # ---------------------------------------------------------------- CUDA graphs
 
 @pytest.mark.skipif(not hasattr(torch.Tag, "cudagraph_unsafe"), reason="torch before 2.8 has no cudagraph_unsafe tag")

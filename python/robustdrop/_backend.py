@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from robustdrop import _checks
+from robustdrop import _checks, _func
 
 BACKEND_NAMES = ("cuda", "triton", "cpu", "reference")
 ENV_VARIABLE = "ROBUSTDROP_BACKEND"
@@ -188,7 +188,7 @@ ONNX_SEEDED_ERROR = ("robustdrop::{op} draws a random mask, which ONNX cannot ex
                      "are the identity and Random Mask is exported as a select")
 
 
-def forward_table(op_name: str, reference_forward) -> dict:
+def forward_table(op_name: str, reference_forward, *, adjoint: str | None = None) -> dict:
     """Backend name -> forward of one op: ``robustdrop::<op_name>`` (CPU and CUDA kernels),
     ``robustdrop::<op_name>_triton`` and the reference. The ops are looked up at call
     time, so an install without them still imports.
@@ -197,6 +197,11 @@ def forward_table(op_name: str, reference_forward) -> dict:
     does (at the same position: the reference takes the op's arguments). A seed given as a
     tensor (``_seed.op_seed`` under torch.compile or torch.vmap) goes to the ``_drawn_seed``
     variant of the compiled or Triton op; the reference reads it as an int.
+
+    ``adjoint`` names the op that gives the gradient of x, the op's first input (robustdrop._func):
+    ``op_name`` itself for a self-adjoint op, else an op taking (dy, *outputs[1:]). Under a
+    torch.func transform that differentiates, the compiled and Triton ops then run with
+    robustdrop._func's autograd (under ``vmap`` alone, with their own).
     """
     parameters = list(inspect.signature(reference_forward).parameters)
     seed_position = parameters.index("seed") if "seed" in parameters else None
@@ -206,6 +211,12 @@ def forward_table(op_name: str, reference_forward) -> dict:
 
     def call(name: str, args):
         return getattr(torch.ops.robustdrop, name + DRAWN_SEED_SUFFIX if drawn(args) else name)(*args)
+
+    def differentiable_call(suffix: str, args):
+        if adjoint is None or not _checks.in_differentiating_transform():
+            return call(op_name + suffix, args)
+        return _func.linear_call(lambda *op_args: call(op_name + suffix, op_args),
+                                 getattr(torch.ops.robustdrop, adjoint + suffix), adjoint != op_name, *args)
 
     def exportable_to_onnx(forward):
         # ONNX knows no robustdrop op: under torch.onnx.export every backend runs the reference, torch ops
@@ -219,10 +230,10 @@ def forward_table(op_name: str, reference_forward) -> dict:
         return run
 
     def compiled(*args):
-        return call(op_name, args)
+        return differentiable_call("", args)
 
     def triton(*args):
-        return call(op_name + "_triton", args)
+        return differentiable_call("_triton", args)
 
     def reference(*args):
         if drawn(args):

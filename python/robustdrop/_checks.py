@@ -26,6 +26,18 @@ def in_func_transform() -> bool:
     return not torch.compiler.is_compiling() and torch._C._functorch.maybe_current_level() is not None
 
 
+def in_differentiating_transform() -> bool:
+    """Whether a torch.func transform that differentiates runs here: ``grad``, ``vjp``, ``jacrev``
+    (reverse mode) or ``jvp``, ``jacfwd`` (forward mode), alone or inside ``vmap``."""
+    if not in_func_transform():
+        return False
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(interpreter.key() in (TransformType.Grad, TransformType.Jvp)
+               for interpreter in retrieve_all_functorch_interpreters())
+
+
 def in_onnx_export() -> bool:
     """Whether torch.onnx.export is tracing this code. Its exporters trace through torch.export or the
     TorchScript tracer: those cheap queries come first, since ``torch.onnx.is_in_onnx_export`` costs

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from robustdrop._backend import in_checkpoint_recompute
+from robustdrop._func import add_to_state
 from robustdrop.nn._rate import ScheduledRate
 from robustdrop.ops.cam_mask import cam_mask
 
@@ -95,8 +96,7 @@ class CamDrop2d(ScheduledRate, nn.Module):
             target, guided = self._last_forward
         else:
             target, guided = self._targets_and_guidance(x, target)
-            with torch.no_grad():
-                self.num_steps.add_(1)
+            add_to_state(self.num_steps, 1)
             if not torch.compiler.is_compiling():
                 self._last_forward = (target, guided)
         return cam_mask(x, self.classifier.weight, target, self._forward_rate(), self.block_size,

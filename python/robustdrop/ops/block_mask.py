@@ -119,7 +119,7 @@ def rate_per_sample(rate: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.zeros(x.shape[0], dtype=torch.float64, device=x.device) + rate
 
 
-_FORWARD = _backend.forward_table("block_mask_forward", reference.block_mask_forward)
+_FORWARD = _backend.forward_table("block_mask_forward", reference.block_mask_forward, adjoint="block_mask_backward")
 
 
 def _fake_forward(x, seed, gamma, block_size, couple_channels, normalize, eps, sample_gamma=None,

@@ -90,7 +90,7 @@ def cam_mask(x, weight, target, p, block_size, *, spatial_topk=None, channel_top
     return _FORWARD[name](*args)[0]
 
 
-_FORWARD = _backend.forward_table("cam_mask_forward", reference.cam_mask_forward)
+_FORWARD = _backend.forward_table("cam_mask_forward", reference.cam_mask_forward, adjoint="block_mask_backward")
 
 
 def _fake_forward(x, weight, target, guided, seed, gamma, block_size, spatial_topk, channel_topk, normalize, eps,

@@ -89,4 +89,5 @@ def _packed_keep(keep, x: torch.Tensor) -> torch.Tensor:
     return keep
 
 
-_FORWARD = _backend.forward_table("channel_mask_backward", reference.channel_gate_packed)
+_FORWARD = _backend.forward_table("channel_mask_backward", reference.channel_gate_packed,
+                                  adjoint="channel_mask_backward")

@@ -99,7 +99,8 @@ def feature_density_dropout(x: torch.Tensor, dims: int = 2, grids: int | None = 
 
 
 _DENSITY = _backend.forward_table("feature_density", reference.feature_density)
-_FORWARD = _backend.forward_table("feature_density_forward", reference.feature_density_forward)
+_FORWARD = _backend.forward_table("feature_density_forward", reference.feature_density_forward,
+                                  adjoint="channel_mask_backward")
 
 
 def _fake_density(x, dims, grids):

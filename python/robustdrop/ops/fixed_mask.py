@@ -81,7 +81,7 @@ def _reference_in_place(x: torch.Tensor, mask: torch.Tensor) -> None:
     x.copy_(reference.fixed_mask_apply(x, mask))
 
 
-_FORWARD = _backend.forward_table("fixed_mask_apply", reference.fixed_mask_apply)
+_FORWARD = _backend.forward_table("fixed_mask_apply", reference.fixed_mask_apply, adjoint="fixed_mask_apply")
 _IN_PLACE = {
     "cpu": lambda x, mask: torch.ops.robustdrop.fixed_mask_apply_(x, mask),
     "cuda": lambda x, mask: torch.ops.robustdrop.fixed_mask_apply_(x, mask),

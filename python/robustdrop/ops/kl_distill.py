@@ -69,14 +69,19 @@ def kl_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, te
         The row maths runs in float32 (float64); the student's gradient has the
         student's dtype. Backends agree to float rounding (tests/test_kl_distill.py
         states the tolerances per dtype). The kernels save the (N, K) float32
-        (float64) gradient for the backward.
+        (float64) gradient for the backward. Under a torch.func transform that
+        differentiates (``grad``, ``vjp``, ``jacrev``, ``jvp``, ...) every
+        backend computes the reference's torch expression, which torch.func
+        differentiates to any order.
     """
     check_logits(student_logits, teacher_logits)
     temperature = check_temperature(temperature)
     check_reduction(reduction)
     name = _backend.resolve_backend(backend, student_logits)
     teacher = teacher_logits.detach()
-    if name == "reference":
+    # The kernels' saved gradient is a constant, and torch.func cannot run their autograd: under a torch.func
+    # transform that differentiates, the torch expression, which it differentiates to any order.
+    if name == "reference" or _checks.in_differentiating_transform():
         return reference.kl_distill(student_logits, teacher, temperature, reduction)
     if name == "triton":
         return torch.ops.robustdrop.kl_distill_forward_triton(student_logits, teacher, temperature, reduction)[0]
