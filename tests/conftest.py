@@ -168,6 +168,22 @@ def assert_compiled_matches_eager(step, x: torch.Tensor, *args, seeds=(3, 4)):
         torch.testing.assert_close(loss, loss_eager)
 
 
+def assert_in_place_rate_runs_one_graph(call, x: torch.Tensor):
+    """``call(x, p)`` compiled with fullgraph=True and given one 0-d float64 CPU rate changed in place:
+    no recompilation over a schedule of rates, 0 included, and each step gives eager's bits for the
+    float rate under the same torch.manual_seed."""
+    torch._dynamo.reset()
+    rate = torch.zeros((), dtype=torch.float64)
+    compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for value in (0.05, 0.1, 0.2, 0.0, 0.3):
+            rate.fill_(value)
+            torch.manual_seed(4)
+            y = compiled(x, rate)
+            torch.manual_seed(4)
+            assert_same_bits(y, call(x, value))
+
+
 def python_calls_in_autograd(call, x: torch.Tensor) -> list[str]:
     """The Python functions of robustdrop and torch.library that run while ``call(x)`` (x requiring grad)
     computes its output and ``torch.autograd.grad`` its gradient.

@@ -43,7 +43,7 @@ class LinearInFirstInput(torch.autograd.Function):
         _, adjoint, saves_outputs, *args = inputs
         saved = tuple(output[1:]) if saves_outputs else tuple(args[1:])
         ctx.adjoint = adjoint
-        ctx.saves_outputs = saves_outputs
+        ctx.num_saved_outputs = len(saved) if saves_outputs else 0
         ctx.num_args = len(args)
         ctx.save_for_backward(*saved)
         ctx.save_for_forward(*saved)
@@ -59,7 +59,9 @@ class LinearInFirstInput(torch.autograd.Function):
     def jvp(ctx, op_tangent, adjoint_tangent, flag_tangent, x_tangent, *rest_tangents):
         # y = M x with M diagonal (keep * scale), so M's transpose is M: the tangent is the adjoint's too.
         y_tangent = linear_call(ctx.adjoint, ctx.adjoint, False, x_tangent, *ctx.saved_tensors)
-        return (y_tangent,) + (None,) * 2 if ctx.saves_outputs else y_tangent
+        if ctx.num_saved_outputs == 0:
+            return y_tangent
+        return (y_tangent,) + (None,) * ctx.num_saved_outputs
 
 
 def linear_call(op, adjoint, saves_outputs: bool, *args):

@@ -74,13 +74,14 @@ def cam_mask(x, weight, target, p, block_size, *, spatial_topk=None, channel_top
     p, block_size, eps = _block_mask.check_rate_args(p, x, block_size, normalize, eps, seed)
     name = _backend.resolve_backend(backend, x)
     bs = block_reference.effective_block_size(block_size, height, width)
+    identity = not training or (isinstance(p, float) and p == 0.0)
     if bs == 0:  # an empty map has nothing to rank or drop
-        return x if not training or (isinstance(p, float) and p == 0.0) else x.clone()
+        return x if identity else x.clone()
     spatial_topk = reference.default_spatial_topk(height, width, bs) if spatial_topk is None else spatial_topk
     spatial_topk = _checks.check_topk(spatial_topk, "spatial_topk", height * width, "H*W")
     channel_topk = reference.default_channel_topk(c) if channel_topk is None else channel_topk
     channel_topk = _checks.check_topk(channel_topk, "channel_topk", c, "C")
-    if not training or (isinstance(p, float) and p == 0.0):
+    if identity:
         return x
     if not _checks.values_are_traced():
         _checks.check_target_values(target, weight.shape[0])
