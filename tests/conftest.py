@@ -131,6 +131,20 @@ def assert_backend_matches_reference(call, x: torch.Tensor, backend: str):
         assert_same_bits(actual, expected)
 
 
+def assert_gradients_check(fn, x: torch.Tensor, *, device: str, backend: str):
+    """torch.autograd.gradcheck and gradgradcheck of fn at the float64 x.
+
+    Where the Triton kernels run in the interpreter (the triton backend on the CPU) a forward takes
+    0.1 to 1 s, and the full Jacobian needs one per element of x, and of x and the gradient for the
+    second order: there both checks take one random direction (fast_mode), which still fails when
+    the backward is not the forward's Jacobian. The full Jacobians are checked on the other backends,
+    and each op's tests hold the interpreted kernels' gradients equal to the reference's bit for bit.
+    """
+    fast = device == "cpu" and backend == "triton"
+    assert torch.autograd.gradcheck(fn, (x,), fast_mode=fast)
+    assert torch.autograd.gradgradcheck(fn, (x,), fast_mode=fast)
+
+
 def assert_drawn_seed_variant(op, args: tuple, seed_position: int):
     """The ``_drawn_seed`` variant of the seeded forward op ``op`` (what a drawn seed goes through under
     torch.compile) with ``args``' seed as a 0-d int64 CPU tensor: registered soundly (opcheck), and

@@ -10,8 +10,8 @@ import robustdrop
 from robustdrop.nn import DropBlock2d
 from robustdrop.reference import block_mask as reference
 from conftest import (COMPILED_DEVICES, DEVICES, DEVICE_BACKENDS, KERNEL_BACKENDS, assert_compiled_matches_eager,
-                      assert_drawn_seed_variant, assert_in_place_rate_runs_one_graph, assert_same_bits,
-                      python_calls_in_autograd)
+                      assert_gradients_check, assert_drawn_seed_variant, assert_in_place_rate_runs_one_graph,
+                      assert_same_bits, python_calls_in_autograd)
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -147,8 +147,7 @@ def test_gradcheck_float64(device, backend):
     for couple in (False, True):
         def fn(inp):
             return robustdrop.drop_block2d(inp, 0.3, 3, seed=9, couple_channels=couple, backend=backend)
-        assert torch.autograd.gradcheck(fn, (x,))
-        assert torch.autograd.gradgradcheck(fn, (x,))
+        assert_gradients_check(fn, x, device=device, backend=backend)
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
@@ -457,8 +456,7 @@ def test_per_sample_gradcheck_float64(device, backend):
         return robustdrop.ops.block_mask.block_drop(inp, rates, 3, couple_channels=False, normalize=True, eps=1e-6,
                                                     normalize_groups=2, seed=9, backend=backend)
 
-    assert torch.autograd.gradcheck(fn, (x,))
-    assert torch.autograd.gradgradcheck(fn, (x,))
+    assert_gradients_check(fn, x, device=device, backend=backend)
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)

@@ -10,8 +10,9 @@ from robustdrop.nn import CamDrop2d, cam_targets, set_cam_targets
 from robustdrop.reference import block_mask as block_reference
 from robustdrop.reference import cam_mask as reference
 from conftest import (COMPILED_DEVICES, DEVICE_BACKENDS, EMULATED_CUDA, KERNEL_BACKENDS,
-                      assert_backend_matches_reference, assert_compiled_matches_eager, assert_drawn_seed_variant,
-                      assert_in_place_rate_runs_one_graph, assert_same_bits, memory_layouts, python_calls_in_autograd)
+                      assert_backend_matches_reference, assert_compiled_matches_eager, assert_gradients_check,
+                      assert_drawn_seed_variant, assert_in_place_rate_runs_one_graph, assert_same_bits, memory_layouts,
+                      python_calls_in_autograd)
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -285,8 +286,7 @@ def test_gradcheck_float64(device, backend):
         return robustdrop.cam_drop2d(inp, weight, target, 0.6, 2, spatial_topk=6, channel_topk=2, seed=3,
                                      backend=backend)
 
-    assert torch.autograd.gradcheck(fn, (x,))
-    assert torch.autograd.gradgradcheck(fn, (x,))
+    assert_gradients_check(fn, x, device=device, backend=backend)
 
 
 def test_no_gradient_flows_through_the_cam():

@@ -7,7 +7,8 @@ import robustdrop
 from robustdrop.ews import channel_gate
 from robustdrop.reference import channel_gate as reference
 from conftest import (COMPILED_DEVICES, DEVICE_BACKENDS, KERNEL_BACKENDS, assert_backend_matches_reference,
-                      assert_compiled_matches_eager, assert_same_bits, memory_layouts, python_calls_in_autograd)
+                      assert_compiled_matches_eager, assert_gradients_check, assert_same_bits, memory_layouts,
+                      python_calls_in_autograd)
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -114,8 +115,7 @@ def test_gradcheck_float64(device, backend, shape):
     def fn(inp):
         return channel_gate(inp, keep, backend=backend)
 
-    assert torch.autograd.gradcheck(fn, (x,))
-    assert torch.autograd.gradgradcheck(fn, (x,))
+    assert_gradients_check(fn, x, device=device, backend=backend)
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)

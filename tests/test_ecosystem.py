@@ -48,6 +48,18 @@ from robustdrop.nn.active_drop_block import DEFAULT_POLICIES
 from robustdrop.training import LinearRateSchedule, active_dropblock_step
 
 BACKENDS = [name for name in ("cpu", "reference") if robustdrop.backends()[name].available]
+
+
+def _cases(names, backends) -> list:
+    """pytest parameters (name, backend), every pair; FDD-2D on the Triton interpreter skipped (half a minute
+    to a minute a test there): FDD-1D runs the same Triton ops, feature_density_forward_triton and
+    channel_mask_backward_triton, and FDD-2D runs on the other backends."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    skip = pytest.mark.skip(reason="FDD-2D on the Triton interpreter: FDD-1D runs the same Triton ops")
+    return [pytest.param(name, backend, marks=skip if interpreted and name == "fdd2d" and backend == "triton" else ())
+            for name in names for backend in backends]
+
+
 AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]
 MAP_LAYERS = ["drop_block", "active_drop_block", "cam_drop", "fdd2d", "random_mask"]
 METHOD_LAYERS = (DropBlock2d, ActiveDropBlock2d, CamDrop2d, FeatureDensityDropout2d, RandomMask2d)
@@ -765,8 +777,7 @@ def _exported_model(method: str, backend: str) -> nn.Module:
 
 
 @pytest.mark.parametrize("strict", [False, True], ids=["non_strict", "strict"])
-@pytest.mark.parametrize("backend", EXPORT_BACKENDS)
-@pytest.mark.parametrize("method", EXPORTED_METHODS)
+@pytest.mark.parametrize("method,backend", _cases(EXPORTED_METHODS, EXPORT_BACKENDS))
 def test_model_exports(method, backend, strict):
     """torch.export.export of a SmallCNN with each method, on each kernel backend, in both tracing modes,
     the batch size a dynamic dimension. The eval program is the eval model: the same logits, bit for bit.
@@ -954,8 +965,7 @@ def _vmapped_forward(layer: nn.Module, xs: torch.Tensor, target: torch.Tensor | 
         return torch.vmap(layer, randomness=randomness)(xs)
 
 
-@pytest.mark.parametrize("backend", VMAP_BACKENDS)
-@pytest.mark.parametrize("name", MAP_LAYERS + ["fdd1d"])
+@pytest.mark.parametrize("name,backend", _cases(MAP_LAYERS + ["fdd1d"], VMAP_BACKENDS))
 def test_layer_under_vmap(name, backend):
     """torch.vmap over a training layer with randomness="same": each vmapped call is the layer's own
     call under the same torch.manual_seed (one seed drawn, as eager draws it), output and input gradient
@@ -973,8 +983,7 @@ def test_layer_under_vmap(name, backend):
     assert name == "random_mask" or not torch.equal(ys, xs)
 
 
-@pytest.mark.parametrize("backend", VMAP_BACKENDS)
-@pytest.mark.parametrize("name", MAP_LAYERS + ["fdd1d"])
+@pytest.mark.parametrize("name,backend", _cases(MAP_LAYERS + ["fdd1d"], VMAP_BACKENDS))
 def test_layer_under_vmap_draws_per_call(name, backend):
     """randomness="different": every vmapped call draws its own masks, so copies of one input come out
     different (Random Mask's fixed mask stays the same); vmap's default randomness="error" refuses the
@@ -1095,15 +1104,7 @@ def _layer_function(layer: nn.Module, target: torch.Tensor | None, seed: int = 1
     return forward
 
 
-def _func_cases(names: list, backends: list) -> list:
-    """(name, backend) pairs, without FDD-2D on the Triton interpreter (a minute there): FDD-1D runs the same
-    Triton ops, feature_density_forward_triton and channel_mask_backward_triton."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    return [(name, backend) for name in names for backend in backends
-            if not (interpreted and name == "fdd2d" and backend == "triton")]
-
-
-@pytest.mark.parametrize("name,backend", _func_cases(MAP_LAYERS + ["fdd1d"], VMAP_BACKENDS + ["reference"]))
+@pytest.mark.parametrize("name,backend", _cases(MAP_LAYERS + ["fdd1d"], VMAP_BACKENDS + ["reference"]))
 def test_layer_under_torch_func_grad_vjp_and_jvp(name, backend):
     """torch.func.grad and torch.func.vjp of a training layer, and grad of grad, give what autograd gives
     (backward and double backward with create_graph=True) under the same torch.manual_seed, to the bit;
@@ -1136,7 +1137,7 @@ def test_layer_under_torch_func_grad_vjp_and_jvp(name, backend):
     assert_same_bits(torch.func.grad(grad_norm)(x), second)
 
 
-@pytest.mark.parametrize("name,backend", _func_cases(["drop_block", "cam_drop", "fdd2d", "fdd1d", "random_mask"],
+@pytest.mark.parametrize("name,backend", _cases(["drop_block", "cam_drop", "fdd2d", "fdd1d", "random_mask"],
                                                      VMAP_BACKENDS))
 def test_per_sample_gradients_with_torch_func(name, backend):
     """torch.func's per-sample-gradient recipe, vmap(grad(loss of one sample)): with randomness="same"

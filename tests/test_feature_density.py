@@ -15,8 +15,8 @@ import robustdrop
 from robustdrop.nn import FeatureDensityDropout1d, FeatureDensityDropout2d
 from robustdrop.reference import feature_density as reference
 from conftest import (COMPILED_DEVICES, DEVICE_BACKENDS, KERNEL_BACKENDS, assert_backend_matches_reference,
-                      assert_compiled_matches_eager, assert_drawn_seed_variant, assert_same_bits, memory_layouts,
-                      python_calls_in_autograd)
+                      assert_compiled_matches_eager, assert_gradients_check, assert_drawn_seed_variant,
+                      assert_same_bits, memory_layouts, python_calls_in_autograd)
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 EDGE_BOUND = 1e-4  # DESIGN.md 4.3
@@ -326,10 +326,7 @@ def test_gradcheck_float64(device, backend):
         return robustdrop.feature_density_dropout(inp, 2, 5, kappa=0.0, alpha=0.5, rescale=True, seed=3,
                                                   backend=backend)
 
-    # The interpreted Triton forward takes about a second: check one random direction there.
-    fast = backend == "triton" and device == "cpu"
-    assert torch.autograd.gradcheck(fn, (x,), fast_mode=fast)
-    assert torch.autograd.gradgradcheck(fn, (x,), fast_mode=fast)
+    assert_gradients_check(fn, x, device=device, backend=backend)
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

@@ -6,7 +6,8 @@ import robustdrop
 from robustdrop.reference import fixed_mask as reference
 from robustdrop.reference.block_mask import pack_keep_mask
 from conftest import (COMPILED_DEVICES, DEVICE_BACKENDS, KERNEL_BACKENDS, assert_backend_matches_reference,
-                      assert_compiled_matches_eager, assert_same_bits, memory_layouts, python_calls_in_autograd)
+                      assert_compiled_matches_eager, assert_gradients_check, assert_same_bits, memory_layouts,
+                      python_calls_in_autograd)
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -158,8 +159,7 @@ def test_gradcheck_float64(device, backend):
     def fn(inp):
         return robustdrop.fixed_mask2d(inp, keep, backend=backend)
 
-    assert torch.autograd.gradcheck(fn, (x,))
-    assert torch.autograd.gradgradcheck(fn, (x,))
+    assert_gradients_check(fn, x, device=device, backend=backend)
 
     def fn_in_place(inp):
         return robustdrop.fixed_mask2d(inp * 1.0, keep, inplace=True, backend=backend)
