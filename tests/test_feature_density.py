@@ -73,6 +73,7 @@ CASES = [
     ((2, 9, 6, 5), 3, 2),
     ((4, 30), 1, 25),        # FC features
     ((2, 13), 1, 4),
+    ((1, 64, 8, 8), 2, 5),   # 64 x 64 tiles, as in SmallCNN: the widest the suite sends the Triton kernels
 ]
 
 
