@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import robustdrop  # noqa: E402
+from robustdrop._backend import triton_interpreted  # noqa: E402
 
 # ROBUSTDROP_EMULATE_CUDA=1: the compiled cpu backend runs the CUDA kernels of csrc/cuda, built
 # for the CPU against the CUDA execution model of tests/cuda_emulation, so the op tests check
@@ -77,9 +78,14 @@ def pytest_runtest_logreport(report):
 
 
 def available_backends(device: str) -> list[str]:
-    """The backends that run on tensors of ``device`` here (under emulation, the emulated kernels only)."""
+    """The backends that run on tensors of ``device`` here (under emulation, the emulated kernels only).
+
+    Triton takes CPU tensors only through its interpreter, which is off where there is a GPU."""
     status = robustdrop.backends()
-    wanted = ("cuda", "triton", "reference") if device == "cuda" else ("cpu", "triton", "reference")
+    if device == "cuda":
+        wanted = ("cuda", "triton", "reference")
+    else:
+        wanted = ("cpu", "triton", "reference") if triton_interpreted() else ("cpu", "reference")
     if EMULATED_CUDA:
         wanted = ("cpu",)
     return [name for name in wanted if status[name].available]

@@ -9,9 +9,10 @@ import torch
 import robustdrop
 from robustdrop.nn import DropBlock2d
 from robustdrop.reference import block_mask as reference
-from conftest import (COMPILED_DEVICES, DEVICES, DEVICE_BACKENDS, KERNEL_BACKENDS, assert_compiled_matches_eager,
-                      assert_gradients_check, assert_drawn_seed_variant, assert_in_place_rate_runs_one_graph,
-                      assert_same_bits, python_calls_in_autograd)
+from conftest import (COMPILED_DEVICES, DEVICES, DEVICE_BACKENDS, EMULATED_CUDA, KERNEL_BACKENDS,
+                      assert_compiled_matches_eager, assert_gradients_check, assert_drawn_seed_variant,
+                      assert_in_place_rate_runs_one_graph, assert_same_bits, available_backends,
+                      python_calls_in_autograd)
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -316,6 +317,18 @@ def test_backend_selection(monkeypatch):
         robustdrop.drop_block2d(torch.randn(1, 1, 9, 9), 0.3, 3, seed=4)
     monkeypatch.delenv("ROBUSTDROP_BACKEND")
     assert torch.equal(via_env, robustdrop.drop_block2d(x, 0.3, 3, seed=4))
+
+
+def test_cpu_parametrisations_name_triton_only_under_its_interpreter(monkeypatch):
+    """On a GPU machine Triton is available but its interpreter is off, and the triton backend refuses
+    CPU tensors: the tests' CPU parametrisations must leave it out there, and keep it here."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "triton" not in available_backends("cpu")
+    with pytest.raises(ValueError, match=r"runs on CUDA tensors \(or CPU tensors under TRITON_INTERPRET=1\)"):
+        robustdrop._backend._check_device("triton", "cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if robustdrop.backends()["triton"].available and not EMULATED_CUDA:
+        assert "triton" in available_backends("cpu")
 
 
 def test_import_without_extension_or_triton():
