@@ -148,7 +148,7 @@ def test_gradcheck_float64(device, backend):
     for couple in (False, True):
         def fn(inp):
             return robustdrop.drop_block2d(inp, 0.3, 3, seed=9, couple_channels=couple, backend=backend)
-        assert_gradients_check(fn, x, device=device, backend=backend)
+        assert_gradients_check(fn, x, backend=backend)
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
@@ -469,7 +469,7 @@ def test_per_sample_gradcheck_float64(device, backend):
         return robustdrop.ops.block_mask.block_drop(inp, rates, 3, couple_channels=False, normalize=True, eps=1e-6,
                                                     normalize_groups=2, seed=9, backend=backend)
 
-    assert_gradients_check(fn, x, device=device, backend=backend)
+    assert_gradients_check(fn, x, backend=backend)
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)

@@ -115,7 +115,7 @@ def test_gradcheck_float64(device, backend, shape):
     def fn(inp):
         return channel_gate(inp, keep, backend=backend)
 
-    assert_gradients_check(fn, x, device=device, backend=backend)
+    assert_gradients_check(fn, x, backend=backend)
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)

@@ -30,7 +30,6 @@ FDD's cells and CamDrop's top-k could flip on a float32 rounding.
 """
 import contextlib
 import copy
-import os
 import warnings
 
 import pytest
@@ -41,6 +40,7 @@ from torch import nn
 import robustdrop
 from conftest import assert_same_bits, available_backends
 from robustdrop import models
+from robustdrop._backend import triton_interpreted
 from robustdrop.ews import GatedNetwork, kl_distill
 from robustdrop.nn import (ActiveDropBlock2d, CamDrop2d, DropBlock2d, FeatureDensityDropout1d, FeatureDensityDropout2d,
                            RandomMask2d, cam_targets)
@@ -54,8 +54,8 @@ def _cases(names, backends) -> list:
     """pytest parameters (name, backend), every pair; FDD-2D on the Triton interpreter skipped (half a minute
     to a minute a test there): FDD-1D runs the same Triton ops, feature_density_forward_triton and
     channel_mask_backward_triton, and FDD-2D runs on the other backends."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     skip = pytest.mark.skip(reason="FDD-2D on the Triton interpreter: FDD-1D runs the same Triton ops")
+    interpreted = triton_interpreted()
     return [pytest.param(name, backend, marks=skip if interpreted and name == "fdd2d" and backend == "triton" else ())
             for name in names for backend in backends]
 
@@ -1139,7 +1139,7 @@ def test_layer_under_torch_func_grad_vjp_and_jvp(name, backend):
 
 
 @pytest.mark.parametrize("name,backend", _cases(["drop_block", "cam_drop", "fdd2d", "fdd1d", "random_mask"],
-                                                     VMAP_BACKENDS))
+                                                VMAP_BACKENDS))
 def test_per_sample_gradients_with_torch_func(name, backend):
     """torch.func's per-sample-gradient recipe, vmap(grad(loss of one sample)): with randomness="same"
     each sample's gradient is its own call's under the same torch.manual_seed; with "different" copies of
