@@ -24,7 +24,7 @@ inline void check_block_mask_forward_args(const at::Tensor& x, double gamma, int
                     "block_size must be <= min(H, W) = ", std::min(x.size(2), x.size(3)), ", got ", block_size,
                     " (the Python API clamps it)");
   TORCH_CHECK_VALUE(gamma >= 0.0, "gamma must be >= 0, got ", gamma);
-  TORCH_CHECK_VALUE(eps >= 0.0, "eps must be >= 0, got ", eps);
+  TORCH_CHECK_VALUE(eps >= 0.0 && std::isfinite(eps), "eps must be finite and >= 0, got ", eps);
 }
 
 // The packed mask holds one bit per element, each row padded to a whole byte.
@@ -88,12 +88,17 @@ inline void check_fixed_mask_args(const at::Tensor& x, const at::Tensor& mask) {
 // values are checked by each kernel where it reads them (on the CPU against K;
 // on the GPU a device-side assert guards the read), because checking them here
 // would cost a CUDA tensor a synchronisation.
+constexpr int64_t kMaxCamRow = int64_t{1} << 31;
+
 inline void check_cam_mask_forward_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
                                         const std::optional<at::Tensor>& guided, double gamma, int64_t block_size,
                                         int64_t spatial_topk, int64_t channel_topk, double eps) {
   check_block_mask_forward_args(x, gamma, block_size, eps);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   TORCH_CHECK_VALUE(C >= 1, "x must have at least one channel, got shape ", x.sizes());
+  // The top-k selections count a row's elements in 32 bits (signed in Triton).
+  TORCH_CHECK_VALUE(H * W < kMaxCamRow && C < kMaxCamRow,
+                    "x must have fewer than 2**31 positions per map (H*W) and channels (C), got shape ", x.sizes());
   check_float_input(weight, "weight");
   TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D (K, C'), the classifier's weight, got ", weight.dim(),
                     " dimensions");

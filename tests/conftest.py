@@ -168,12 +168,24 @@ def assert_drawn_seed_variant(op, args: tuple, seed_position: int):
 
 
 def memory_layouts(x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """x (N, C, H, W) with the same values in three layouts the kernels must handle."""
-    return {
+    """x (N, C, H, W) with the same values in the layouts the kernels must handle.
+
+    Where x has a dimension of size 1, also contiguous and channels_last
+    copies whose size-1 dimensions have strides no dense layout gives them:
+    such a stride is arbitrary (``is_contiguous`` ignores it), so a kernel
+    must derive its strides from the layout, never read them from x.
+    """
+    layouts = {
         "channels_last": x.contiguous(memory_format=torch.channels_last),
         "strided": torch.stack([x, -x], dim=-1)[..., 0],
         "transposed": x.transpose(2, 3).contiguous().transpose(2, 3),
     }
+    if 1 in x.shape:
+        for name, dense in (("contiguous", x.contiguous()), ("channels_last", layouts["channels_last"])):
+            strides = [1000 + dim if size == 1 else stride
+                       for dim, (size, stride) in enumerate(zip(x.shape, dense.stride()))]
+            layouts[f"{name}, odd size-1 strides"] = dense.as_strided(x.shape, strides)
+    return layouts
 
 
 def assert_compiled_matches_eager(step, x: torch.Tensor, *args, seeds=(3, 4)):

@@ -69,8 +69,9 @@ def test_padding_bits_of_the_packed_mask_are_ignored(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
-def test_layouts(device, backend):
-    base = torch.randn(3, 10, 5, 6, device=device)
+@pytest.mark.parametrize("shape", [(3, 10, 5, 6), (3, 10, 5, 1), (1, 10, 1, 6)])
+def test_layouts(device, backend, shape):
+    base = torch.randn(shape, device=device)
     keep = random_keep(base.shape, device)
     expected = reference.channel_gate(base, keep)
     for name, x in memory_layouts(base).items():

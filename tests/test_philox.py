@@ -1,5 +1,6 @@
 """The shared RNG (DESIGN.md section 3) on every backend: known answers
 produced by Triton itself, and agreement on millions of values."""
+import importlib.util
 import json
 import os
 
@@ -105,3 +106,16 @@ def test_reference_rejects_non_int64_index():
     if robustdrop.backends()["cpu"].available:
         with pytest.raises(TypeError, match="index"):
             torch.ops.robustdrop.philox_words(torch.arange(4, dtype=torch.int32), 0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_a_launch_grid_cuda_would_refuse_is_a_clear_error():
+    """Every Triton launch goes through launch(), which names the kernel when a grid passes CUDA's limits
+    (2**31 - 1 programs on axis 0, 65535 on axes 1 and 2) instead of CUDA's bare "invalid argument"."""
+    from robustdrop.triton import philox
+
+    index, out = torch.zeros(4, dtype=torch.int64), torch.empty(4)
+    for grid, axis in (((2**31,), 0), ((1, 65536), 1), ((1, 1, 65536), 2)):
+        with pytest.raises(ValueError, match=rf"too large for _philox_kernel: .* on axis {axis}, more than"):
+            philox.launch(philox._philox_kernel, grid, index, out, 4, 1, WORDS=False, BLOCK=4)
+    philox.check_grid(philox._philox_kernel, (2**31 - 1, 65535, 65535))  # the largest grid CUDA takes

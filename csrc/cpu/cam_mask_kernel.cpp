@@ -171,7 +171,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cam_mask_forward_cpu(
   check_sample_gamma_args(input, sample_gamma, 1);
   const at::Tensor x = walkable(input);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), positions = H * W;
-  TORCH_CHECK_VALUE(positions < (int64_t{1} << 32), "x must have fewer than 2**32 positions per map, got ", positions);
   const std::vector<float> weights = class_channel_weights(weight, target, C);
   at::Tensor mask = at::empty({N, C, H, mask_row_bytes(W)}, x.options().dtype(at::kByte));
   int64_t kept = 0;

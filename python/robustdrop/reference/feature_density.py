@@ -22,6 +22,9 @@ Per sample n, step by step:
     keep   = uniform(seed, n*C + c) >= p[cell[c]]                (C,) bool
     y[n,c] = keep ? x[n, c] * s : 0, s = 1 or float32(1 / (1 - p)) with rescale
 
+x is read as float32 (exact for float16 and bfloat16; float64 x is rounded
+once), then worked on in float64.
+
 Defined results where PCA has nothing to say: a sample whose centred values
 have a non-finite sum of squares, or one at most 1e-10 of the uncentred sum
 (all channels equal up to float32 rounding, C = 1, H*W = 0, all zeros, a NaN
@@ -89,7 +92,13 @@ def principal_coordinates(sample: torch.Tensor, dims: int) -> torch.Tensor:
 
 
 def feature_coordinates(x: torch.Tensor, dims: int) -> torch.Tensor:
-    """f (N, C, dims) float64 for x (N, C, H, W), or (N, F, 1) for x (N, F) (the values themselves)."""
+    """f (N, C, dims) float64 for x (N, C, H, W), or (N, F, 1) for x (N, F) (the values themselves).
+
+    Densities are a function of float32(x), the values the kernels read:
+    float64 x beyond float32's range counts as Inf, below its smallest
+    subnormal as 0.
+    """
+    x = x.to(torch.float32)
     if x.dim() == 2:
         values = x.to(torch.float64)
         finite = torch.isfinite(values).all(1, keepdim=True)

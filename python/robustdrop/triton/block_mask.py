@@ -41,6 +41,7 @@ Shapes: mask (N, Cm, H, ceil(W/8)) uint8, padding bits zero; scale float32,
 (fixed_mask.py): one mask (C, H, ceil(W/8)) for the whole batch, no scale.
 """
 
+import math
 import struct
 from typing import Optional
 
@@ -409,7 +410,8 @@ def _apply_kernel(
         store_kept(x_ptr, y_ptr, offs, ok, keep, None, WIDE, BFLOAT16)
     else:
         if GROUPED:
-            group = row // rows_per_group
+            # Rows past the end take the last group, so that no scale or count is read out of bounds.
+            group = tl.minimum(row, rows - 1) // rows_per_group
         else:
             group = tl.full((), 0, tl.int64)
         scale = _group_scale(scale_ptr, count_ptr, group, numel, kept_per_count, eps_bits, SCALE_MODE)
@@ -470,8 +472,8 @@ def _check_forward_args(x: torch.Tensor, gamma: float, block_size: int, eps: flo
         raise ValueError(f"block_size must be <= min(H, W) = {limit}, got {block_size} (the Python API clamps it)")
     if not gamma >= 0.0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
-    if not eps >= 0.0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    if not (eps >= 0.0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
 
 
 def _check_sample_gamma_args(x: torch.Tensor, sample_gamma: Optional[torch.Tensor], normalize_groups: int) -> None:

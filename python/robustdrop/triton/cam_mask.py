@@ -19,12 +19,13 @@ toward the lower index; a guided of False makes every element a candidate.
 
 Five launches, no host synchronisation:
 
-1. ``_cam_kernel``, grid (N, cdiv(H*W, BLOCK_P)): one tile of cam, looping
-   over C in chunks of BLOCK_C. Every tile recomputes a from the class row (g*C
-   values that stay in cache) rather than waiting on another launch; tile 0
-   stores it. x is contiguous or channels_last: either way position
-   p = h*W + w sits at p * stride(3), so one (stride(1), stride(3)) pair walks
-   both, coalesced along positions or along channels.
+1. ``_cam_kernel``, a flat grid of N * cdiv(H*W, BLOCK_P) programs: one tile
+   of cam, looping over C in chunks of BLOCK_C. Every tile recomputes a from
+   the class row (g*C values that stay in cache) rather than waiting on
+   another launch; tile 0 stores it. x is contiguous or channels_last: either
+   way position p = h*W + w sits at p * stride_p, so one (stride_c, stride_p)
+   pair, (H*W, 1) or (1, C), walks both, coalesced along positions or along
+   channels.
 2. ``_select_kernel``, grid (N, 2): program (n, 0) ranks cam[n], (n, 1) ranks
    a[n]. A radix select over the 32-bit keys (four 8-bit digits, one
    histogram pass each) finds the k-th largest key T and r = k - #(keys > T),
@@ -52,7 +53,10 @@ import triton
 import triton.language as tl
 
 from . import block_mask
-from .philox import launch, register_op
+from .philox import launch, register_op, sample_and_tile
+
+# The top-k selections count a row's elements in int32: rows (H*W positions, C channels) stay below this.
+_MAX_ROW = 2**31
 
 # CAM tile: at most this many elements of x per step (channels x positions),
 # and along the axis that is contiguous in memory at most 256 positions
@@ -92,18 +96,18 @@ def _guided(guided_ptr, HAS_GUIDED: tl.constexpr):
 @triton.jit
 def _cam_kernel(
     x_ptr, weight_ptr, target_ptr, guided_ptr, cam_ptr, a_ptr,
-    C, HW, K, groups,
-    stride_xn, stride_xc, stride_xp, stride_wk, stride_wc, stride_t,
+    C, HW, K, groups, tiles,
+    stride_xc, stride_xp, stride_wk, stride_wc, stride_t,
     HAS_GUIDED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """cam[n, p] for one tile of BLOCK_P positions p of sample n = program_id(0).
+    """cam[n, p] for one tile of BLOCK_P positions p of sample n; tiles per sample.
 
-    x: (N, C, H*W) at strides (stride_xn, stride_xc, stride_xp); weight: (K,
-    groups*C) at (stride_wk, stride_wc); target: (N,) int64 at stride_t.
-    cam_ptr: (N, HW) float32; a_ptr: (N, C) float32, written by tile 0.
+    x: (N, C, H*W), sample n at n*C*HW, element (c, p) at c*stride_xc +
+    p*stride_xp; weight: (K, groups*C) at strides (stride_wk, stride_wc);
+    target: (N,) int64 at stride_t. cam_ptr: (N, HW) float32; a_ptr: (N, C)
+    float32, written by tile 0.
     """
-    n = tl.program_id(0).to(tl.int64)
-    tile = tl.program_id(1)
+    n, tile = sample_and_tile(tiles)
     p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = p < HW
     # With guided False the cam is never ranked: read no x at all.
@@ -111,7 +115,7 @@ def _cam_kernel(
     # Clamped so that a bad class index cannot read outside weight.
     row = tl.minimum(tl.maximum(tl.load(target_ptr + n * stride_t), 0), K - 1)
     w_row = weight_ptr + row * stride_wk
-    x_row = x_ptr + n * stride_xn
+    x_row = x_ptr + n * C * HW
     # Partial sums per (channel lane, position); one cross-thread reduction at the end.
     partial = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
@@ -120,7 +124,8 @@ def _cam_kernel(
         a = _class_weights(w_row, c, c_ok, groups, stride_wc)
         if tile == 0:
             tl.store(a_ptr + n * C + c, a, mask=c_ok)
-        offs = c[:, None] * stride_xc + p[None, :] * stride_xp
+        # int64: one sample may hold more than 2**31 elements.
+        offs = c.to(tl.int64)[:, None] * stride_xc + p.to(tl.int64)[None, :] * stride_xp
         x = tl.load(x_row + offs, mask=c_ok[:, None] & read_x[None, :], other=0.0)
         partial += a[:, None] * x.to(tl.float32)
     tl.store(cam_ptr + n * HW + p, tl.sum(partial, axis=0), mask=p_ok)
@@ -228,6 +233,8 @@ def _check_forward_args(x, weight, target, guided, gamma, block_size, spatial_to
     N, C, H, W = x.shape
     if C < 1:
         raise ValueError(f"x must have at least one channel, got shape {list(x.shape)}")
+    if H * W >= _MAX_ROW or C >= _MAX_ROW:
+        raise ValueError(f"x must have fewer than 2**31 positions per map (H*W) and channels (C), got shape {list(x.shape)}")
     block_mask._check_float(weight, "weight")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (K, C'), the classifier's weight, got {weight.dim()} dimensions")
@@ -280,12 +287,13 @@ def _class_activation_map(src, channels_last, weight, target, guided) -> tuple[t
     a = torch.empty((N, C), dtype=torch.float32, device=src.device)
     guided_ptr, has_guided = _guided_arg(guided, target)
     block_p, block_c = _cam_tiling(C, H * W, channels_last)
-    grid = (N, triton.cdiv(H * W, block_p))
+    tiles = triton.cdiv(H * W, block_p)
+    # The strides follow from the layout: a size-1 dimension's stride in src is arbitrary.
+    stride_c, stride_p = (1, C) if channels_last else (H * W, 1)
     launch(
-        _cam_kernel, grid, src, weight, target, guided_ptr, cam, a,
-        C, H * W, weight.shape[0], weight.shape[1] // C,
-        # Contiguous and channels_last alike: stride(2) = W * stride(3).
-        src.stride(0), src.stride(1), src.stride(3), weight.stride(0), weight.stride(1), target.stride(0),
+        _cam_kernel, (N * tiles,), src, weight, target, guided_ptr, cam, a,
+        C, H * W, weight.shape[0], weight.shape[1] // C, tiles,
+        stride_c, stride_p, weight.stride(0), weight.stride(1), target.stride(0),
         HAS_GUIDED=has_guided, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=_CAM_WARPS,
     )
     return cam, a

@@ -35,8 +35,8 @@ torch's fill of the (N, G) counts with zeros (and of the 0-d scale with 1.0
 when rescale is False):
 
 0. ``_scale_kernel``, grid (N,): s_n from max |x[n]|.
-1. ``_mean_kernel``, grid (N, D tiles): mu and the per-column energy sum_c X**2.
-2. ``_gram_kernel``, grid (N, T*T): the upper tiles of M = A A^T by ``tl.dot``
+1. ``_mean_kernel``, grid (N * D tiles,): mu and the per-column energy sum_c X**2.
+2. ``_gram_kernel``, grid (N * T*T,): the upper tiles of M = A A^T by ``tl.dot``
    (input_precision "ieee"), centring on the fly and mirroring each off-diagonal
    tile, so M is exactly symmetric.
 3. ``_lanczos_kernel``, grid (N,): one program per sample. Vectors of length
@@ -45,7 +45,7 @@ when rescale is False):
    solve (Sturm counts over a (L, SHIFTS) block of shifts, pivoting inverse
    iteration over L lanes) works in small float64 scratches. Writes the unit Ritz
    vectors Y (N, L, m) and theta (N, L) float64, both 0 on absent axes.
-4. ``_project_kernel``, grid (N, K tiles): P = Y A.
+4. ``_project_kernel``, grid (N * K tiles,): P = Y A.
 5. ``_bins_kernel``, grid (N,): orientation, coordinates, bins, cell, and counts
    by atomics into a zeroed (N, G) tensor.
 6. ``_drop_kernel``, grid (N,) (forward only): p32, the Bernoulli draws, the
@@ -73,7 +73,7 @@ import triton
 import triton.language as tl
 
 from . import block_mask
-from .philox import launch, register_op, uniform
+from .philox import launch, register_op, sample_and_tile, uniform
 
 # Axis lanes: dims <= 3, padded to a power of two (kernels and host alike).
 _LANES = tl.constexpr(4)
@@ -119,6 +119,12 @@ def _magnitude_scale(largest):
 
 
 @triton.jit
+def _offsets(rows, cols, stride_row, stride_col):
+    """(len(rows), len(cols)) int64 element offsets within a sample, which may hold more than 2**31 elements."""
+    return rows.to(tl.int64)[:, None] * stride_row + cols.to(tl.int64)[None, :] * stride_col
+
+
+@triton.jit
 def _scale_kernel(x_ptr, scale_ptr, C, D, stride_n, stride_c, stride_p,
                   BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """scale[n] = _magnitude_scale(max over the sample of |float32(x)|), NaN passed over.
@@ -133,14 +139,13 @@ def _scale_kernel(x_ptr, scale_ptr, C, D, stride_n, stride_c, stride_p,
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             ok = (c < C)[:, None] & (d < D)[None, :]
-            v = tl.abs(tl.load(sample + c[:, None] * stride_c + d[None, :] * stride_p, mask=ok, other=0.0)
-                       .to(tl.float32))
+            v = tl.abs(tl.load(sample + _offsets(c, d, stride_c, stride_p), mask=ok, other=0.0).to(tl.float32))
             largest = tl.maximum(largest, tl.where(v == v, v, 0.0))
     tl.store(scale_ptr + n, _magnitude_scale(tl.max(tl.max(largest, axis=1), axis=0)))
 
 
 @triton.jit
-def _mean_kernel(x_ptr, scale_ptr, mu_ptr, energy_ptr, C, D, stride_n, stride_c, stride_p,
+def _mean_kernel(x_ptr, scale_ptr, mu_ptr, energy_ptr, C, D, tiles, stride_n, stride_c, stride_p,
                  BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """mu[n, d] = float32 mean over c of X[c, d]; energy[n, d] = sum_c X[c, d]**2 in float64.
 
@@ -148,8 +153,8 @@ def _mean_kernel(x_ptr, scale_ptr, mu_ptr, energy_ptr, C, D, stride_n, stride_c,
     mu_ptr: (N, D) float32; energy_ptr: (N, D) float64 (the Lanczos kernel adds
     the columns, so no atomics are needed).
     """
-    n = tl.program_id(0).to(tl.int64)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    n, tile = sample_and_tile(tiles)
+    d = tile * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < D
     sample = x_ptr + n * stride_n
     scale = tl.load(scale_ptr + n)
@@ -158,7 +163,7 @@ def _mean_kernel(x_ptr, scale_ptr, mu_ptr, energy_ptr, C, D, stride_n, stride_c,
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         ok = (c < C)[:, None] & d_ok[None, :]
-        v = tl.load(sample + c[:, None] * stride_c + d[None, :] * stride_p, mask=ok, other=0.0).to(tl.float32)
+        v = tl.load(sample + _offsets(c, d, stride_c, stride_p), mask=ok, other=0.0).to(tl.float32)
         v = v * scale
         total += tl.sum(v, axis=0)
         wide = v.to(tl.float64)
@@ -175,7 +180,7 @@ def _centred_tile(sample, scale, mu, rows, k, m, K, stride_i, stride_k, MU_ON_RO
     MU_ON_ROWS); sample, scale and mu are sample n's x, s_n and mu.
     """
     ok = (rows < m)[:, None] & (k < K)[None, :]
-    v = tl.load(sample + rows[:, None] * stride_i + k[None, :] * stride_k, mask=ok, other=0.0).to(tl.float32)
+    v = tl.load(sample + _offsets(rows, k, stride_i, stride_k), mask=ok, other=0.0).to(tl.float32)
     v = v * scale
     if MU_ON_ROWS:
         centre = tl.load(mu + rows, mask=rows < m, other=0.0)[:, None]
@@ -193,9 +198,9 @@ def _gram_kernel(x_ptr, scale_ptr, mu_ptr, mat_ptr, m, K, D, tiles, stride_n, st
     upper twin stores its transpose too. A diagonal tile is symmetrised so
     that M is exactly symmetric (the Lanczos matvec reads it by columns).
     """
-    n = tl.program_id(0).to(tl.int64)
-    ti = tl.program_id(1) // tiles
-    tj = tl.program_id(1) % tiles
+    n, tile = sample_and_tile(tiles * tiles)
+    ti = tile // tiles
+    tj = tile % tiles
     upper = ti <= tj
     i = ti * BLOCK + tl.arange(0, BLOCK)
     j = tj * BLOCK + tl.arange(0, BLOCK)
@@ -546,14 +551,14 @@ def _lanczos_kernel(
 
 
 @triton.jit
-def _project_kernel(x_ptr, scale_ptr, mu_ptr, axes_ptr, out_ptr, m, K, D, stride_n, stride_i, stride_k,
+def _project_kernel(x_ptr, scale_ptr, mu_ptr, axes_ptr, out_ptr, m, K, D, tiles, stride_n, stride_i, stride_k,
                     MU_ON_ROWS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[n, r, k] = sum_i axes[n, r, i] * A[i, k] for one tile of k: P = Y A.
 
     axes_ptr: (N, L, m) float32 (0 on absent axes); out_ptr: (N, L, K) float32.
     """
-    n = tl.program_id(0).to(tl.int64)
-    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    n, tile = sample_and_tile(tiles)
+    k = tile * BLOCK_K + tl.arange(0, BLOCK_K)
     lanes = tl.arange(0, _LANES)
     sample = x_ptr + n * stride_n
     scale = tl.load(scale_ptr + n)
@@ -859,14 +864,15 @@ def _principal_axes(src, stride_c, stride_p, dims):
     block_d = min(_pow2(D), 128)
     block_c = max(1, min(_pow2(C), _TILE // block_d))
     launch(_scale_kernel, (N,), src, scale, C, D, src.stride(0), stride_c, stride_p, BLOCK_C=block_c, BLOCK_D=block_d)
-    launch(_mean_kernel, (N, triton.cdiv(D, block_d)), src, scale, mu, energy, C, D, src.stride(0), stride_c,
+    tiles = triton.cdiv(D, block_d)
+    launch(_mean_kernel, (N * tiles,), src, scale, mu, energy, C, D, tiles, src.stride(0), stride_c,
            stride_p, BLOCK_C=block_c, BLOCK_D=block_d)
 
     mat = torch.empty((N, m, m), dtype=torch.float32, device=device)
     block = min(_GRAM_BLOCK, max(16, _pow2(m)))
     block_k = min(_GRAM_BLOCK_K, max(16, _pow2(K)))
     tiles = triton.cdiv(m, block)
-    launch(_gram_kernel, (N, tiles * tiles), src, scale, mu, mat, m, K, D, tiles, src.stride(0), stride_i, stride_k,
+    launch(_gram_kernel, (N * tiles * tiles,), src, scale, mu, mat, m, K, D, tiles, src.stride(0), stride_i, stride_k,
            MU_ON_ROWS=mu_on_rows, BLOCK=block, BLOCK_K=block_k, num_warps=_GRAM_WARPS)
 
     block_m = _pow2(m)
@@ -886,7 +892,8 @@ def _principal_axes(src, stride_c, stride_p, dims):
     proj = torch.empty((N, _LANES, K), dtype=torch.float32, device=device)
     block_k = min(_pow2(K), 128)
     block_i = max(1, min(_pow2(m), 1024 // block_k))
-    launch(_project_kernel, (N, triton.cdiv(K, block_k)), src, scale, mu, axes, proj, m, K, D, src.stride(0),
+    tiles = triton.cdiv(K, block_k)
+    launch(_project_kernel, (N * tiles,), src, scale, mu, axes, proj, m, K, D, tiles, src.stride(0),
            stride_i, stride_k, MU_ON_ROWS=mu_on_rows, BLOCK_I=block_i, BLOCK_K=block_k)
     return axes, theta, proj, 2 if gram else 3, m, K
 

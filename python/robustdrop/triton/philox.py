@@ -79,6 +79,30 @@ def _philox_kernel(index_ptr, out_ptr, numel, seed, WORDS: tl.constexpr, BLOCK: 
         tl.store(out_ptr + offs, uniform(seed, index), mask=inside)
 
 
+@triton.jit
+def sample_and_tile(tiles):
+    """(n, tile) of program_id(0) in a flat grid of N * tiles programs, n as int64.
+
+    Kernels with many tiles per sample take one flat axis rather than a
+    (N, tiles) grid: CUDA allows 2**31 - 1 programs on axis 0 but only 65535
+    on axes 1 and 2, which a large map's tile count can pass.
+    """
+    program = tl.program_id(0)
+    return (program // tiles).to(tl.int64), program % tiles
+
+
+# CUDA's limits on a launch grid: programs along axis 0, and along axes 1 and 2.
+_GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+def check_grid(kernel, grid) -> None:
+    """A clear error for a grid CUDA would refuse (it reports only "invalid argument")."""
+    for axis, (programs, limit) in enumerate(zip(grid, _GRID_LIMITS)):
+        if isinstance(programs, int) and programs > limit:
+            raise ValueError(f"the input is too large for {getattr(kernel, '__name__', 'a Triton kernel')}: its launch grid needs {programs} programs "
+                             f"on axis {axis}, more than the {limit} CUDA allows")
+
+
 def _interpreted(kernel) -> bool:
     """True under TRITON_INTERPRET=1, where @triton.jit builds no JITFunction."""
     return not isinstance(kernel, triton.runtime.JITFunction)
@@ -92,8 +116,9 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     are opaque (``register_op``), so the kernel is launched as it is (torch
     before 2.13's wrap_triton rejects an interpreted kernel), and a launch on
     fake tensors (shape propagation only) is skipped: the interpreter would
-    read their memory.
+    read their memory. A grid past CUDA's limits is a ValueError everywhere.
     """
+    check_grid(kernel, grid)
     if _interpreted(kernel):
         if not any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
             kernel[grid](*args, **kwargs)
