@@ -178,6 +178,30 @@ def test_step_bad_input_is_a_clear_error():
         active_dropblock_step(tiny_model(), loss, [inputs], targets)
 
 
+@pytest.mark.parametrize("mode", ["sequential", "batched"])
+def test_step_outside_training_mode_is_a_clear_error(mode):
+    """In eval mode the layers are the identity: every policy would give the same loss and policy 0.0."""
+    inputs, targets = batch()
+    loss = nn.functional.cross_entropy
+    with pytest.raises(ValueError, match=r"needs model in training mode.*model.training = False, .*\['3'\]"):
+        active_dropblock_step(tiny_model().eval(), loss, inputs, targets, mode=mode)
+    model = tiny_model()
+    model[3].eval()  # one ActiveDropBlock2d left in eval mode
+    with pytest.raises(ValueError, match=r"model.training = True, ActiveDropBlock2d layers in eval mode: \['3'\]"):
+        active_dropblock_step(model, loss, inputs, targets, mode=mode)
+    model = tiny_model()
+    model.eval()
+    model[3].train()  # the layer alone in training mode: the model is still evaluating
+    with pytest.raises(ValueError, match=r"model.training = False, ActiveDropBlock2d layers in eval mode: \[\]"):
+        active_dropblock_step(model, loss, inputs, targets, mode=mode)
+    with pytest.raises(ValueError, match="needs model in training mode"):
+        active_dropblock_step(ActiveDropBlock2d(3).eval(), lambda out, y: out.mean(), inputs, targets, mode=mode)
+    model = tiny_model()
+    model[1].eval()  # a frozen BatchNorm is fine: only the model and its ActiveDropBlock2d layers must train
+    step = active_dropblock_step(model, loss, inputs, targets, mode=mode)
+    assert len(set(step.losses.tolist())) > 1
+
+
 @pytest.mark.parametrize("bad,error,message", [
     (dict(policies=()), ValueError, "policies must hold at least one drop rate"),
     (dict(policies=(0.1, 1.5)), ValueError, r"policies must be in \[0, 1\]"),
@@ -186,6 +210,10 @@ def test_step_bad_input_is_a_clear_error():
     (dict(change_threshold=0.0), ValueError, "change_threshold must be > 0"),
     (dict(change_threshold="big"), TypeError, "change_threshold must be a real number"),
     (dict(normalize="sum"), ValueError, "normalize must be one of"),
+    (dict(couple_channels="y"), TypeError, "couple_channels must be a bool"),
+    (dict(couple_channels=None), TypeError, "couple_channels must be a bool"),
+    (dict(eps=float("inf")), ValueError, "eps must be finite"),
+    (dict(backend="gpu"), ValueError, "backend must be one of"),
 ])
 def test_layer_bad_arguments_are_clear_errors(bad, error, message):
     args = dict(block_size=3)

@@ -1,4 +1,5 @@
 """robustdrop.attacks: FGSM, BIM, MIM and PGD against hand computations and a toy model trained here; ADP (Eq. 7)."""
+import copy
 import functools
 
 import pytest
@@ -291,6 +292,46 @@ def test_attacks_run_inside_no_grad(trained, name):
     with torch.no_grad():
         assert torch.equal(ALL[name](model, x, y), expected)
     assert not torch.equal(expected, x)
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_attacks_inside_inference_mode_are_an_error_not_a_zero_gradient(trained, name):
+    """torch.enable_grad() cannot lift inference mode: the loss would have no graph and x_adv would be x."""
+    model, x, y = trained
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"outside the torch.inference_mode\(\) block"):
+        ALL[name](model, x, y)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        ALL[name](model, x, y, eps=0.0)
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_inference_tensors_made_inside_inference_mode_are_attacked_outside_it(trained, name):
+    model, x, y = trained
+    with torch.inference_mode():
+        x_inference, y_inference = x.clone(), y.clone()
+    torch.manual_seed(0)
+    expected = ALL[name](model, x, y)
+    torch.manual_seed(0)
+    x_adv = ALL[name](model, x_inference, y_inference)
+    assert torch.equal(x_adv, expected) and not x_adv.is_inference()
+    assert not torch.equal(x_adv, x)
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_a_frozen_model_is_attacked_but_a_loss_without_a_graph_to_x_is_an_error(trained, name):
+    """The gradient is w.r.t. x: frozen parameters change nothing. A model whose output has no graph back to x
+    (here: it detaches its input) would give a zero gradient, x_adv = x and clean accuracy as robust accuracy."""
+    model, x, y = trained
+    torch.manual_seed(0)
+    expected = ALL[name](model, x, y)
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    torch.manual_seed(0)
+    assert torch.equal(ALL[name](frozen, x, y), expected)
+    with pytest.raises(RuntimeError, match="no autograd graph back to x"):
+        ALL[name](lambda inputs: model(inputs.detach()), x, y)
+    constant = nn.Parameter(torch.zeros(3))  # a leaf that requires grad, but not x
+    with pytest.raises(RuntimeError, match="no autograd graph back to x"):
+        ALL[name](lambda inputs: constant.expand(len(inputs), 3), x, y)
 
 
 @pytest.mark.parametrize("name", sorted(ALL))

@@ -11,7 +11,7 @@ from robustdrop.nn import DropBlock2d
 from robustdrop.reference import block_mask as reference
 from conftest import (COMPILED_DEVICES, DEVICES, DEVICE_BACKENDS, EMULATED_CUDA, KERNEL_BACKENDS,
                       assert_compiled_matches_eager, assert_gradients_check, assert_drawn_seed_variant,
-                      assert_in_place_rate_runs_one_graph, assert_same_bits, available_backends,
+                      assert_in_place_rate_runs_one_graph, assert_same_bits, available_backends, memory_layouts,
                       python_calls_in_autograd)
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -115,14 +115,9 @@ def test_public_api_forward_and_backward_match_reference(device, backend, dtype)
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
-def test_channels_last_and_non_contiguous(device, backend):
-    base = torch.randn(2, 5, 11, 14, device=device)
-    layouts = {
-        "channels_last": base.contiguous(memory_format=torch.channels_last),
-        "strided": torch.randn(2, 5, 11, 28, device=device)[..., ::2],
-        "transposed": torch.randn(2, 5, 14, 11, device=device).transpose(2, 3),
-    }
-    for name, x in layouts.items():
+@pytest.mark.parametrize("shape", [(2, 5, 11, 14), (2, 5, 11, 1), (1, 5, 1, 14)])
+def test_channels_last_and_non_contiguous(device, backend, shape):
+    for name, x in memory_layouts(torch.randn(shape, device=device)).items():
         for couple in (False, True):
             kwargs = dict(p=0.3, block_size=3, seed=5, couple_channels=couple)
             y, grad = run_with_grad(x, backend, **kwargs)
@@ -246,7 +241,14 @@ BAD_CALLS = [
     (dict(block_size=2.5), TypeError, "block_size must be an int"),
     (dict(normalize="sum"), ValueError, "normalize must be one of"),
     (dict(eps=-1.0), ValueError, "eps must be >= 0"),
+    (dict(eps=float("inf")), ValueError, "eps must be finite, got inf"),
+    (dict(eps=float("nan")), ValueError, "eps must be finite, got nan"),
     (dict(seed=1.5), TypeError, "seed must be an int"),
+    (dict(couple_channels="yes"), TypeError, "couple_channels must be a bool"),
+    (dict(couple_channels=None), TypeError, "couple_channels must be a bool"),
+    (dict(couple_channels=1), TypeError, "couple_channels must be a bool"),
+    (dict(training="no"), TypeError, "training must be a bool"),
+    (dict(training=torch.tensor(False)), TypeError, "training must be a bool"),
 ]
 
 
@@ -274,6 +276,9 @@ def test_ops_called_directly_reject_bad_input(device, backend):
         forward(x, 1, 0.1, 0, False, True, 1e-6)
     with pytest.raises(ValueError, match="block_size must be <="):
         forward(x, 1, 0.1, 9, False, True, 1e-6)
+    for eps in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="eps must be finite and >= 0"):
+            forward(x, 1, 0.1, 3, False, True, eps)
     _, mask, scale = forward(x, 1, 0.1, 3, False, True, 1e-6)
     with pytest.raises(ValueError, match="mask must have shape"):
         backward(x, mask[:, :, :4], scale)
@@ -371,6 +376,46 @@ def test_module_is_a_drop_in_for_torchvision():
     torch.manual_seed(0)
     assert torch.equal(x2, robustdrop.drop_block2d(x, 0.2, 5))
     assert not torch.equal(x2, x)
+
+
+MODULE_BAD_ARGUMENTS = [
+    (dict(p=1.5), ValueError, r"p must be in \[0, 1\], got 1.5"),
+    (dict(p="0.1"), TypeError, "p must be a real number"),
+    (dict(p=True), TypeError, "p must be a real number"),
+    (dict(p=torch.tensor([0.1, 1.2])), ValueError, r"p must hold drop rates in \[0, 1\]"),
+    (dict(p=torch.tensor([[0.1]])), ValueError, r"p must be a float, a 0-d tensor or a tensor \(N,\)"),
+    (dict(p=torch.tensor(1)), TypeError, "p must be a float or a floating-point tensor"),
+    (dict(block_size=0), ValueError, "block_size must be >= 1"),
+    (dict(block_size=2.5), TypeError, "block_size must be an int"),
+    (dict(inplace="no"), TypeError, "inplace must be a bool"),
+    (dict(eps=-1.0), ValueError, "eps must be >= 0"),
+    (dict(eps=float("inf")), ValueError, "eps must be finite"),
+    (dict(couple_channels="yes"), TypeError, "couple_channels must be a bool"),
+    (dict(normalize="x"), ValueError, "normalize must be one of"),
+    (dict(backend="gpu"), ValueError, r"backend must be one of \('auto', 'cuda', 'triton', 'cpu', 'reference'\), "
+                                      r"got 'gpu'"),
+]
+
+
+@pytest.mark.parametrize("bad,error,message", MODULE_BAD_ARGUMENTS)
+def test_module_bad_arguments_are_clear_errors(bad, error, message):
+    """Refused where the layer is built, with the functional op's messages (torchvision's DropBlock2d
+    checks its p there too)."""
+    args = dict(p=0.1, block_size=3)
+    args.update(bad)
+    with pytest.raises(error, match=message):
+        DropBlock2d(args.pop("p"), args.pop("block_size"), **args)
+
+
+def test_module_takes_every_valid_rate_and_backend_name():
+    """A float, a 0-d or an (N,) tensor rate; a valid backend name not available here (it may be moved to a
+    device that has it later)."""
+    for p in (0, 1, 0.25):
+        assert DropBlock2d(p, 3).p == p
+    for p in (torch.tensor(0.25), torch.tensor([0.1, 0.2])):
+        assert DropBlock2d(p, 3).p is p
+    for backend in ("auto",) + robustdrop._backend.BACKEND_NAMES:
+        assert DropBlock2d(0.1, 3, backend=backend).backend == backend
 
 
 def test_saved_for_backward_is_one_bit_per_element():

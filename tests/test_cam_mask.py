@@ -251,11 +251,12 @@ def test_dtypes_forward_and_backward_match_reference(device, backend, dtype):
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
-def test_channels_last_and_non_contiguous(device, backend):
+@pytest.mark.parametrize("shape", [(2, 5, 9, 12), (2, 5, 9, 1), (2, 5, 1, 12)])
+def test_channels_last_and_non_contiguous(device, backend, shape):
     generator = torch.Generator().manual_seed(6)
-    x, weight, target = integer_inputs((2, 5, 9, 12), 3, 1, generator, device)
+    x, weight, target = integer_inputs(shape, 3, 1, generator, device)
     for name, layout in memory_layouts(x).items():
-        kwargs = dict(p=0.5, block_size=3, spatial_topk=15, channel_topk=2, seed=13)
+        kwargs = dict(p=0.5, block_size=3, spatial_topk=5, channel_topk=2, seed=13)
         y = robustdrop.cam_drop2d(layout, weight, target, backend=backend, **kwargs)
         y_ref = robustdrop.cam_drop2d(layout.contiguous(), weight, target, backend="reference", **kwargs)
         assert torch.equal(y.contiguous(), y_ref), name
@@ -407,6 +408,10 @@ def _bad_calls(n=2, c=3, classes=4):
         (dict(channel_topk=4), ValueError, "channel_topk must be <= C = 3"),
         (dict(channel_topk=1.5), TypeError, "channel_topk must be an int"),
         (dict(normalize="sum"), ValueError, "normalize must be one of"),
+        (dict(eps=float("inf")), ValueError, "eps must be finite, got inf"),
+        (dict(eps=float("nan")), ValueError, "eps must be finite, got nan"),
+        (dict(training="no"), TypeError, "training must be a bool"),
+        (dict(training=None), TypeError, "training must be a bool"),
     ], good_weight, good_target
 
 
@@ -448,6 +453,10 @@ def test_ops_called_directly_reject_bad_input(device, backend):
         call(channel_topk=-1)
     with pytest.raises(TypeError, match="guided must be a bool"):
         call(guided=torch.tensor(1.0, device=device))
+    wide = 2**31  # channels the top-k count cannot hold; expanded, so nothing that size is allocated
+    with pytest.raises(ValueError, match=r"fewer than 2\*\*31 positions per map \(H\*W\) and channels"):
+        call(x=x[:, :1, :1, :1].expand(2, wide, 1, 1), weight=weight[:, :1].expand(4, wide), block_size=1,
+             spatial_topk=1, channel_topk=1)
     with pytest.raises(TypeError, match="sample_gamma must be float32"):
         call(sample_gamma=torch.full((2,), 0.1, dtype=torch.float64, device=device))
     with pytest.raises(ValueError, match=r"sample_gamma must have shape \(N,\) = \(2,\)"):
@@ -494,6 +503,33 @@ def test_module_reads_the_classifier_at_every_forward():
             fc.weight.mul_(-1.0)  # the guidance must follow the new weight
     layer.eval()
     assert layer(x) is x  # eval needs no targets
+
+
+@pytest.mark.parametrize("bad,error,message", [
+    (dict(p=5), ValueError, r"p must be in \[0, 1\], got 5"),
+    (dict(p="0.1"), TypeError, "p must be a real number"),
+    (dict(p=torch.tensor([0.1, -0.2])), ValueError, r"p must hold drop rates in \[0, 1\]"),
+    (dict(block_size=0), ValueError, "block_size must be >= 1"),
+    (dict(block_size=3.0), TypeError, "block_size must be an int"),
+    (dict(classifier=nn.Conv2d(3, 2, 1)), TypeError, "classifier must be an nn.Module with a 2-D weight"),
+    (dict(classifier=torch.randn(2, 3)), TypeError, "classifier must be an nn.Module"),
+    (dict(spatial_topk=0), ValueError, "spatial_topk must be >= 1"),
+    (dict(spatial_topk=2.5), TypeError, "spatial_topk must be an int"),
+    (dict(channel_topk=-1), ValueError, "channel_topk must be >= 1"),
+    (dict(channel_topk="2"), TypeError, "channel_topk must be an int"),
+    (dict(warmup_steps=-1), ValueError, "warmup_steps must be >= 0"),
+    (dict(warmup_steps=1.0), TypeError, "warmup_steps must be an int"),
+    (dict(warmup_steps=True), TypeError, "warmup_steps must be an int"),
+    (dict(backend="gpu"), ValueError, "backend must be one of"),
+])
+def test_module_bad_arguments_are_clear_errors(bad, error, message):
+    """Refused where the layer is built, with the functional op's messages; a valid backend name that is
+    not available here still builds (the layer may be moved to a device that has it)."""
+    args = dict(p=0.1, block_size=3, classifier=nn.Linear(3, 2))
+    args.update(bad)
+    with pytest.raises(error, match=message):
+        CamDrop2d(args.pop("p"), args.pop("block_size"), args.pop("classifier"), **args)
+    assert CamDrop2d(0.1, 3, nn.Linear(3, 2), backend="cuda").backend == "cuda"
 
 
 def test_module_registers_the_classifier_once():

@@ -660,14 +660,17 @@ def test_linear_rate_schedule_sets_every_layer(start, end, first, last):
 
 
 def test_linear_rate_schedule_resumes_from_its_state_dict():
-    """The state keeps the targets as well as the step: a model saved mid-schedule holds the current rates,
-    not the targets, so a new schedule on it would otherwise aim at the wrong rates."""
+    """The state keeps the targets as well as the step: a model rebuilt mid-schedule with its current rates (the
+    layers' p is not in their state_dict) holds no memory of the targets, so a new schedule on it would otherwise
+    aim at the wrong rates."""
     model = _three_scheduled_layers()
     schedule = LinearRateSchedule(model, total_steps=10)
     for _ in range(3):
         schedule.step()
     state, rates = schedule.state_dict(), schedule.rates()
-    resumed_model = copy.deepcopy(model)
+    resumed_model = _three_scheduled_layers()
+    for layer, rate in zip([resumed_model[0], resumed_model[2], resumed_model[3]], rates):
+        layer.p = rate
     resumed = LinearRateSchedule(resumed_model, total_steps=10)
     assert resumed.targets != schedule.targets
     resumed.load_state_dict(state)
@@ -676,6 +679,31 @@ def test_linear_rate_schedule_resumes_from_its_state_dict():
     for _ in range(7):
         resumed.step()
     assert [layer.p for layer in resumed.layers] == [0.1, 0.3, 0.2]
+
+
+def test_a_second_linear_rate_schedule_aims_at_the_layers_own_rates():
+    """A second schedule (a second training stage, a re-run notebook cell) takes the rates the layers had when
+    the first took them over, not the p the first left (0.0 at its step 0), also on a deepcopy of the model;
+    a p set by hand since is the layer's own rate again."""
+    model = models.SmallCNN(method="dropblock", p=0.2)
+    LinearRateSchedule(model, total_steps=10)
+    assert model.drop.p == 0.0
+    second = LinearRateSchedule(model, total_steps=10)
+    assert second.targets == [0.2]
+    for _ in range(10):
+        second.step()
+    assert model.drop.p == 0.2
+    layers = _three_scheduled_layers()
+    first = LinearRateSchedule(layers, total_steps=4, start=None, end=0.0)  # the inverted schedule
+    first.step()
+    assert LinearRateSchedule(copy.deepcopy(layers), total_steps=4).targets == [0.1, 0.3, 0.2]
+    assert LinearRateSchedule(layers, total_steps=4, start=0.05, end=0.25).targets == [None] * 3
+    assert LinearRateSchedule(layers, total_steps=4).targets == [0.1, 0.3, 0.2]  # an explicit one in between
+    layers[2].p = 0.4  # by hand: the layer's own rate is now 0.4
+    assert LinearRateSchedule(layers, total_steps=4).targets == [0.1, 0.4, 0.2]
+    resumed = LinearRateSchedule(layers, total_steps=4)
+    resumed.load_state_dict({"last_step": 1, "targets": [0.15, 0.3, 0.2]})  # a state's targets are remembered
+    assert LinearRateSchedule(layers, total_steps=4).targets == [0.15, 0.3, 0.2]
 
 
 def test_linear_rate_schedule_bad_input_is_a_clear_error():
@@ -843,6 +871,17 @@ def test_reference_training_export_is_a_clear_error(strict):
     exported = torch.export.export(layer.eval(), (torch.randn(2, 4, 8, 8),), strict=strict).module()
     x = torch.randn(2, 4, 8, 8)
     assert torch.equal(exported(x), x)  # eval is the identity, exported on any backend
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("name", MAP_LAYERS + ["fdd1d"])
+def test_torchscript_is_refused_with_a_clear_error(name):
+    """TorchScript is not supported: torch.jit.script of a layer, or of a model holding one, says so and
+    names the layer, instead of a compiler error inside it."""
+    layer, _ = _layer(name, "reference")
+    for module in (layer, nn.Sequential(nn.Identity(), nn.Sequential(layer))):
+        with pytest.raises(RuntimeError, match=f"{type(layer).__name__} does not support TorchScript"):
+            torch.jit.script(module)
 
 
 def test_every_op_has_a_fake_implementation_and_a_vmap_rule():

@@ -142,6 +142,21 @@ def test_density_does_not_depend_on_the_magnitude_of_x(device, backend, shape, d
         assert torch.equal(cell.cpu(), cell_ref) and torch.equal(counts.cpu(), counts_ref), k
 
 
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+def test_float64_beyond_float32_range_is_read_as_float32(device, backend):
+    """Cells are a function of float32(x): float64 values past float32's range are Inf (every channel
+    in cell 0), below its smallest subnormal 0, for the reference and the kernels alike; one sample
+    per magnitude, the last keeping its cells in float32."""
+    for shape, dims, grids in (CASES[0], CASES[6]):
+        x = margin_input(shape, dims, grids, 10 * len(shape) + dims).to(torch.float64)
+        magnitudes = torch.tensor([1e40, 1e-50, 1.0, 2.0], dtype=torch.float64)[:x.shape[0]]
+        x = x * magnitudes.view(-1, *[1] * (x.dim() - 1))
+        cell_ref, counts_ref = reference.feature_density(x, dims, grids)
+        assert bool((cell_ref[:2] == 0).all()) and bool((cell_ref[2:] != 0).any()), shape
+        cell, counts = op("feature_density", backend)(x.to(device), dims, grids)
+        assert torch.equal(cell.cpu(), cell_ref) and torch.equal(counts.cpu(), counts_ref), shape
+
+
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_counts_sum_to_the_channels_over_grids_power_dims_cells(device, backend):
     generator = torch.Generator().manual_seed(8)
@@ -292,8 +307,9 @@ def test_dtypes_forward_and_backward_match_reference(device, backend, dtype):
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
-def test_channels_last_and_non_contiguous(device, backend):
-    x = margin_input((2, 12, 5, 5), 2, 5, 120).to(device)
+@pytest.mark.parametrize("shape", [(2, 12, 5, 5), (2, 12, 9, 1), (2, 6, 1, 9)])
+def test_channels_last_and_non_contiguous(device, backend, shape):
+    x = margin_input(shape, 2, 5, 120).to(device)
     for name, layout in memory_layouts(x).items():
         y = robustdrop.feature_density_dropout(layout, 2, 5, kappa=0.0, alpha=0.5, seed=13, backend=backend)
         y_ref = robustdrop.feature_density_dropout(layout.contiguous(), 2, 5, kappa=0.0, alpha=0.5, seed=13,
@@ -383,9 +399,13 @@ def test_bad_input_is_a_clear_error(device, backend):
         (dict(alpha="0.9"), TypeError, "alpha must be a real number"),
         (dict(seed=1.5), TypeError, "seed must be an int"),
         (dict(rescale=1), TypeError, "rescale must be a bool"),
+        (dict(rescale="no"), TypeError, "rescale must be a bool"),
+        (dict(training="False"), TypeError, "training must be a bool"),
+        (dict(training=None), TypeError, "training must be a bool"),
+        (dict(dims=True), TypeError, "dims must be an int"),
     ]
     for changes, error, message in calls:
-        args = dict(x=x, dims=2, grids=None, kappa=-0.8, alpha=0.9, seed=None, rescale=False)
+        args = dict(x=x, dims=2, grids=None, kappa=-0.8, alpha=0.9, seed=None, rescale=False, training=True)
         args.update(changes)
         with pytest.raises(error, match=message):
             robustdrop.feature_density_dropout(args.pop("x"), args.pop("dims"), args.pop("grids"), args.pop("kappa"),
@@ -436,6 +456,29 @@ def test_eval_mode_is_identity_and_modules(device, backend):
         fc(x)
     with pytest.raises(ValueError, match=r"takes 4-D \(N, C, H, W\) input"):
         layer(torch.randn(4, 8, device=device))
+
+
+@pytest.mark.parametrize("layer,bad,error,message", [
+    (FeatureDensityDropout2d, dict(dims=True), TypeError, "dims must be an int, got bool"),
+    (FeatureDensityDropout2d, dict(dims=2.0), TypeError, "dims must be an int, got float"),
+    (FeatureDensityDropout2d, dict(dims=4), ValueError, "dims must be 1, 2 or 3"),
+    (FeatureDensityDropout2d, dict(grids=0), ValueError, "grids must be >= 1"),
+    (FeatureDensityDropout2d, dict(grids=2.5), TypeError, "grids must be an int"),
+    (FeatureDensityDropout2d, dict(kappa=float("inf")), ValueError, "kappa must be finite"),
+    (FeatureDensityDropout2d, dict(alpha="0.9"), TypeError, "alpha must be a real number"),
+    (FeatureDensityDropout2d, dict(rescale="no"), TypeError, "rescale must be a bool"),
+    (FeatureDensityDropout2d, dict(backend="x"), ValueError, "backend must be one of"),
+    (FeatureDensityDropout1d, dict(grids=0), ValueError, "grids must be >= 1"),
+    (FeatureDensityDropout1d, dict(kappa=float("nan")), ValueError, "kappa must be finite"),
+    (FeatureDensityDropout1d, dict(rescale=1), TypeError, "rescale must be a bool"),
+    (FeatureDensityDropout1d, dict(backend="gpu"), ValueError, "backend must be one of"),
+])
+def test_module_bad_arguments_are_clear_errors(layer, bad, error, message):
+    """Refused where the layer is built, with the functional op's messages; a valid backend name that is
+    not available here still builds (the layer may be moved to a device that has it)."""
+    with pytest.raises(error, match=message):
+        layer(**bad)
+    assert layer(backend="cuda").backend == "cuda"
 
 
 def test_saved_for_backward_is_one_bit_per_channel():

@@ -100,9 +100,10 @@ def test_bool_and_packed_masks_give_the_same_result(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
-def test_channels_last_and_non_contiguous(device, backend):
-    keep, _ = packed_mask((2, 5, 9, 12), device)
-    base = torch.randn(2, 5, 9, 12, device=device)
+@pytest.mark.parametrize("shape", [(2, 5, 9, 12), (2, 5, 9, 1), (2, 5, 1, 12)])
+def test_channels_last_and_non_contiguous(device, backend, shape):
+    keep, _ = packed_mask(shape, device)
+    base = torch.randn(shape, device=device)
     expected = reference.fixed_mask_apply(base, pack_keep_mask(keep.cpu()).to(device))
     for name, x in memory_layouts(base).items():
         y = robustdrop.fixed_mask2d(x, keep, backend=backend)
@@ -207,6 +208,9 @@ BAD_CALLS = [
     (dict(mask=torch.ones(3, 8, 2, dtype=torch.uint8)), ValueError, r"mask must have shape \(C, H, ceil\(W/8\)\)"),
     (dict(mask=torch.ones(3, 8, 8)), TypeError, "mask must be a bool keep mask"),
     (dict(mask=[1, 0]), TypeError, "mask must be a torch.Tensor"),
+    (dict(inplace="no"), TypeError, "inplace must be a bool"),
+    (dict(inplace=0), TypeError, "inplace must be a bool"),
+    (dict(inplace=None), TypeError, "inplace must be a bool"),
 ]
 
 
@@ -216,8 +220,11 @@ def test_bad_input_is_a_clear_error(device, backend, bad, error, message):
     args = dict(x=torch.randn(2, 3, 8, 8), mask=torch.ones(3, 8, 8, dtype=torch.bool))
     args.update(bad)
     args = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in args.items()}
+    x, mask = args.pop("x"), args.pop("mask")
+    before = x.clone() if isinstance(x, torch.Tensor) else None
     with pytest.raises(error, match=message):
-        robustdrop.fixed_mask2d(args["x"], args["mask"], backend=backend)
+        robustdrop.fixed_mask2d(x, mask, backend=backend, **args)
+    assert before is None or torch.equal(x, before)  # nothing written into x
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)

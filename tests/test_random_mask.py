@@ -3,6 +3,7 @@
 The apply op itself (robustdrop.fixed_mask2d on every backend) is tested in
 test_fixed_mask.py; here the mask is drawn, kept, saved and placed in models.
 """
+import copy
 import io
 import math
 
@@ -253,6 +254,34 @@ def test_loading_a_mask_of_another_shape_is_a_clear_error():
         built.load_state_dict(source.state_dict())
     with pytest.raises(RuntimeError, match="bool keep mask"):
         RandomMask2d(0.5).load_state_dict({"mask": torch.ones(3, 5, 9)})
+
+
+def test_plain_pretrained_weights_load_before_and_after_apply_random_mask():
+    """A checkpoint of the plain model (torchvision's or timm's weights: ``conv1.weight``) loads before
+    apply_random_mask, and after it too: the wrappers map the plain keys to ``conv1.0.weight`` and keep their
+    own masks (built or not), also under strict loading."""
+    x = torch.randn(2, 3, 16, 16)
+    plain = save_and_load(resnet18(num_classes=10).state_dict())
+    before = resnet18(num_classes=10)
+    before.load_state_dict(plain)
+    robustdrop.apply_random_mask(before, 0.5, seed=3).eval()
+    expected = before(x)
+    unbuilt = robustdrop.apply_random_mask(resnet18(num_classes=10), 0.5, seed=3).eval()
+    assert "conv1.0.weight" in unbuilt.state_dict() and "conv1.weight" not in unbuilt.state_dict()
+    result = unbuilt.load_state_dict(plain)  # strict: nothing missing or unexpected
+    assert result.missing_keys == result.unexpected_keys == []
+    assert torch.equal(unbuilt(x), expected)
+    built = copy.deepcopy(robustdrop.apply_random_mask(resnet18(num_classes=10), 0.5, seed=3).eval())
+    built(x)
+    masks = [built.get_submodule(name)[1].mask.clone() for name in RESNET18_SHALLOW]
+    built.load_state_dict(plain)
+    assert torch.equal(built(x), expected)
+    assert all(torch.equal(built.get_submodule(name)[1].mask, mask) for name, mask in zip(RESNET18_SHALLOW, masks))
+    assert torch.equal(built.conv1[0].weight, plain["conv1.weight"])
+    assert list(plain)[0] == "conv1.weight"  # the checkpoint itself is not changed
+    both = {**plain, "conv1.0.weight": plain["conv1.weight"]}  # ambiguous: the plain key is not moved
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "conv1.weight"'):
+        built.load_state_dict(both)
 
 
 def test_a_checkpoint_saved_before_the_masks_were_built_does_not_load_into_a_built_model():

@@ -129,6 +129,14 @@ def in_checkpoint_recompute() -> bool:
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
+def check_backend_name(backend) -> str:
+    """A backend name: "auto" or one of BACKEND_NAMES, whether or not it is available here (a
+    module built on a machine without a GPU may be moved to one later)."""
+    if not isinstance(backend, str) or backend not in BACKEND_NAMES + ("auto",):
+        raise ValueError(f"backend must be one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
+    return backend
+
+
 def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
     """The backend that runs an op on ``tensor`` when the caller asked for ``backend``."""
     return _resolve(backend, tensor.device.type)
@@ -144,8 +152,7 @@ _resolved: dict[tuple, str] = {}
 # environment and availability probes never enter a graph.
 @torch.compiler.assume_constant_result
 def _resolve(backend: str, device_type: str) -> str:
-    if not isinstance(backend, str) or backend not in BACKEND_NAMES + ("auto",):
-        raise ValueError(f"backend must be one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
+    check_backend_name(backend)
     key = (backend, device_type, os.environ.get(ENV_VARIABLE), os.environ.get("TRITON_INTERPRET"))
     name = _resolved.get(key)
     if name is None:

@@ -77,19 +77,41 @@ def check_probability(value, name: str = "p") -> float:
 
 
 def check_positive_int(value, name: str) -> int:
+    return _check_int_at_least(value, name, 1)
+
+
+def check_non_negative_int(value, name: str) -> int:
+    return _check_int_at_least(value, name, 0)
+
+
+def _check_int_at_least(value, name: str, minimum: int) -> int:
     if not is_integral(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
 
 
 def check_non_negative(value, name: str) -> float:
-    if not is_real(value):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    """A finite real number >= 0 (NaN and Inf are refused: an infinite eps zeroes DropBlock's output)."""
+    value = check_finite(value, name)
     if not value >= 0.0:
         raise ValueError(f"{name} must be >= 0, got {value}")
-    return float(value)
+    return value
+
+
+def check_bool(value, name: str) -> bool:
+    """A flag (training, inplace, rescale, ...): a Python bool and nothing else, as for torch's own
+    bool arguments. A truthy string or int must not switch a flag on ("no" is truthy); a numpy bool
+    is refused, as torch refuses it; a bool tensor's value cannot be read without a synchronisation
+    (and, under torch.compile, a graph break). Under torch.compile a bool is a constant of the
+    graph: this check adds nothing to it."""
+    kind = type(value)
+    if kind is not bool:
+        # Qualified outside builtins: numpy's bool is named "bool" too.
+        label = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        raise TypeError(f"{name} must be a bool (True or False), got {label}")
+    return value
 
 
 def check_choice(value, name: str, choices: tuple) -> str:
@@ -172,15 +194,21 @@ def check_density_input(x, dims) -> int:
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x must be a floating-point tensor (float16, bfloat16, float32 or float64), got {x.dtype}")
-    if not is_integral(dims):
-        raise TypeError(f"dims must be an int, got {type(dims).__name__}")
-    if dims not in (1, 2, 3):
-        raise ValueError(f"dims must be 1, 2 or 3, got {dims}")
+    dims = check_dims(dims)
     if x.dim() not in (2, 4):
         raise ValueError(f"x must be 4-D (N, C, H, W) feature maps or 2-D (N, F) features, got {x.dim()} "
                          f"dimensions with shape {tuple(x.shape)}")
     if x.dim() == 2 and dims != 1:
         raise ValueError(f"dims must be 1 for 2-D (N, F) features (each value is its own coordinate), got {dims}")
+    return dims
+
+
+def check_dims(dims) -> int:
+    """The principal axes of a density grid: an int in {1, 2, 3} (not True, not 2.0)."""
+    if not is_integral(dims):
+        raise TypeError(f"dims must be an int, got {type(dims).__name__}")
+    if dims not in (1, 2, 3):
+        raise ValueError(f"dims must be 1, 2 or 3, got {dims}")
     return int(dims)
 
 
@@ -207,8 +235,7 @@ def check_sample_rates(p, batch: int, device, name: str = "p") -> torch.Tensor:
     Reads the values: one synchronisation for a CUDA tensor. Not under torch.compile, where
     reading them would end the graph (as CamDrop's target values, they are then unchecked).
     """
-    if p.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a float or a floating-point tensor of drop rates, got {p.dtype}")
+    _check_rate_dtype(p, name)
     if p.dim() == 0:
         if p.device != device and p.device.type != "cpu":
             raise ValueError(f"{name} as a 0-d tensor must be on x's device {device} or the CPU, got {p.device}")
@@ -217,6 +244,31 @@ def check_sample_rates(p, batch: int, device, name: str = "p") -> torch.Tensor:
                          f"rates, got shape {tuple(p.shape)}")
     elif p.device != device:
         raise ValueError(f"{name} must be on x's device {device}, got {p.device}")
+    return _check_rate_values(p, name)
+
+
+def check_layer_rate(p, name: str = "p"):
+    """A layer's drop rate, checked where the layer is built: a real number in [0, 1], returned as a
+    float, or a floating-point tensor of drop rates in [0, 1], 0-d (one for every sample) or (N,)
+    (one per sample; N and the device are checked against x at each forward), returned as it is."""
+    if not isinstance(p, torch.Tensor):
+        return check_probability(p, name)
+    _check_rate_dtype(p, name)
+    if p.dim() > 1:
+        raise ValueError(f"{name} must be a float, a 0-d tensor or a tensor (N,) of per-sample drop rates, "
+                         f"got shape {tuple(p.shape)}")
+    if not p.is_meta:
+        _check_rate_values(p, name)
+    return p
+
+
+def _check_rate_dtype(p: torch.Tensor, name: str) -> None:
+    if p.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a float or a floating-point tensor of drop rates, got {p.dtype}")
+
+
+def _check_rate_values(p: torch.Tensor, name: str) -> torch.Tensor:
+    """p's rates as float64, each checked to be in [0, 1] unless values are traced."""
     rates = p.detach().to(torch.float64)
     if values_are_traced():
         return rates

@@ -21,8 +21,14 @@ parameter's ``requires_grad`` (set to False during the attack, so no graph is
 built through the parameters, and restored exactly, also on error); every
 ``.grad`` (gradients are taken with ``torch.autograd.grad`` with respect to
 the input only); and ``x`` itself. The attacks run with gradients enabled
-even inside ``torch.no_grad()``. Each returns ``x_adv`` detached, with x's
-shape, dtype and device.
+even inside ``torch.no_grad()``, but not inside ``torch.inference_mode()``,
+which ``torch.enable_grad()`` cannot lift: there they raise a RuntimeError
+(call them outside the block; wrap only the clean forwards in it). ``x`` and
+``y`` may be inference tensors (made inside the mode): they are copied into
+normal ones. A loss that has no autograd graph back to x (a model that
+detaches its input, or runs its forward under ``no_grad``) is a RuntimeError
+too, not a zero gradient. Each returns ``x_adv`` detached, with x's shape,
+dtype and device.
 
 ``clamp=(low, high)`` keeps every element of x_adv in [low, high] (the valid
 input range; (0, 1) for images scaled to [0, 1]); ``clamp=None`` disables it.
@@ -61,7 +67,7 @@ def fgsm(model, x: torch.Tensor, y, *, eps: float, clamp=(0.0, 1.0), loss_fn=Non
     Returns:
         x_adv (N, ...), detached.
     """
-    clean, eps, clamp, loss_fn = _prepare(x, y, eps, clamp, loss_fn)
+    clean, y, eps, clamp, loss_fn = _prepare(x, y, eps, clamp, loss_fn)
     if eps == 0.0:
         return _project(clean, clean, eps, "inf", clamp)
     with _frozen_parameters(model):
@@ -195,7 +201,7 @@ def adp(clean_acc, attacked_acc) -> float:
 
 def _attack(model, x, y, *, eps, alpha, steps, norm, clamp, loss_fn, direction, start=None) -> torch.Tensor:
     """``steps`` iterations of ``x_adv <- project(x_adv + alpha * direction(grad))`` from ``start``."""
-    clean, eps, clamp, loss_fn = _prepare(x, y, eps, clamp, loss_fn)
+    clean, y, eps, clamp, loss_fn = _prepare(x, y, eps, clamp, loss_fn)
     alpha = _check_real(alpha, "alpha", minimum=0.0, strict=True)
     steps = check_positive_int(steps, "steps")
     x_adv = clean if start is None else clean + start(clean, eps)
@@ -210,12 +216,21 @@ def _attack(model, x, y, *, eps, alpha, steps, norm, clamp, loss_fn, direction, 
 
 
 def _prepare(x, y, eps, clamp, loss_fn):
-    """Check the arguments every attack takes; -> (x detached, eps, clamp, loss_fn)."""
+    """Check the arguments every attack takes; -> (x detached, y, eps, clamp, loss_fn), no inference tensor."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("the attacks need autograd, which torch.inference_mode() disables (torch.enable_grad() "
+                           "cannot lift it): call the attack outside the torch.inference_mode() block "
+                           "(torch.no_grad() is fine)")
     _check_batch(x, y)
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (outputs, y) -> scalar tensor, got {type(loss_fn).__name__}")
-    return x.detach(), _check_real(eps, "eps", minimum=0.0), _check_clamp(clamp), loss_fn
+    return (_normal(x.detach()), _normal(y), _check_real(eps, "eps", minimum=0.0), _check_clamp(clamp), loss_fn)
+
+
+def _normal(t):
+    """t, or a normal copy of an inference tensor t (autograd can neither track nor save those)."""
+    return t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t
 
 
 def _input_grad(model, x_adv: torch.Tensor, y, loss_fn) -> torch.Tensor:
@@ -223,10 +238,13 @@ def _input_grad(model, x_adv: torch.Tensor, y, loss_fn) -> torch.Tensor:
     with torch.enable_grad():
         inputs = x_adv.detach().requires_grad_(True)
         loss = _scalar_loss(loss_fn, model(inputs), y)
-        if not loss.requires_grad:  # the loss does not depend on the input
-            return torch.zeros_like(x_adv)
-        (grad,) = torch.autograd.grad(loss, inputs, allow_unused=True)
-    return torch.zeros_like(x_adv) if grad is None else grad
+        # The parameters are frozen: a loss with a graph depends on the input (or on some other leaf: grad None).
+        (grad,) = torch.autograd.grad(loss, inputs, allow_unused=True) if loss.requires_grad else (None,)
+    if grad is None:
+        raise RuntimeError("the attack's loss has no autograd graph back to x (a zero gradient would leave x_adv = x "
+                           "and report clean accuracy as robust accuracy): does the model detach its input, go through "
+                           "NumPy, or run its forward under torch.no_grad() or torch.inference_mode()?")
+    return grad
 
 
 def _project(x_adv: torch.Tensor, clean: torch.Tensor, eps: float, norm: str, clamp) -> torch.Tensor:

@@ -176,10 +176,9 @@ def convert(model: nn.Module, *, backend: str = "auto", approximate: bool = Fals
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    _checks.check_choice(backend, "backend", ("auto",) + _backend.BACKEND_NAMES)
+    _backend.check_backend_name(backend)
     for value, name in ((approximate, "approximate"), (inplace, "inplace"), (verbose, "verbose")):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        _checks.check_bool(value, name)
     if not inplace:
         model = copy.deepcopy(model)
     report = ConversionReport()
@@ -322,8 +321,8 @@ def _block_size(value) -> int:
 
 
 def _eps(value) -> float:
-    if not _checks.is_real(value) or not value >= 0.0:
-        raise _Unsupported(f"eps {value!r} is not a real number >= 0")
+    if not _checks.is_real(value) or not 0.0 <= float(value) < float("inf"):
+        raise _Unsupported(f"eps {value!r} is not a finite real number >= 0")
     return float(value)
 
 

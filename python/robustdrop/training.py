@@ -26,7 +26,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from robustdrop._checks import check_choice, check_positive_int, check_probability, is_integral
+from robustdrop._checks import check_choice, check_positive_int, check_probability, is_integral, is_real
 from robustdrop.nn._rate import ScheduledRate
 from robustdrop.nn.active_drop_block import ActiveDropBlock2d
 
@@ -62,7 +62,10 @@ def active_dropblock_step(model: nn.Module, loss_fn, inputs: torch.Tensor, targe
     own pool's value at that index; the pools must have one length).
 
     Args:
-        model: a module holding at least one ActiveDropBlock2d, in training mode.
+        model: a module holding at least one ActiveDropBlock2d, in training mode,
+            as its ActiveDropBlock2d layers must be (in eval mode they are the
+            identity, so every policy would give the same loss): a ValueError
+            otherwise. Other layers may be in eval mode (a frozen BatchNorm).
         loss_fn: ``loss_fn(outputs, targets)`` -> a scalar tensor.
         inputs: the batch (N, ...), fed to ``model`` as its one argument.
         targets: passed to ``loss_fn`` as they are.
@@ -99,9 +102,17 @@ def active_dropblock_step(model: nn.Module, loss_fn, inputs: torch.Tensor, targe
 def _active_layers(model: nn.Module) -> list[ActiveDropBlock2d]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    layers = [module for module in model.modules() if isinstance(module, ActiveDropBlock2d)]
-    if not layers:
+    named = [(name, module) for name, module in model.named_modules() if isinstance(module, ActiveDropBlock2d)]
+    if not named:
         raise ValueError(f"model has no ActiveDropBlock2d layer to choose a policy for ({type(model).__name__})")
+    # In eval mode the layers are the identity: every policy would give the same loss, and policy 0.
+    evaluating = [name or "model" for name, module in named if not module.training]
+    if not model.training or evaluating:
+        raise ValueError(f"active_dropblock_step needs model in training mode (its ActiveDropBlock2d layers are the "
+                         f"identity in eval mode, so every policy would give the same loss): call model.train() "
+                         f"first; got model.training = {model.training}, ActiveDropBlock2d layers in eval mode: "
+                         f"{evaluating}")
+    layers = [module for _, module in named]
     counts = {len(layer.policies) for layer in layers}
     if len(counts) != 1:
         raise ValueError(f"every ActiveDropBlock2d of model must have a policy pool of one length, got lengths "
@@ -182,10 +193,18 @@ class LinearRateSchedule:
 
     At step t the rate of each layer is ``start + (end - start) * min(t, T) / T``
     with T = ``total_steps``: ``start`` at step 0, ``end`` from step T on.
-    ``start`` or ``end`` None stands for each layer's own p when the schedule is
-    made (its target rate). The defaults are DropBlock's schedule, from no drop
-    to the target (its keep probability decreased linearly from 1);
-    ``start=None, end=0.0`` is the inverted one of CamDrop's Table 5.
+    ``start`` or ``end`` None stands for each layer's own rate (its target
+    rate). The defaults are DropBlock's schedule, from no drop to the target
+    (its keep probability decreased linearly from 1); ``start=None, end=0.0``
+    is the inverted one of CamDrop's Table 5.
+
+    A layer's own rate is its p when a schedule first takes it over. The layer
+    remembers it (with the rate the schedule last set, in its ``__dict__``, so
+    it follows ``copy.deepcopy`` and pickling of the model, not its
+    ``state_dict``): a later schedule on the same layers, a second training
+    stage or a re-run notebook cell, aims at that rate, not at the p the first
+    schedule left (0.0 at its step 0). A p set by hand since, different from
+    the schedule's last rate, is the layer's own rate again.
 
     Making the schedule sets step 0's rates; ``step()`` advances one step, so
     call it after each optimizer step (or each epoch, with T in epochs). The
@@ -211,18 +230,19 @@ class LinearRateSchedule:
         self.total_steps = check_positive_int(total_steps, "total_steps")
         self.start = None if start is None else check_probability(start, "start")
         self.end = None if end is None else check_probability(end, "end")
-        self.targets = [self._target_rate(layer) for layer in self.layers]
+        self._own_rates = [_own_rate(layer) for layer in self.layers]
+        self.targets = [self._target_rate(layer, own) for layer, own in zip(self.layers, self._own_rates)]
         self.last_step = 0
         self._set_rates()
 
-    def _target_rate(self, layer: nn.Module) -> float | None:
-        """The layer's p, which the schedule needs when start or end is None (else None)."""
+    def _target_rate(self, layer: nn.Module, own: float | None) -> float | None:
+        """The layer's own rate, which the schedule needs when start or end is None (else None)."""
         if self.start is not None and self.end is not None:
             return None
         if isinstance(layer.p, torch.Tensor):
             raise TypeError(f"the schedule's layers must have a float p when start or end is None (their own "
                             f"rate), got a tensor in {type(layer).__name__}")
-        return check_probability(layer.p, "p")
+        return check_probability(layer.p, "p") if own is None else own
 
     def rates(self) -> list[float]:
         """The rate of each scheduled layer at the current step, in ``model.modules()`` order."""
@@ -240,8 +260,10 @@ class LinearRateSchedule:
         self._set_rates()
 
     def _set_rates(self) -> None:
-        for layer, rate in zip(self.layers, self.rates()):
+        for layer, own, rate in zip(self.layers, self._own_rates, self.rates()):
             layer.p = rate
+            if own is not None:
+                layer.__dict__[_OWN_RATE] = (own, rate)
 
     def state_dict(self) -> dict:
         return {"last_step": self.last_step, "targets": list(self.targets)}
@@ -255,5 +277,20 @@ class LinearRateSchedule:
             raise ValueError(f"state has {len(targets)} target rates, but the model has {len(self.layers)} "
                              f"scheduled layers")
         self.targets = [None if target is None else check_probability(target, "target rate") for target in targets]
+        self._own_rates = [own if target is None else target for own, target in zip(self._own_rates, self.targets)]
         self.last_step = int(last_step)
         self._set_rates()
+
+
+# A scheduled layer's (own rate, the rate a schedule last set): see LinearRateSchedule.
+_OWN_RATE = "_schedule_own_rate"
+
+
+def _own_rate(layer: nn.Module) -> float | None:
+    """The layer's p when a schedule first took it over, while p is still a schedule's last rate; else p.
+    None for a p that is no float rate (a tensor)."""
+    p = layer.p
+    if not is_real(p) or not 0.0 <= float(p) <= 1.0:
+        return None
+    remembered = layer.__dict__.get(_OWN_RATE)
+    return remembered[0] if remembered is not None and remembered[1] == float(p) else float(p)

@@ -189,7 +189,7 @@ class GatedNetwork:
         self.width = _check_width(width)
         self.names = gated_layers(model, layers)
         self.model = model
-        self.backend = _checks.check_choice(backend, "backend", ("auto",) + _backend.BACKEND_NAMES)
+        self.backend = _backend.check_backend_name(backend)
         modules = _named_modules(model)
         self.blocks = [name for name in self.names if _residual_parts(modules[name]) is not None]
         self.layers = [name for name in self.names if name not in self.blocks]

@@ -21,6 +21,10 @@ class ScheduledRate:
     """
 
     def _init_rate(self, p) -> None:
+        """Sets up the rate ``p``, checked (``_checks.check_layer_rate``: a float in [0, 1] or a float
+        tensor of rates). Later reassignments are not checked here: a bad rate is refused, naming p,
+        at the next forward, by the op's own checks."""
+        p = _checks.check_layer_rate(p)
         # Not an inference tensor, which fill_ could not change outside inference mode, when the layer
         # is built inside it.
         with torch.inference_mode(False):

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from robustdrop import _checks
-from robustdrop._backend import eager_only, in_checkpoint_recompute, resolve_backend
+from robustdrop._backend import check_backend_name, eager_only, in_checkpoint_recompute, resolve_backend
 from robustdrop._seed import check_not_capturing
+from robustdrop.nn._script import NotScriptable
 from robustdrop.ops.block_mask import NORMALIZE_MODES, block_drop, drop_block2d, rate_per_sample
 
 __all__ = ["ActiveDropBlock2d", "DEFAULT_POLICIES"]
@@ -23,7 +24,7 @@ __all__ = ["ActiveDropBlock2d", "DEFAULT_POLICIES"]
 DEFAULT_POLICIES = tuple(round(0.025 * i, 3) for i in range(10))
 
 
-class ActiveDropBlock2d(nn.Module):
+class ActiveDropBlock2d(NotScriptable, nn.Module):
     """DropBlock over (N, C, H, W) maps with a drop rate picked from ``policies``.
 
     Args:
@@ -66,10 +67,10 @@ class ActiveDropBlock2d(nn.Module):
         self.block_size = _checks.check_positive_int(block_size, "block_size")
         self.policies = _check_policies(policies)
         self.change_threshold = _check_threshold(change_threshold)
-        self.couple_channels = couple_channels
+        self.couple_channels = _checks.check_bool(couple_channels, "couple_channels")
         self.normalize = _checks.check_choice(normalize, "normalize", NORMALIZE_MODES)
         self.eps = _checks.check_non_negative(eps, "eps")
-        self.backend = backend
+        self.backend = check_backend_name(backend)
         # A fixed rate for every training forward, when set (tests, experiments).
         self.policy: float | None = None
         # Set by active_dropblock_step (sequential mode) for the forwards it runs: the pool index of

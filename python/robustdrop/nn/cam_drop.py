@@ -21,15 +21,17 @@ import contextlib
 import torch
 from torch import nn
 
-from robustdrop._backend import in_checkpoint_recompute
+from robustdrop import _checks
+from robustdrop._backend import check_backend_name, in_checkpoint_recompute
 from robustdrop._func import add_to_state
 from robustdrop.nn._rate import ScheduledRate
+from robustdrop.nn._script import NotScriptable
 from robustdrop.ops.cam_mask import cam_mask
 
 __all__ = ["CamDrop2d", "cam_targets", "set_cam_targets"]
 
 
-class CamDrop2d(ScheduledRate, nn.Module):
+class CamDrop2d(NotScriptable, ScheduledRate, nn.Module):
     """CamDrop over (N, C, H, W) feature maps (see ``robustdrop.cam_drop2d``).
 
     Args:
@@ -67,16 +69,15 @@ class CamDrop2d(ScheduledRate, nn.Module):
         if not isinstance(classifier, nn.Module) or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise TypeError(f"classifier must be an nn.Module with a 2-D weight (K, C') such as nn.Linear, "
                             f"got {type(classifier).__name__}")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
         self._init_rate(p)
-        self.block_size = block_size
+        self.block_size = _checks.check_positive_int(block_size, "block_size")
         # A tuple keeps nn.Module from registering the classifier a second time.
         self._classifier = (classifier,)
-        self.spatial_topk = spatial_topk
-        self.channel_topk = channel_topk
-        self.warmup_steps = warmup_steps
-        self.backend = backend
+        # At most H*W and C, which each forward checks against its x.
+        self.spatial_topk = _optional_count(spatial_topk, "spatial_topk")
+        self.channel_topk = _optional_count(channel_topk, "channel_topk")
+        self.warmup_steps = _checks.check_non_negative_int(warmup_steps, "warmup_steps")
+        self.backend = check_backend_name(backend)
         self.target: torch.Tensor | None = None
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.int64))
         # (targets, guidance) of the last eager training forward, for activation checkpointing's recompute.
@@ -122,6 +123,11 @@ class CamDrop2d(ScheduledRate, nn.Module):
         return (f"p={self.p}, block_size={self.block_size}, classifier=({out_features}, {in_features}), "
                 f"spatial_topk={self.spatial_topk}, channel_topk={self.channel_topk}, "
                 f"warmup_steps={self.warmup_steps}, backend={self.backend!r}")
+
+
+def _optional_count(value, name: str) -> int | None:
+    """None (the op's default) or an int >= 1."""
+    return None if value is None else _checks.check_positive_int(value, name)
 
 
 def set_cam_targets(model: nn.Module, target: torch.Tensor | None) -> list[CamDrop2d]:

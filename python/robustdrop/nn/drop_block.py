@@ -2,11 +2,13 @@
 import torch
 from torch import nn
 
+from robustdrop import _backend, _checks
 from robustdrop.nn._rate import ScheduledRate
-from robustdrop.ops.block_mask import drop_block2d
+from robustdrop.nn._script import NotScriptable
+from robustdrop.ops.block_mask import NORMALIZE_MODES, drop_block2d
 
 
-class DropBlock2d(ScheduledRate, nn.Module):
+class DropBlock2d(NotScriptable, ScheduledRate, nn.Module):
     """DropBlock over (N, C, H, W) feature maps (see ``robustdrop.drop_block2d``).
 
     The first four arguments are torchvision's ``DropBlock2d(p, block_size,
@@ -32,12 +34,12 @@ class DropBlock2d(ScheduledRate, nn.Module):
                  couple_channels: bool = False, normalize: str = "batch", backend: str = "auto") -> None:
         super().__init__()
         self._init_rate(p)
-        self.block_size = block_size
-        self.inplace = inplace
-        self.eps = eps
-        self.couple_channels = couple_channels
-        self.normalize = normalize
-        self.backend = backend
+        self.block_size = _checks.check_positive_int(block_size, "block_size")
+        self.inplace = _checks.check_bool(inplace, "inplace")
+        self.eps = _checks.check_non_negative(eps, "eps")
+        self.couple_channels = _checks.check_bool(couple_channels, "couple_channels")
+        self.normalize = _checks.check_choice(normalize, "normalize", NORMALIZE_MODES)
+        self.backend = _backend.check_backend_name(backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = drop_block2d(x, self._forward_rate(), self.block_size, training=self.training,

@@ -4,22 +4,22 @@ import torch
 from torch import nn
 
 from robustdrop import _checks
+from robustdrop._backend import check_backend_name
+from robustdrop.nn._script import NotScriptable
 from robustdrop.ops.feature_density import feature_density_dropout
 from robustdrop.reference.feature_density import default_grids
 
 
-class _FeatureDensityDropout(nn.Module):
+class _FeatureDensityDropout(NotScriptable, nn.Module):
     def __init__(self, dims: int, grids: int | None, kappa: float, alpha: float, rescale: bool, backend: str,
                  ndim: int) -> None:
         super().__init__()
-        if dims not in (1, 2, 3):
-            raise ValueError(f"dims must be 1, 2 or 3, got {dims}")
-        self.dims = dims
-        self.grids = _checks.check_grids(default_grids(dims) if grids is None else grids, dims)
+        self.dims = _checks.check_dims(dims)
+        self.grids = _checks.check_grids(default_grids(self.dims) if grids is None else grids, self.dims)
         self.kappa = _checks.check_finite(kappa, "kappa")
         self.alpha = _checks.check_finite(alpha, "alpha")
-        self.rescale = rescale
-        self.backend = backend
+        self.rescale = _checks.check_bool(rescale, "rescale")
+        self.backend = check_backend_name(backend)
         self._ndim = ndim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,9 @@ model and applied in training and evaluation alike, without rescale::
 
 Each chosen conv becomes ``nn.Sequential(conv, RandomMask2d(...))``; the masks
 are built at the first forward (the conv's output shape is not known before).
+Its parameters are renamed so (``conv1.weight`` is ``conv1.0.weight``), but a
+checkpoint of the plain model (torchvision's or timm's weights) still loads,
+before or after ``apply_random_mask`` (see there).
 """
 
 import torch
@@ -18,6 +21,7 @@ from torch import nn
 from robustdrop import _backend, _checks
 from robustdrop._backend import eager_only, extension_error
 from robustdrop._seed import draw_seed, op_seed
+from robustdrop.nn._script import NotScriptable
 from robustdrop.ops.fixed_mask import fixed_mask2d, pack_fixed_mask
 from robustdrop.reference.fixed_mask import MODES, random_keep_mask
 from robustdrop.reference.philox import philox_uniform
@@ -31,12 +35,6 @@ def _check_ratio(ratio) -> float:
     if not 0.0 <= float(ratio) < 1.0:
         raise ValueError(f"ratio must be in [0, 1) (the fraction of neurons removed), got {ratio}")
     return float(ratio)
-
-
-def _check_bool(value, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
 
 
 def _check_shape(shape) -> tuple[int, int, int] | None:
@@ -65,7 +63,7 @@ def _not_compiled(function):
     return eager_only(function, _BUILD_FIRST)
 
 
-class RandomMask2d(nn.Module):
+class RandomMask2d(NotScriptable, nn.Module):
     r"""A fixed random keep mask over (N, C, H, W) feature maps: Random Mask.
 
     .. math::
@@ -115,13 +113,13 @@ class RandomMask2d(nn.Module):
         super().__init__()
         self.ratio = _check_ratio(ratio)
         self.mode = _checks.check_choice(mode, "mode", MODES)
-        self.per_channel = _check_bool(per_channel, "per_channel")
+        self.per_channel = _checks.check_bool(per_channel, "per_channel")
         _checks.check_seed(seed)
         # Shared across distributed ranks: the mask is architecture, the same on every replica.
         self.seed = draw_seed(per_rank=False) if seed is None else int(seed)
         shape = _check_shape(shape)
-        self.inplace = _check_bool(inplace, "inplace")
-        self.backend = _checks.check_choice(backend, "backend", ("auto",) + _backend.BACKEND_NAMES)
+        self.inplace = _checks.check_bool(inplace, "inplace")
+        self.backend = _backend.check_backend_name(backend)
         self.register_buffer("mask", None)
         # Empty until built: it follows the module's .to()/.cuda(), so a mask
         # loaded into an unbuilt module lands on the module's device.
@@ -261,6 +259,15 @@ def apply_random_mask(model: nn.Module, ratio: float, *, layers="shallow", mode:
     convs' output shapes; run one forward (on a batch of the training input
     size) before saving, loading into, compiling or exporting the model.
 
+    The conv's parameters move under the wrapper's ``0.``: ``a.b.conv.weight``
+    becomes ``a.b.conv.0.weight`` in ``state_dict()``, next to the mask's
+    ``a.b.conv.1.mask``. Pretrained weights of the plain model (torchvision's,
+    timm's) load best before ``apply_random_mask``; loaded after it, each
+    wrapper maps the plain ``a.b.conv.*`` keys to ``a.b.conv.0.*`` (a
+    load_state_dict pre-hook; only keys whose new name the checkpoint lacks),
+    and its mask, which such a checkpoint cannot hold, stays the module's own,
+    also under ``strict=True``. A checkpoint of the masked model loads as it is.
+
     Args:
         model: the network; modified in place and returned.
         ratio: the fraction of each conv output's neurons removed, in [0, 1).
@@ -293,5 +300,22 @@ def apply_random_mask(model: nn.Module, ratio: float, *, layers="shallow", mode:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         conv = getattr(parent, child)
-        setattr(parent, child, nn.Sequential(conv, mask))
+        wrapper = nn.Sequential(conv, mask)
+        wrapper.register_load_state_dict_pre_hook(_load_plain_conv_keys)
+        setattr(parent, child, wrapper)
     return model
+
+
+def _load_plain_conv_keys(wrapper: nn.Sequential, state_dict, prefix, local_metadata, strict, missing_keys,
+                          unexpected_keys, error_msgs) -> None:
+    """Pre-hook of apply_random_mask's ``nn.Sequential(conv, mask)`` for a checkpoint of the plain model: its
+    ``prefix + name`` conv keys (no child of the wrapper) move to ``prefix + "0." + name`` where that is free,
+    and, when one did, the built mask (absent from such a checkpoint) is loaded from the module itself."""
+    plain = [key for key in state_dict
+             if key.startswith(prefix) and key[len(prefix):].split(".", 1)[0] not in wrapper._modules]
+    moved = [key for key in plain if prefix + "0." + key[len(prefix):] not in state_dict]
+    for key in moved:
+        state_dict[prefix + "0." + key[len(prefix):]] = state_dict.pop(key)
+    mask_key = prefix + "1.mask"
+    if moved and wrapper[1].mask is not None and mask_key not in state_dict:
+        state_dict[mask_key] = wrapper[1].mask

@@ -58,6 +58,8 @@ def drop_block2d(x: torch.Tensor, p, block_size: int, *, training: bool = True, 
     """
     _checks.check_feature_map(x)
     p, block_size, eps = check_rate_args(p, x, block_size, normalize, eps, seed, normalize_modes=NORMALIZE_MODES)
+    training = _checks.check_bool(training, "training")
+    couple_channels = _checks.check_bool(couple_channels, "couple_channels")
     name = _backend.resolve_backend(backend, x)
     if not training or (isinstance(p, float) and p == 0.0):
         return x

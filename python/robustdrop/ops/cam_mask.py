@@ -72,6 +72,7 @@ def cam_mask(x, weight, target, p, block_size, *, spatial_topk=None, channel_top
     _checks.check_classifier_weight(weight, c, x.device)
     _checks.check_target(target, n, x.device)
     p, block_size, eps = _block_mask.check_rate_args(p, x, block_size, normalize, eps, seed)
+    training = _checks.check_bool(training, "training")
     name = _backend.resolve_backend(backend, x)
     bs = block_reference.effective_block_size(block_size, height, width)
     identity = not training or (isinstance(p, float) and p == 0.0)

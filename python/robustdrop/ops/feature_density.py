@@ -89,8 +89,8 @@ def feature_density_dropout(x: torch.Tensor, dims: int = 2, grids: int | None = 
     grids = _checks.check_grids(reference.default_grids(dims) if grids is None else grids, dims)
     kappa = _checks.check_finite(kappa, "kappa")
     alpha = _checks.check_finite(alpha, "alpha")
-    if not isinstance(rescale, bool):
-        raise TypeError(f"rescale must be a bool, got {type(rescale).__name__}")
+    rescale = _checks.check_bool(rescale, "rescale")
+    training = _checks.check_bool(training, "training")
     _checks.check_seed(seed)
     name = _backend.resolve_backend(backend, x)
     if not training:

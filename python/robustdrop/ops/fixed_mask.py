@@ -38,6 +38,7 @@ def fixed_mask2d(x: torch.Tensor, mask: torch.Tensor, *, inplace: bool = False, 
     """
     _checks.check_feature_map(x)
     packed = _packed_mask(mask, x)
+    inplace = _checks.check_bool(inplace, "inplace")
     name = _backend.resolve_backend(backend, x)
     if inplace and _checks.in_func_transform():
         # A torch.func transform cannot run _FixedMaskInPlace (an autograd.Function that writes its input):
