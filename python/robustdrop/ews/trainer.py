@@ -24,7 +24,6 @@ and the cross-entropy; the teacher is a target only::
     for images, labels in loader:
         stats = trainer.step(images, labels)   # {"loss", "ce", "kl"[, "controller_*", ...]}
 """
-import math
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +59,9 @@ class EWSTrainer:
         layers: None, or the module names of M to gate (see ``gated_layers``).
         interval: K >= 1: the controller is updated at iterations K, 2K, ... (10).
         distill_weight: lambda >= 0, the weight of the distillation loss (1.0).
+            The KL is averaged over the batch ("batchmean", the paper's Algorithm 1):
+            the authors' CIFAR code used nn.KLDivLoss's default "mean", which also
+            divides by the K classes, so its lambda = 1 is this lambda = 1 / K.
         candidates: C >= 1, the subnets sampled and evaluated per controller update (8).
         attack: None, or a callable ``attack(model, x, y) -> x_adv`` (e.g.
             ``functools.partial(robustdrop.attacks.pgd, eps=8/255, alpha=2/255, steps=10)``):
@@ -106,8 +108,6 @@ class EWSTrainer:
         self.interval = check_positive_int(interval, "interval")
         self.candidates = check_positive_int(candidates, "candidates")
         self.distill_weight = check_non_negative(distill_weight, "distill_weight")
-        if not math.isfinite(self.distill_weight):
-            raise ValueError(f"distill_weight must be finite, got {distill_weight}")
         if attack is not None and not callable(attack):
             raise TypeError(f"attack must be None or a callable (model, x, y) -> x_adv, got {type(attack).__name__}")
         if generator is not None and not isinstance(generator, torch.Generator):
