@@ -192,6 +192,21 @@ def test_float16_large_tensor_keeps_the_right_scale(device):
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_nothing_kept_with_zero_eps_gives_zero_gradients(device, backend):
+    """eps = 0 and a batch, or a sample group, with nothing kept: its scale numel / 0 = inf multiplies no
+    kept value, and y and dx are 0 there (keep ? dy * scale : 0), never 0 * inf = NaN; the reference,
+    whose gradient is autograd's, once gave NaN."""
+    x = torch.randn(4, 2, 5, 5, device=device)
+    for p, normalize in ((1.0, "batch"), (torch.tensor([1.0, 0.2, 1.0, 0.1], device=device), "sample")):
+        kwargs = dict(p=p, block_size=1, eps=0.0, normalize=normalize, seed=3)
+        y, grad = run_with_grad(x, backend, **kwargs)
+        y_ref, grad_ref = run_with_grad(x, "reference", **kwargs)
+        assert not bool(grad.isnan().any()) and bool((grad[0] == 0).all())
+        assert_same_bits(y, y_ref)
+        assert_same_bits(grad, grad_ref)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_nan_and_inf_reach_kept_outputs_only(device, backend):
     x = torch.randn(2, 3, 10, 10, device=device)
     x[0, 0] = float("nan")

@@ -131,7 +131,11 @@ def apply_keep_mask(x: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor) ->
     dropped positions, which a multiply by 0 would not.
     """
     compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    scaled = x.to(compute_dtype) * sample_scale(scale, x.shape[0]).to(device=x.device, dtype=compute_dtype)
+    factor = sample_scale(scale, x.shape[0]).to(device=x.device, dtype=compute_dtype)
+    # An infinite scale (eps = 0, nothing kept in the group) multiplies no kept value; left in, autograd's
+    # gradient at the dropped positions would be 0 * inf = NaN where the contract gives 0.
+    factor = torch.where(torch.isinf(factor), torch.zeros_like(factor), factor)
+    scaled = x.to(compute_dtype) * factor
     layout = output_memory_format(x)
     # keep in x's layout too, so that autograd's gradient (torch.where's backward) keeps it as well.
     keep = keep.to(x.device)
