@@ -571,6 +571,18 @@ def test_training_forward_without_targets_says_how_to_give_them():
         net(torch.randn(2, 3, 8, 8))
 
 
+def test_data_parallel_replica_is_a_clear_error():
+    """nn.DataParallel's replicas (made by _replicate_for_data_parallel, as torch's replicate does on each GPU)
+    keep the original's classifier and targets: a training forward says to use DistributedDataParallel."""
+    model = SmallNet()
+    replica = model.drop._replicate_for_data_parallel()
+    x = torch.randn(2, 8, 6, 6)
+    with pytest.raises(RuntimeError, match="CamDrop2d does not support nn.DataParallel"):
+        replica(x, torch.tensor([0, 1]))
+    assert torch.equal(replica.eval()(x), x)  # evaluation is the identity, as everywhere
+    model.drop(x, torch.tensor([0, 1]))  # the original still runs
+
+
 def test_cam_targets_sets_and_clears_every_layer():
     net = nn.ModuleList([SmallNet(), SmallNet()])
     target = torch.tensor([1, 4])

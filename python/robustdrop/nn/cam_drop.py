@@ -90,6 +90,12 @@ class CamDrop2d(NotScriptable, ScheduledRate, nn.Module):
     def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
         if not self.training:
             return x
+        if getattr(self, "_is_replica", False):
+            # nn.DataParallel's replicas copy the tuple that holds the classifier, and the batch's targets, as
+            # they are: each would read the weight on the first GPU and the whole batch's targets.
+            raise RuntimeError("CamDrop2d does not support nn.DataParallel (its replicas would read the classifier "
+                               "of the first GPU and the whole batch's targets): use "
+                               "torch.nn.parallel.DistributedDataParallel, one process per GPU")
         if in_checkpoint_recompute() and self._last_forward is not None:
             # Activation checkpointing recomputes this forward in the backward, where the targets may be
             # gone (the backward runs after `with cam_targets`) and the step counter has moved on: use the
