@@ -21,7 +21,7 @@
 #                 the caching allocator off so every out-of-bounds access leaves its own allocation
 #   bench-fp32    python -m robustdrop bench, float32, every op (bench-fp32/bench_cuda.{md,csv,png}); the
 #                 torch.compile anchor only with GPU_CHECK_COMPILE=1 (its compiles take minutes)
-#   bench-models  bench-steps (Active DropBlock's step) and bench-subnets (EWS's batched subnets)
+#   bench-models  bench-subnets (EWS's batched subnets), then bench-steps (Active DropBlock's step)
 #   bench-bf16    the op benchmarks in bfloat16
 #   prebuild      (no GPU needed) builds .gpu_prebuilt/ for the device image's Python and torch
 #                 (PREBUILD_PYTHON_VERSION, default 3.12, or PREBUILD_PYTHON; PREBUILD_TORCH, default
@@ -97,7 +97,7 @@ until_deadline() {
 }
 
 have_cuda_extension() {
-  "$PY" -c "import sys, robustdrop; sys.exit(0 if robustdrop.backends()['cuda'].available else 1)" 2>/dev/null
+  until_deadline "$PY" -c "import sys, robustdrop; sys.exit(0 if robustdrop.backends()['cuda'].available else 1)" 2>/dev/null
 }
 
 # What a build of the extension depends on: its sources, Python's minor version and torch's version.
@@ -116,20 +116,22 @@ commit_name() {
 }
 
 versions() {
-  "$PY" -c "import torch, triton; print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), Triton {triton.__version__}')"
+  until_deadline "$PY" -c "import torch, triton; print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), Triton {triton.__version__}')"
 }
 
+# Every command under the stage's deadline: one that hangs must not take the run's remaining time (and
+# with it the tar of the results that follows the script).
 stage_info() {
-  nvidia-smi || return 1
-  nvcc --version || return 1
-  compute-sanitizer --version || return 1
+  until_deadline nvidia-smi || return 1
+  until_deadline nvcc --version || return 1
+  until_deadline compute-sanitizer --version || return 1
   versions || return 1
-  "$PY" -m robustdrop info || return 1
+  until_deadline "$PY" -m robustdrop info || return 1
   echo "commit: $(commit_name)"
 }
 
 report_backends() {
-  "$PY" -c "
+  until_deadline "$PY" -c "
 import robustdrop
 status = robustdrop.backends()
 for name, s in status.items():
@@ -169,7 +171,7 @@ stage_build() {
       until_deadline "$PY" setup.py build_ext --inplace || return
     report_backends || return 1
   fi
-  cuobjdump --dump-resource-usage python/robustdrop/_C*.so > "$OUT_DIR/resources.txt" || return 1
+  until_deadline cuobjdump --dump-resource-usage python/robustdrop/_C*.so > "$OUT_DIR/resources.txt" || return 1
   echo "kernel resources: $OUT_DIR/resources.txt"
 }
 
@@ -299,11 +301,18 @@ bench_ops() {
 stage_bench-fp32() { bench_ops float32 fp32; }
 stage_bench-bf16() { bench_ops bfloat16 bf16; }
 
+# bench-subnets first (issue 6's batched-against-sequential target), and bench-steps whatever it gave; the
+# stage's status is the worse of the two (124, stopped, over a failure).
 stage_bench-models() {
   ensure_built || return 1
-  until_deadline "$PY" -m robustdrop bench-steps --device cuda --out "$OUT_DIR/bench-models" \
-    || return 1
+  local subnets steps
   until_deadline "$PY" -m robustdrop bench-subnets --device cuda --out "$OUT_DIR/bench-models"
+  subnets=$?
+  until_deadline "$PY" -m robustdrop bench-steps --device cuda --out "$OUT_DIR/bench-models"
+  steps=$?
+  if [ "$subnets" -eq 124 ] || [ "$steps" -eq 124 ]; then return 124; fi
+  [ "$subnets" -ne 0 ] && return "$subnets"
+  return "$steps"
 }
 
 record() {  # STAGE STATUS START

@@ -239,6 +239,24 @@ def test_gpu_check_script_parses_and_names_its_stages(tmp_path):
     assert "| no-such-stage | FAILED" in (tmp_path / "summary.md").read_text()
 
 
+def test_gpu_check_bench_models_runs_the_subnet_benchmark_first_and_both_always(tmp_path):
+    """bench-models runs bench-subnets (issue 6's target) and then bench-steps even when the first fails;
+    the stage fails with the failing one's status. A stand-in Python records its calls: the extension
+    check passes, bench-subnets exits 3."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    calls = tmp_path / "calls.txt"
+    python = tmp_path / "python"
+    python.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\ncase "$*" in *bench-subnets*) exit 3 ;; esac\n')
+    python.chmod(0o755)
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", str(script), "bench-models"], capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, GPU_CHECK_OUT=str(out), PYTHON=str(python)))
+    assert result.returncode != 0
+    commands = [line.split()[2] for line in calls.read_text().splitlines() if line.startswith("-m robustdrop")]
+    assert commands == ["bench-subnets", "bench-steps"]
+    assert "| bench-models | FAILED (3)" in (out / "summary.md").read_text()
+
+
 def test_gpu_check_skips_the_stages_its_time_budget_cannot_fit(tmp_path):
     """With less of GPU_CHECK_SECONDS left than a stage's minimum, the stage is skipped, recorded and
     fails the run, and results.md is still written."""

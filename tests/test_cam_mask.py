@@ -645,6 +645,8 @@ def test_naive_baseline_is_the_same_function():
     assert dropped.any() and not (dropped & ~covered_by_allowed_blocks(allowed, 3)).any()
     kept = (~dropped).sum().item()
     torch.testing.assert_close(y[~dropped], x[~dropped] * (x.numel() / (1e-6 + kept)))
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):  # float32 classifier weights, as in a model
+        assert reference.naive_cam_drop2d(x.to(dtype), weight, target, 0.9, 3).dtype == dtype
 
 
 @pytest.mark.parametrize("device", COMPILED_DEVICES)

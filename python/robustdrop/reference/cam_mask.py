@@ -130,7 +130,8 @@ def naive_cam_drop2d(x, weight, target, p, block_size, *, spatial_topk=None, cha
     channel_topk = default_channel_topk(c) if channel_topk is None else channel_topk
     with torch.no_grad():
         class_weights = weight[target].view(n, c, weight.shape[1] // c).sum(-1)
-        cam = torch.einsum("nc,nchw->nhw", class_weights, x).reshape(n, h * w)
+        # In x's dtype, as a user writes it under autocast (einsum refuses mixed dtypes).
+        cam = torch.einsum("nc,nchw->nhw", class_weights.to(x.dtype), x).reshape(n, h * w)
         spatial = torch.zeros_like(cam, dtype=torch.bool)
         spatial.scatter_(1, cam.topk(spatial_topk, dim=1).indices, True)
         channel = torch.zeros_like(class_weights, dtype=torch.bool)
