@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustdrop._checks import check_choice, check_positive_int, is_real
+from robustdrop._checks import check_bool, check_choice, check_positive_int, is_real
 from robustdrop.training import _scalar_loss
 
 __all__ = ["fgsm", "bim", "mim", "pgd", "adp"]
@@ -160,8 +160,7 @@ def pgd(model, x: torch.Tensor, y, *, eps: float, alpha: float, steps: int, norm
         x_adv (N, ...), detached, with ``||x_adv - x||_norm <= eps`` per sample.
     """
     check_choice(norm, "norm", NORMS)
-    if not isinstance(random_start, bool):
-        raise TypeError(f"random_start must be a bool, got {type(random_start).__name__}")
+    check_bool(random_start, "random_start")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     direction = torch.sign if norm == "inf" else (lambda grad: _normalize(grad, 2))
