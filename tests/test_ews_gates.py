@@ -416,3 +416,21 @@ def test_subnet_bench_runs(tmp_path):
         for column in ("sequential_ms", "batched_ms", "speedup"):
             assert math.isfinite(float(row[column])) and float(row[column]) > 0
     assert (tmp_path / "subnets_cpu.md").exists() and "speedup" in stdout
+    assert "No target applies" in stdout  # the small CNN is not issue 6's case
+
+
+def test_subnet_bench_judges_issue_6_target_on_its_case_only():
+    """The 1.5x target is judged for each BN mode of the ResNet-18 with 8 subnets, and for nothing else."""
+    from robustdrop import subnet_benchmark
+
+    def row(model, subnets, bn_mode, speedup):
+        return {"model": model, "batch": 128, "subnets": subnets, "width": 0.7, "device": "cuda", "bn_mode": bn_mode,
+                "speedup": speedup}
+
+    resnet = subnet_benchmark.RESNET18
+    cells = subnet_benchmark.target_cells([row(resnet, 8, "eval", 1.6), row(resnet, 8, "train", 1.49),
+                                           row(resnet, 4, "eval", 9.0), row("SmallCNN", 8, "eval", 9.0),
+                                           row(resnet, 8, "eval", math.nan)])
+    assert [(cells_row[0], cells_row[4], cells_row[5]) for cells_row in cells] == [
+        ("6", "1.60", "yes"), ("6", "1.49", "NO"), ("6", "nan", "not measured")]
+    assert "bn train" in cells[1][1] and ">= 1.5" in cells[0][3]

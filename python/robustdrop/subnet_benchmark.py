@@ -10,11 +10,16 @@ and in train mode (each copy normalised by its own batch statistics). The two
 are timed alternately; ``same accuracies`` says whether both gave the same C
 accuracies. A table on stdout, and a CSV and Markdown table in ``--out``.
 
+Issue 6's target, judged after the table for every BN mode when the run is
+its case (the CIFAR ResNet-18 with 8 subnets): batched at least 1.5x faster
+than sequential.
+
 On a CPU shared with other work, ``OMP_NUM_THREADS=1`` gives steadier times:
 a descheduled OpenMP thread stalls every op, which penalises the many small
 ops of sequential forwards far more than the few large batched ones.
 """
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -22,12 +27,16 @@ import time
 
 import torch
 
-from robustdrop.benchmark import markdown_table, model_bench_settings, run_metadata, write_row_outputs
+from robustdrop.benchmark import TARGET_HEADER, markdown_table, model_bench_settings, run_metadata, write_row_outputs
 
 HELP = "time C candidate EWS subnets evaluated in one batched forward against C sequential forwards"
 
 COLUMNS = ("model", "batch", "subnets", "width", "device", "bn_mode", "sequential_ms", "batched_ms", "speedup",
            "same_accuracies")
+
+RESNET18 = "resnet18 (CIFAR)"
+# Issue 6: 8 candidate subnets of the CIFAR ResNet-18, batched against sequential, at least 1.5x.
+TARGET_ISSUE, TARGET_SUBNETS, TARGET_SPEEDUP = 6, 8, 1.5
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,17 +111,41 @@ def main(args: argparse.Namespace) -> int:
     if not 0.0 < args.width <= 1.0:
         print(f"error: --width must be in (0, 1], got {args.width}", file=sys.stderr)
         return 2
-    model_name = "SmallCNN" if args.quick else "resnet18 (CIFAR)"
+    model_name = "SmallCNN" if args.quick else RESNET18
     meta = run_metadata(device)
     print(f"subnet-evaluation bench on {meta['device_name']}, torch {meta['torch_version']}, commit "
           f"{meta['git_commit']}, {model_name}, batch {batch}, {args.subnets} subnets of width {args.width}, "
           f"{repeats} repeats", flush=True)
     rows = [_row(model_name, bn_mode, args, device, batch, repeats) for bn_mode in ("eval", "train")]
     table = _format(rows)
+    targets = target_cells(rows)
+    if targets:
+        table += "\n\n## The issues' targets measured in this run\n\n" + markdown_table(TARGET_HEADER, targets)
+    else:
+        table += (f"\n\nNo target applies: issue {TARGET_ISSUE}'s is {TARGET_SUBNETS} subnets of the {RESNET18} "
+                  "(no --quick, --subnets 8).")
     print()
     print(table)
     write_row_outputs(os.path.join(args.out, f"subnets_{device_type}"), rows, COLUMNS, meta, table)
     return 0
+
+
+def target_cells(rows) -> list[list[str]]:
+    """Issue 6's target for each row of its case (TARGET_HEADER cells); none for other models or subnet counts.
+
+    The target holds on any device: batched speedup (sequential ms / batched ms) >= 1.5.
+    """
+    cells = []
+    for row in rows:
+        if row["model"] != RESNET18 or row["subnets"] != TARGET_SUBNETS:
+            continue
+        case = (f"{row['subnets']} subnets of the {row['model']}, batch {row['batch']}, width {row['width']}, "
+                f"bn {row['bn_mode']}, {row['device']}")
+        speedup = row["speedup"]
+        met = "not measured" if not math.isfinite(speedup) else "yes" if speedup >= TARGET_SPEEDUP else "NO"
+        cells.append([str(TARGET_ISSUE), case, "batched",
+                      f"speedup over {row['subnets']} sequential forwards >= {TARGET_SPEEDUP:g}", f"{speedup:.2f}", met])
+    return cells
 
 
 def _format(rows) -> str:
