@@ -10,11 +10,11 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstdint>
 
 #include "../checks.h"
 #include "../philox.h"
+#include "block_mask.cuh"  // grid_size
 
 namespace robustdrop {
 namespace {
@@ -51,11 +51,7 @@ at::Tensor map_indices(const at::Tensor& index, int64_t seed, at::ScalarType out
   at::Tensor out = at::empty(idx.sizes(), idx.options().dtype(out_type));
   const int64_t n = idx.numel();
   if (n == 0) return out;
-  int device = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, static_cast<int64_t>(sms) * 16);
-  map_indices_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  map_indices_kernel<<<block_mask_cuda::grid_size(n, kThreads, 16), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       idx.data_ptr<int64_t>(), out.data_ptr<OutT>(), n, static_cast<uint64_t>(seed), op);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
