@@ -141,6 +141,80 @@ def test_timer_cuts_warm_up_and_repeats_of_slow_calls_to_its_budget():
     assert calls == list(range(30))
 
 
+class FakeGpuClock:
+    """A GPU's timeline in virtual milliseconds: the host enqueues work that the GPU runs in order, each
+    item once the one before it is done and never before the host has enqueued it."""
+
+    can_hide_host = True
+
+    def __init__(self):
+        self.host = self.gpu = 0.0
+
+    def _enqueue(self, gpu_ms):
+        self.gpu = max(self.gpu, self.host) + gpu_ms
+
+    def launch(self, host_ms, gpu_ms):
+        self.host += host_ms
+        self._enqueue(gpu_ms)
+
+    def host_ms(self):
+        return self.host
+
+    def sleep(self, milliseconds):
+        self._enqueue(milliseconds)
+
+    def record(self):
+        self._enqueue(0.0)
+        return self.gpu
+
+    def elapsed_ms(self, start, end):
+        return end - start
+
+    def synchronize(self):
+        self.host = max(self.host, self.gpu)
+
+
+def test_device_only_time_hides_the_host_time_of_launches():
+    """Three launches of 0.05 ms host time and 0.01 ms GPU time: timed per call in a loop on an idle GPU the
+    call takes its host's 0.15 ms; device-only, the GPU's 0.03 ms. A call that waits for
+    the GPU cannot run ahead and is timed as before. A CPU clock has no device-only time."""
+    clock = FakeGpuClock()
+    timer = benchmark.Timer(torch.device("cpu"), repeats=10, warmup=2, budget_s=60.0, clock=clock)
+
+    def host_bound(i):
+        for _ in range(3):
+            clock.launch(0.05, 0.01)
+
+    assert timer(host_bound) == pytest.approx(0.15)
+    assert timer.device_only(host_bound) == pytest.approx(0.03)
+
+    def synchronising(i):
+        clock.launch(0.05, 0.01)
+        clock.synchronize()
+        clock.launch(0.05, 0.01)
+
+    assert timer.device_only(synchronising) == pytest.approx(timer(synchronising)) == pytest.approx(0.11)
+    assert math.isnan(benchmark.Timer(torch.device("cpu"), repeats=1, warmup=0, budget_s=1.0).device_only(host_bound))
+
+
+def test_device_only_time_is_measured_for_robustdrop_and_the_speed_of_light_only():
+    clock = FakeGpuClock()
+    timer = benchmark.Timer(torch.device("cpu"), repeats=3, warmup=1, budget_s=60.0, clock=clock)
+    x = torch.randn(4, requires_grad=True)
+
+    def fn(t):
+        clock.launch(0.05, 0.01)
+        return t * 2.0
+
+    for kind, measured in (("robustdrop", True), ("speed-of-light", True), ("naive", False), ("anchor", False)):
+        row = benchmark.measure(benchmark.Impl("impl", kind, lambda: fn), [x], [torch.ones(4)], timer,
+                                benchmark.Row("op", "", "4", "float32", "cuda", "impl", kind))
+        assert row.status == "ok" and math.isfinite(row.fwd_bwd_ms)
+        assert math.isfinite(row.fwd_bwd_device_ms) == measured, kind
+        if measured:
+            assert row.fwd_bwd_device_ms == pytest.approx(0.01)
+
+
 def test_unknown_op_is_an_error():
     with pytest.raises(ValueError, match="unknown op"):
         benchmark.select_modules(["no_such_op"])
@@ -200,6 +274,23 @@ def test_targets_are_checked_on_each_robustdrop_row():
     markdown = benchmark.format_markdown(_target_rows(), {"device_name": "GPU", "git_commit": "abc", "date": "today",
                                                           "torch_version": "2", "copy_gbps": 1.0}, cells)
     assert "## The issues' targets measured in this run" in markdown and "| 2 | drop_block2d" in markdown
+
+
+def test_device_only_times_are_judged_and_shown_only_when_measured():
+    """The device-only bound is judged on x_mul_fwd_bwd_device (not measured where it is NaN), and the two
+    device-only columns appear only when a row has a device-only time (GPU runs)."""
+    rows = _target_rows()
+    rows[1].fwd_bwd_device_ms, rows[1].x_mul_fwd_bwd_device = 0.9, 1.1
+    case = benchmark.Case("drop_block2d", "p=0.1 bs=7", (32, 64, 56, 56), naive=lambda x: x,
+                          robustdrop=lambda x, backend: x,
+                          targets=(benchmark.Target(2, "x_mul_fwd_bwd_device", device="cuda", at_most=1.3),))
+    cells = benchmark.target_cells(case, rows)
+    assert [(line[2], line[4], line[5]) for line in cells] == [("robustdrop[cuda]", "1.10", "yes"),
+                                                               ("robustdrop[triton]", "-", "not measured")]
+    header, body = benchmark.table(rows)
+    assert header == list(benchmark.TABLE_COLUMNS) and body[1][header.index("fwd+bwd device ms")] == "0.900"
+    header, body = benchmark.table(_target_rows())
+    assert not set(benchmark.DEVICE_ONLY_COLUMNS) & set(header) and all(len(line) == len(header) for line in body)
 
 
 def test_a_target_needs_one_bound_and_a_known_metric():

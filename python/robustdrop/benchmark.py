@@ -117,6 +117,7 @@ TARGET_METRICS = {
     "speedup_fwd": "forward speedup over the naive baseline",
     "speedup_fwd_bwd": "fwd+bwd speedup over the naive baseline",
     "x_mul_fwd_bwd": "fwd+bwd time over torch.mul(x, 2.0)'s",
+    "x_mul_fwd_bwd_device": "fwd+bwd device time (host time hidden) over torch.mul(x, 2.0)'s",
     "anchor_fwd_bwd": "fwd+bwd speedup over",
     "no_full_size_saved": "no full-size tensor saved for backward",
 }
@@ -322,19 +323,87 @@ def input_copies(nbytes: int, cache: int) -> int:
     return max(2, min(MAX_INPUT_COPIES, 3 * cache // max(nbytes, 1) + 1))
 
 
+class HostClock:
+    """Times on the host (CPU runs): an event is a ``time.perf_counter`` reading.
+
+    It cannot keep a device busy, so a Timer with it has no device-only time.
+    """
+
+    can_hide_host = False
+
+    def record(self) -> float:
+        return time.perf_counter()
+
+    def elapsed_ms(self, start: float, end: float) -> float:
+        return (end - start) * 1e3
+
+    def synchronize(self) -> None:
+        pass
+
+    def host_ms(self) -> float:
+        return time.perf_counter() * 1e3
+
+
+class CudaClock(HostClock):
+    """Times on the current CUDA stream with CUDA events; ``sleep(ms)`` keeps the GPU busy.
+
+    ``torch.cuda._sleep`` spins a kernel for a number of GPU clock cycles; the cycles
+    per millisecond are measured once, on first use.
+    """
+
+    can_hide_host = True
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._cycles_per_ms: float | None = None
+
+    def record(self):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def elapsed_ms(self, start, end) -> float:
+        return start.elapsed_time(end)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def sleep(self, milliseconds: float) -> None:
+        if self._cycles_per_ms is None:
+            cycles = 1 << 22  # about 2 ms at the clocks of current GPUs
+            torch.cuda._sleep(cycles)  # the first launch pays for loading the kernel
+            start = self.record()
+            torch.cuda._sleep(cycles)
+            end = self.record()
+            self.synchronize()
+            self._cycles_per_ms = cycles / max(self.elapsed_ms(start, end), 1e-3)
+        torch.cuda._sleep(max(1, int(milliseconds * self._cycles_per_ms)))
+
+
+# Device-only timing (Timer.device_only): the host's time per call is probed with the GPU kept
+# busy this long, and each timed call is covered by twice the slowest probe plus a margin.
+HOST_PROBE_MS, HOST_PROBES, COVER_MARGIN_MS = 20.0, 3, 0.05
+
+
 class Timer:
     """Median time in ms of ``step(i)`` for i = 0, 1, ... after warm-up.
 
     CPU: time.perf_counter around each call. CUDA: a pair of CUDA events around
-    each call, read after one synchronize at the end. At most ``repeats``
-    timed calls, fewer (at least 3) once ``budget_s`` seconds have passed.
-    Warm-up: ``warmup`` calls, fewer (at least 1) once half the budget has
-    passed, so that a call of seconds (a naive baseline at a size that fills a
-    GPU) is not run many times untimed.
+    each call, read after one synchronize at the end; a call whose host work
+    (Python, argument checks, launches) takes longer than its kernels is timed
+    at its host's pace, as a user calling it in a loop on an idle GPU sees it.
+    At most ``repeats`` timed calls, fewer (at least 3) once ``budget_s``
+    seconds have passed. Warm-up: ``warmup`` calls, fewer (at least 1) once
+    half the budget has passed, so that a call of seconds (a naive baseline at
+    a size that fills a GPU) is not run many times untimed.
+
+    ``device_only`` times the same calls with the host's time hidden (CUDA).
+    ``clock`` replaces the device's clock (HostClock on CPU, CudaClock on CUDA).
     """
 
-    def __init__(self, device: torch.device, repeats: int, warmup: int, budget_s: float):
+    def __init__(self, device: torch.device, repeats: int, warmup: int, budget_s: float, clock: HostClock | None = None):
         self.device, self.repeats, self.warmup, self.budget_s = device, repeats, warmup, budget_s
+        self.clock = clock or (CudaClock(device) if device.type == "cuda" else HostClock())
 
     def __call__(self, step: Callable[[int], object]) -> float:
         start_warmup = time.perf_counter()
@@ -342,28 +411,47 @@ class Timer:
             step(i)
             if time.perf_counter() - start_warmup > self.budget_s / 2:
                 break
-        cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize(self.device)
+        return self._timed(step, cover_ms=0.0)
+
+    def device_only(self, step: Callable[[int], object]) -> float:
+        """The median device time of a (warmed-up) ``step(i)``, its host's time hidden; NaN on a CPU.
+
+        The host's time per call is probed first, the GPU kept busy meanwhile so
+        that the host never waits for it. Each timed call then has the GPU sleep
+        for longer than that before its start event, while the host enqueues the
+        call, so its kernels run back to back and the events measure them and the
+        gaps the GPU itself leaves, not the host. This is what a call costs in a
+        training step whose other layers keep the GPU busy (the host runs ahead).
+        A call that waits for the GPU (a synchronising check) cannot run ahead:
+        it is timed as by ``__call__``.
+        """
+        if not self.clock.can_hide_host:
+            return math.nan
+        probes = []
+        for i in range(HOST_PROBES):
+            self.clock.sleep(HOST_PROBE_MS)
+            start = self.clock.host_ms()
+            step(i)
+            probes.append(self.clock.host_ms() - start)
+            self.clock.synchronize()
+        waits_for_gpu = max(probes) >= HOST_PROBE_MS / 2
+        return self._timed(step, cover_ms=0.0 if waits_for_gpu else 2 * max(probes) + COVER_MARGIN_MS)
+
+    def _timed(self, step: Callable[[int], object], cover_ms: float) -> float:
+        """Median of the timed calls, each after ``cover_ms`` of GPU sleep when it is not 0."""
+        self.clock.synchronize()
         start_all = time.perf_counter()
-        times, events = [], []
+        intervals = []
         for i in range(self.warmup, self.warmup + self.repeats):
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                step(i)
-                end.record()
-                events.append((start, end))
-            else:
-                t0 = time.perf_counter()
-                step(i)
-                times.append((time.perf_counter() - t0) * 1e3)
-            if len(times) + len(events) >= 3 and time.perf_counter() - start_all > self.budget_s:
+            if cover_ms:
+                self.clock.sleep(cover_ms)
+            start = self.clock.record()
+            step(i)
+            intervals.append((start, self.clock.record()))
+            if len(intervals) >= 3 and time.perf_counter() - start_all > self.budget_s:
                 break
-        if cuda:
-            torch.cuda.synchronize(self.device)
-            times = [start.elapsed_time(end) for start, end in events]
-        return statistics.median(times)
+        self.clock.synchronize()
+        return statistics.median(self.clock.elapsed_ms(start, end) for start, end in intervals)
 
 
 def saved_for_backward(fn: Fn, x: torch.Tensor) -> tuple[int, bool]:
@@ -419,10 +507,12 @@ class Row:
     kind: str
     fwd_ms: float = math.nan
     fwd_bwd_ms: float = math.nan
+    fwd_bwd_device_ms: float = math.nan  # Timer.device_only, for the kinds in DEVICE_ONLY_KINDS on a GPU
     speedup_fwd: float = math.nan
     speedup_fwd_bwd: float = math.nan
     x_mul_fwd: float = math.nan
     x_mul_fwd_bwd: float = math.nan
+    x_mul_fwd_bwd_device: float = math.nan
     saved_bytes: int | None = None
     saved_full_size: bool | None = None
     fwd_gbps: float = math.nan
@@ -432,12 +522,19 @@ class Row:
     status: str = "ok"
 
 
+# The rows whose forward + backward is also timed with the host's time hidden (Timer.device_only): what
+# the speed-of-light ratios compare. The baselines and anchors are timed once, as a user calls them.
+DEVICE_ONLY_KINDS = ("robustdrop", "speed-of-light")
+
+
 def measure(impl: Impl, inputs: list[torch.Tensor], grads: list[torch.Tensor], timer: Timer, row: Row) -> Row:
     """Fill ``row`` with impl's times and saved bytes; a failure sets ``row.status`` instead of raising.
 
     Forward: under torch.no_grad (inference; no graph is kept). Forward +
     backward: x requires grad, ``torch.autograd.grad(y, x, grad)`` with a fixed
-    random grad, so nothing accumulates into x.grad. Same for every impl.
+    random grad, so nothing accumulates into x.grad. Same for every impl; on a
+    GPU, robustdrop's rows and torch.mul's also get the device-only forward +
+    backward time.
     """
     count = len(inputs)
     try:
@@ -453,10 +550,12 @@ def measure(impl: Impl, inputs: list[torch.Tensor], grads: list[torch.Tensor], t
 
         row.fwd_ms = timer(forward)
         row.fwd_bwd_ms = timer(forward_backward)
+        if impl.kind in DEVICE_ONLY_KINDS:
+            row.fwd_bwd_device_ms = timer.device_only(forward_backward)
         row.saved_bytes, row.saved_full_size = saved_for_backward(fn, inputs[0])
     except Exception as error:  # one failing implementation must not end the run
         row.status = f"failed: {_reason(error)}"
-        row.fwd_ms = row.fwd_bwd_ms = math.nan
+        row.fwd_ms = row.fwd_bwd_ms = row.fwd_bwd_device_ms = math.nan
         row.saved_bytes = row.saved_full_size = None
     return row
 
@@ -494,6 +593,7 @@ def run_case(case: Case, config: BenchConfig, backends: Sequence[str], use_compi
         row.speedup_fwd_bwd = naive.fwd_bwd_ms / row.fwd_bwd_ms
         row.x_mul_fwd = row.fwd_ms / mul.fwd_ms
         row.x_mul_fwd_bwd = row.fwd_bwd_ms / mul.fwd_bwd_ms
+        row.x_mul_fwd_bwd_device = row.fwd_bwd_device_ms / mul.fwd_bwd_device_ms
         row.fwd_gbps = FORWARD_TRAFFIC * nbytes / (row.fwd_ms * 1e-3) / 1e9
         row.fwd_bwd_gbps = FORWARD_BACKWARD_TRAFFIC * nbytes / (row.fwd_bwd_ms * 1e-3) / 1e9
         row.copy_fraction_fwd = row.fwd_gbps / copy_gbps
@@ -533,14 +633,14 @@ def git_commit() -> str:
     return result.stdout.strip() if result.returncode == 0 and result.stdout.strip() else "unknown"
 
 
-TABLE_COLUMNS = ("op", "shape", "dtype", "device", "impl", "fwd ms", "fwd+bwd ms", "speedup vs naive (fwd)",
-                 "speedup vs naive (fwd+bwd)", "x mul (fwd+bwd)", "GB/s (fwd+bwd)", "of copy (fwd+bwd)",
-                 "saved bytes for backward")
+TABLE_COLUMNS = ("op", "shape", "dtype", "device", "impl", "fwd ms", "fwd+bwd ms", "fwd+bwd device ms",
+                 "speedup vs naive (fwd)", "speedup vs naive (fwd+bwd)", "x mul (fwd+bwd)", "x mul device (fwd+bwd)",
+                 "GB/s (fwd+bwd)", "of copy (fwd+bwd)", "saved bytes for backward")
 
-CSV_COLUMNS = ("op", "params", "shape", "dtype", "device", "impl", "kind", "fwd_ms", "fwd_bwd_ms", "speedup_fwd",
-               "speedup_fwd_bwd", "x_mul_fwd", "x_mul_fwd_bwd", "fwd_gbps", "fwd_bwd_gbps", "copy_fraction_fwd",
-               "copy_fraction_fwd_bwd", "saved_bytes", "saved_full_size", "status", "device_name", "torch_version",
-               "git_commit", "date", "copy_gbps")
+CSV_COLUMNS = ("op", "params", "shape", "dtype", "device", "impl", "kind", "fwd_ms", "fwd_bwd_ms", "fwd_bwd_device_ms",
+               "speedup_fwd", "speedup_fwd_bwd", "x_mul_fwd", "x_mul_fwd_bwd", "x_mul_fwd_bwd_device", "fwd_gbps",
+               "fwd_bwd_gbps", "copy_fraction_fwd", "copy_fraction_fwd_bwd", "saved_bytes", "saved_full_size", "status",
+               "device_name", "torch_version", "git_commit", "date", "copy_gbps")
 
 
 def _number(value: float, digits: int = 3) -> str:
@@ -557,10 +657,22 @@ def table_cells(row: Row) -> list[str]:
     """The stdout table's cells of one row; a failed row carries its reason in the last column."""
     cells = [f"{row.op} {row.params}", row.shape, row.dtype, row.device, row.impl]
     if row.status != "ok":
-        return cells + ["-"] * 7 + [row.status]
-    return cells + [_number(row.fwd_ms), _number(row.fwd_bwd_ms), _number(row.speedup_fwd, 2) + "x",
-                    _number(row.speedup_fwd_bwd, 2) + "x", _number(row.x_mul_fwd_bwd, 2),
-                    _number(row.fwd_bwd_gbps, 1), _percent(row.copy_fraction_fwd_bwd), _saved(row)]
+        return cells + ["-"] * (len(TABLE_COLUMNS) - len(cells) - 1) + [row.status]
+    return cells + [_number(row.fwd_ms), _number(row.fwd_bwd_ms), _number(row.fwd_bwd_device_ms),
+                    _number(row.speedup_fwd, 2) + "x", _number(row.speedup_fwd_bwd, 2) + "x",
+                    _number(row.x_mul_fwd_bwd, 2), _number(row.x_mul_fwd_bwd_device, 2), _number(row.fwd_bwd_gbps, 1),
+                    _percent(row.copy_fraction_fwd_bwd), _saved(row)]
+
+
+DEVICE_ONLY_COLUMNS = ("fwd+bwd device ms", "x mul device (fwd+bwd)")
+
+
+def table(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
+    """(header, cells) of the main table; the device-only columns only when a row has a device-only time."""
+    keep = [i for i, name in enumerate(TABLE_COLUMNS)
+            if name not in DEVICE_ONLY_COLUMNS or any(math.isfinite(row.fwd_bwd_device_ms) for row in rows)]
+    cells = [table_cells(row) for row in rows]
+    return [TABLE_COLUMNS[i] for i in keep], [[line[i] for i in keep] for line in cells]
 
 
 def _percent(fraction: float) -> str:
@@ -568,14 +680,14 @@ def _percent(fraction: float) -> str:
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    body = [table_cells(row) for row in rows]
-    widths = [max(len(col), *(len(cells[i]) for cells in body)) if body else len(col) for i, col in enumerate(TABLE_COLUMNS)]
-    numeric = set(range(5, 12))
+    header, body = table(rows)
+    widths = [max(len(col), *(len(cells[i]) for cells in body)) if body else len(col) for i, col in enumerate(header)]
+    numeric = set(range(5, len(header) - 1))
 
     def line(cells):
         return "  ".join(cell.rjust(w) if i in numeric else cell.ljust(w) for i, (cell, w) in enumerate(zip(cells, widths))).rstrip()
 
-    out = [line(TABLE_COLUMNS), line(["-" * w for w in widths])]
+    out = [line(header), line(["-" * w for w in widths])]
     previous = None
     for row, cells in zip(rows, body):
         key = (row.op, row.params, row.shape)
@@ -691,7 +803,7 @@ def _target_outcome(target: Target, ours: Row, anchor: Row | None) -> tuple[str,
     else:
         value = getattr(ours, target.metric)
     if ours.status != "ok" or not math.isfinite(value):
-        return words, ours.status, "not measured"
+        return words, ours.status if ours.status != "ok" else "-", "not measured"
     met = value >= target.at_least if target.at_least is not None else value <= target.at_most
     return words, f"{value:.2f}", "yes" if met else "NO"
 
@@ -703,9 +815,7 @@ def format_markdown(rows: Sequence[Row], meta: dict, targets: Sequence[Sequence[
            f"- commit `{meta['git_commit']}`, {meta['date']}, torch {meta['torch_version']}",
            f"- device-to-device copy: {_number(copy, 1)} GB/s (bytes read plus written); GB/s below counts the "
            f"bytes of torch.mul(x, 2.0), 2 * x.nbytes forward and 4 * x.nbytes forward + backward", "",
-           "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    for row in rows:
-        out.append("| " + " | ".join(table_cells(row)) + " |")
+           markdown_table(*table(rows))]
     header, cells = anchor_ratios(rows)
     if cells:
         out += ["", "## robustdrop against the naive baseline and each anchor", "",

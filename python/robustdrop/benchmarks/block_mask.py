@@ -26,6 +26,8 @@ TORCHVISION = "torchvision.ops.drop_block2d"
 TARGETS = (
     Target(2, "speedup_fwd_bwd", device="cpu", at_least=8.0),
     Target(2, "x_mul_fwd_bwd", device="cuda", at_most=1.3),
+    # The same bound on device times, the host's time hidden (Timer.device_only), as in a training step.
+    Target(2, "x_mul_fwd_bwd_device", device="cuda", at_most=1.3),
     Target(2, "anchor_fwd_bwd", device="cuda", at_least=5.0, anchor=TORCHVISION),
     Target(2, "no_full_size_saved"),
 )
