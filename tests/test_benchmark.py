@@ -197,6 +197,42 @@ def test_device_only_time_hides_the_host_time_of_launches():
     assert math.isnan(benchmark.Timer(torch.device("cpu"), repeats=1, warmup=0, budget_s=1.0).device_only(host_bound))
 
 
+def test_cuda_clock_converts_milliseconds_to_the_gpu_clock_cycles_it_measured(monkeypatch):
+    """CudaClock over a simulated GPU running at 1.5 GHz: the calibration finds 1.5e6 cycles per ms, so a
+    sleep of 4 ms spins 6e6 cycles, and its events time it as 4 ms."""
+    gpu = FakeGpuClock()
+    cycles_per_ms = 1.5e6
+    sleeps = []
+
+    class Event:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            self.time = gpu.record()
+
+        def elapsed_time(self, end):
+            return end.time - self.time
+
+    def sleep(cycles):
+        sleeps.append(cycles)
+        gpu.sleep(cycles / cycles_per_ms)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "_sleep", sleep)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: gpu.synchronize())
+    clock = benchmark.CudaClock(torch.device("cuda"))
+    start = clock.record()
+    clock.sleep(4.0)
+    end = clock.record()
+    clock.synchronize()
+    assert sleeps[-1] == 6_000_000 and len(sleeps) == 3  # two calibration sleeps, then the one asked for
+    assert clock.elapsed_ms(start, end) == pytest.approx(4.0 + 2 * sleeps[0] / cycles_per_ms)  # calibration included
+    begin = clock.record()
+    clock.sleep(0.5)
+    assert clock.elapsed_ms(begin, clock.record()) == pytest.approx(0.5) and len(sleeps) == 4  # calibrated once
+
+
 def test_device_only_time_is_measured_for_robustdrop_and_the_speed_of_light_only():
     clock = FakeGpuClock()
     timer = benchmark.Timer(torch.device("cpu"), repeats=3, warmup=1, budget_s=60.0, clock=clock)
