@@ -251,6 +251,32 @@ def test_device_only_time_is_measured_for_robustdrop_and_the_speed_of_light_only
             assert row.fwd_bwd_device_ms == pytest.approx(0.01)
 
 
+def test_feature_density_batched_eigh_anchor_bins_as_the_reference():
+    """The FDD anchor (one float32 eigh over the batch, Gram side when C < H*W) does the op's work: each channel in the reference's
+    cell wherever the reference's coordinate is not within 1e-4 of a bin edge (float32 against float64
+    PCA), the same counts on the samples without such channels, and whole channels kept or zeroed."""
+    from robustdrop.benchmarks import feature_density as bench_fdd
+    from robustdrop.reference import feature_density as reference
+
+    generator = torch.Generator().manual_seed(5)
+    maps = torch.randn(6, 3, 36, generator=generator)
+    mixing = torch.randn(6, 20, 3, generator=generator) * torch.tensor([8.0, 4.0, 2.0])
+    x = (mixing @ maps + 0.05 * torch.randn(6, 20, 36, generator=generator)).view(6, 20, 6, 6)
+    wide = x.reshape(6, 20, 36).transpose(1, 2).reshape(6, 36, 4, 5)  # C > D: the covariance side
+    for sample, dims, grids in ((x, 1, 25), (x, 2, 5), (x, 3, 3), (wide, 2, 5), (wide, 3, 3),
+                                (torch.randn(6, 40, generator=generator), 1, 25)):
+        cell, counts = bench_fdd.batched_feature_density(sample, dims, grids)
+        cell_ref, counts_ref = reference.feature_density(sample, dims, grids)
+        near_edge = reference.bin_edge_distance(reference.feature_coordinates(sample, dims), grids) <= 1e-4
+        assert near_edge.double().mean().item() <= 0.02, dims
+        assert torch.equal(cell[~near_edge], cell_ref[~near_edge]), dims
+        clean = ~near_edge.any(1)
+        assert clean.any() and torch.equal(counts[clean], counts_ref[clean]), dims
+    y = bench_fdd.batched_eigh_dropout(x, 2)
+    kept = (y == x).flatten(2).all(2)
+    assert torch.equal(kept | (y == 0).flatten(2).all(2), torch.ones_like(kept)) and kept.any() and not kept.all()
+
+
 def test_unknown_op_is_an_error():
     with pytest.raises(ValueError, match="unknown op"):
         benchmark.select_modules(["no_such_op"])
