@@ -9,8 +9,9 @@ implementation is timed the same way:
   ``cuda`` and ``triton`` on CUDA; the Triton interpreter is never timed) and,
   with ``--with-reference``, the ``reference`` backend (the correctness oracle,
   slow by design: it emulates Philox in PyTorch; it is not a baseline);
-* **anchors**, when they can run here: torchvision / timm implementations and
-  ``torch.compile`` of the naive baseline. An anchor that cannot be imported is
+* **anchors**, when they can run here: torchvision / timm implementations, a
+  stronger plain-PyTorch version where one is easy to write (FDD's batched
+  eigh) and ``torch.compile`` of the naive baseline. An anchor that cannot be imported is
   skipped with a note; one that fails gives a row ``failed: reason``;
 * ``torch.mul(x, 2.0)`` of the same size: the memory speed of light (one read,
   one write; its backward is the same again).
