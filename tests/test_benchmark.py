@@ -250,6 +250,15 @@ def test_device_only_time_is_measured_for_robustdrop_and_the_speed_of_light_only
         if measured:
             assert row.fwd_bwd_device_ms == pytest.approx(0.01)
 
+    def broken_sleep(milliseconds):
+        raise RuntimeError("no sleep kernel")
+
+    clock.sleep = broken_sleep  # a failing device-only timing leaves the row's plain times standing
+    with pytest.warns(RuntimeWarning, match="impl: no device-only time .RuntimeError: no sleep kernel"):
+        row = benchmark.measure(benchmark.Impl("impl", "robustdrop", lambda: fn), [x], [torch.ones(4)], timer,
+                                benchmark.Row("op", "", "4", "float32", "cuda", "impl", "robustdrop"))
+    assert row.status == "ok" and math.isfinite(row.fwd_bwd_ms) and math.isnan(row.fwd_bwd_device_ms)
+
 
 def test_feature_density_batched_eigh_anchor_bins_as_the_reference():
     """The FDD anchor (one float32 eigh over the batch, Gram side when C < H*W) does the op's work: each channel in the reference's

@@ -41,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -552,13 +553,22 @@ def measure(impl: Impl, inputs: list[torch.Tensor], grads: list[torch.Tensor], t
         row.fwd_ms = timer(forward)
         row.fwd_bwd_ms = timer(forward_backward)
         if impl.kind in DEVICE_ONLY_KINDS:
-            row.fwd_bwd_device_ms = timer.device_only(forward_backward)
+            row.fwd_bwd_device_ms = _device_only(timer, forward_backward, impl.name)
         row.saved_bytes, row.saved_full_size = saved_for_backward(fn, inputs[0])
     except Exception as error:  # one failing implementation must not end the run
         row.status = f"failed: {_reason(error)}"
         row.fwd_ms = row.fwd_bwd_ms = row.fwd_bwd_device_ms = math.nan
         row.saved_bytes = row.saved_full_size = None
     return row
+
+
+def _device_only(timer: Timer, step: Callable[[int], object], name: str) -> float:
+    """timer.device_only(step), NaN with a warning if it fails: the plain times already measured stand."""
+    try:
+        return timer.device_only(step)
+    except Exception as error:
+        warnings.warn(f"{name}: no device-only time ({_reason(error)})", RuntimeWarning, stacklevel=2)
+        return math.nan
 
 
 def run_case(case: Case, config: BenchConfig, backends: Sequence[str], use_compile: bool, repeats: int,
