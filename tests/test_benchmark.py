@@ -233,6 +233,23 @@ def test_cuda_clock_converts_milliseconds_to_the_gpu_clock_cycles_it_measured(mo
     assert clock.elapsed_ms(begin, clock.record()) == pytest.approx(0.5) and len(sleeps) == 4  # calibrated once
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_only_timing_runs_on_a_gpu():
+    """The real CudaClock: a plausible calibration (0.1 to 10 GHz) and a finite, positive device-only time
+    for a launch-bound step (no timing relation is asserted: the GPU may be shared with other tests)."""
+    timer = benchmark.Timer(torch.device("cuda"), repeats=10, warmup=2, budget_s=5.0)
+    x = torch.zeros(16, device="cuda")
+
+    def step(i):
+        for _ in range(20):
+            x.add_(1.0)
+
+    assert math.isfinite(timer(step))
+    device_only = timer.device_only(step)
+    assert 1e5 < timer.clock._cycles_per_ms < 1e7
+    assert math.isfinite(device_only) and device_only > 0
+
+
 def test_device_only_time_is_measured_for_robustdrop_and_the_speed_of_light_only():
     clock = FakeGpuClock()
     timer = benchmark.Timer(torch.device("cpu"), repeats=3, warmup=1, budget_s=60.0, clock=clock)
