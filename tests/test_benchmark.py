@@ -186,15 +186,17 @@ def test_device_only_time_hides_the_host_time_of_launches():
             clock.launch(0.05, 0.01)
 
     assert timer(host_bound) == pytest.approx(0.15)
-    assert timer.device_only(host_bound) == pytest.approx(0.03)
+    assert timer.device_only(host_bound) == (pytest.approx(0.03), False)
 
     def synchronising(i):
         clock.launch(0.05, 0.01)
         clock.synchronize()
         clock.launch(0.05, 0.01)
 
-    assert timer.device_only(synchronising) == pytest.approx(timer(synchronising)) == pytest.approx(0.11)
-    assert math.isnan(benchmark.Timer(torch.device("cpu"), repeats=1, warmup=0, budget_s=1.0).device_only(host_bound))
+    assert timer.device_only(synchronising) == (pytest.approx(timer(synchronising)), True)
+    assert timer(synchronising) == pytest.approx(0.11)
+    cpu_time, cpu_waits = benchmark.Timer(torch.device("cpu"), repeats=1, warmup=0, budget_s=1.0).device_only(host_bound)
+    assert math.isnan(cpu_time) and not cpu_waits
 
 
 def test_cuda_clock_converts_milliseconds_to_the_gpu_clock_cycles_it_measured(monkeypatch):
@@ -245,9 +247,9 @@ def test_device_only_timing_runs_on_a_gpu():
             x.add_(1.0)
 
     assert math.isfinite(timer(step))
-    device_only = timer.device_only(step)
+    device_only, waits_for_gpu = timer.device_only(step)
     assert 1e5 < timer.clock._cycles_per_ms < 1e7
-    assert math.isfinite(device_only) and device_only > 0
+    assert math.isfinite(device_only) and device_only > 0 and not waits_for_gpu
 
 
 def test_device_only_time_is_measured_for_robustdrop_and_the_speed_of_light_only():
@@ -265,7 +267,7 @@ def test_device_only_time_is_measured_for_robustdrop_and_the_speed_of_light_only
         assert row.status == "ok" and math.isfinite(row.fwd_bwd_ms)
         assert math.isfinite(row.fwd_bwd_device_ms) == measured, kind
         if measured:
-            assert row.fwd_bwd_device_ms == pytest.approx(0.01)
+            assert row.fwd_bwd_device_ms == pytest.approx(0.01) and row.fwd_bwd_waits_for_gpu is False
 
     def broken_sleep(milliseconds):
         raise RuntimeError("no sleep kernel")
@@ -275,6 +277,7 @@ def test_device_only_time_is_measured_for_robustdrop_and_the_speed_of_light_only
         row = benchmark.measure(benchmark.Impl("impl", "robustdrop", lambda: fn), [x], [torch.ones(4)], timer,
                                 benchmark.Row("op", "", "4", "float32", "cuda", "impl", "robustdrop"))
     assert row.status == "ok" and math.isfinite(row.fwd_bwd_ms) and math.isnan(row.fwd_bwd_device_ms)
+    assert row.fwd_bwd_waits_for_gpu is None
 
 
 def test_feature_density_batched_eigh_anchor_bins_as_the_reference():
@@ -377,6 +380,10 @@ def test_device_only_times_are_judged_and_shown_only_when_measured():
                                                                ("robustdrop[triton]", "-", "not measured")]
     header, body = benchmark.table(rows)
     assert header == list(benchmark.TABLE_COLUMNS) and body[1][header.index("fwd+bwd device ms")] == "0.900"
+    # A call that synchronises has its plain time as device-only time, and says so.
+    rows[1].fwd_bwd_waits_for_gpu = True
+    assert benchmark.table(rows)[1][1][header.index("fwd+bwd device ms")] == "0.900 (syncs)"
+    assert benchmark.target_cells(case, rows)[0][4] == "1.10 (syncs)"
     header, body = benchmark.table(_target_rows())
     assert not set(benchmark.DEVICE_ONLY_COLUMNS) & set(header) and all(len(line) == len(header) for line in body)
 

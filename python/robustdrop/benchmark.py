@@ -415,8 +415,9 @@ class Timer:
                 break
         return self._timed(step, cover_ms=0.0)
 
-    def device_only(self, step: Callable[[int], object]) -> float:
-        """The median device time of a (warmed-up) ``step(i)``, its host's time hidden; NaN on a CPU.
+    def device_only(self, step: Callable[[int], object]) -> tuple[float, bool]:
+        """(median device time of a warmed-up ``step(i)`` with its host's time hidden, whether the call
+        waits for the GPU); (NaN, False) on a CPU.
 
         The host's time per call is probed first, the GPU kept busy meanwhile so
         that the host never waits for it. Each timed call then has the GPU sleep
@@ -425,10 +426,10 @@ class Timer:
         gaps the GPU itself leaves, not the host. This is what a call costs in a
         training step whose other layers keep the GPU busy (the host runs ahead).
         A call that waits for the GPU (a synchronising check) cannot run ahead:
-        it is timed as by ``__call__``.
+        it is timed as by ``__call__``, and the flag says so.
         """
         if not self.clock.can_hide_host:
-            return math.nan
+            return math.nan, False
         probes = []
         for i in range(HOST_PROBES):
             self.clock.sleep(HOST_PROBE_MS)
@@ -437,7 +438,7 @@ class Timer:
             probes.append(self.clock.host_ms() - start)
             self.clock.synchronize()
         waits_for_gpu = max(probes) >= HOST_PROBE_MS / 2
-        return self._timed(step, cover_ms=0.0 if waits_for_gpu else 2 * max(probes) + COVER_MARGIN_MS)
+        return self._timed(step, cover_ms=0.0 if waits_for_gpu else 2 * max(probes) + COVER_MARGIN_MS), waits_for_gpu
 
     def _timed(self, step: Callable[[int], object], cover_ms: float) -> float:
         """Median of the timed calls, each after ``cover_ms`` of GPU sleep when it is not 0."""
@@ -510,6 +511,7 @@ class Row:
     fwd_ms: float = math.nan
     fwd_bwd_ms: float = math.nan
     fwd_bwd_device_ms: float = math.nan  # Timer.device_only, for the kinds in DEVICE_ONLY_KINDS on a GPU
+    fwd_bwd_waits_for_gpu: bool | None = None  # the call synchronises: its device-only time is its plain time
     speedup_fwd: float = math.nan
     speedup_fwd_bwd: float = math.nan
     x_mul_fwd: float = math.nan
@@ -553,22 +555,23 @@ def measure(impl: Impl, inputs: list[torch.Tensor], grads: list[torch.Tensor], t
         row.fwd_ms = timer(forward)
         row.fwd_bwd_ms = timer(forward_backward)
         if impl.kind in DEVICE_ONLY_KINDS:
-            row.fwd_bwd_device_ms = _device_only(timer, forward_backward, impl.name)
+            row.fwd_bwd_device_ms, row.fwd_bwd_waits_for_gpu = _device_only(timer, forward_backward, impl.name)
         row.saved_bytes, row.saved_full_size = saved_for_backward(fn, inputs[0])
     except Exception as error:  # one failing implementation must not end the run
         row.status = f"failed: {_reason(error)}"
         row.fwd_ms = row.fwd_bwd_ms = row.fwd_bwd_device_ms = math.nan
+        row.fwd_bwd_waits_for_gpu = None
         row.saved_bytes = row.saved_full_size = None
     return row
 
 
-def _device_only(timer: Timer, step: Callable[[int], object], name: str) -> float:
-    """timer.device_only(step), NaN with a warning if it fails: the plain times already measured stand."""
+def _device_only(timer: Timer, step: Callable[[int], object], name: str) -> tuple[float, bool | None]:
+    """timer.device_only(step), (NaN, None) with a warning if it fails: the plain times already measured stand."""
     try:
         return timer.device_only(step)
     except Exception as error:
         warnings.warn(f"{name}: no device-only time ({_reason(error)})", RuntimeWarning, stacklevel=2)
-        return math.nan
+        return math.nan, None
 
 
 def run_case(case: Case, config: BenchConfig, backends: Sequence[str], use_compile: bool, repeats: int,
@@ -649,9 +652,10 @@ TABLE_COLUMNS = ("op", "shape", "dtype", "device", "impl", "fwd ms", "fwd+bwd ms
                  "GB/s (fwd+bwd)", "of copy (fwd+bwd)", "saved bytes for backward")
 
 CSV_COLUMNS = ("op", "params", "shape", "dtype", "device", "impl", "kind", "fwd_ms", "fwd_bwd_ms", "fwd_bwd_device_ms",
-               "speedup_fwd", "speedup_fwd_bwd", "x_mul_fwd", "x_mul_fwd_bwd", "x_mul_fwd_bwd_device", "fwd_gbps",
-               "fwd_bwd_gbps", "copy_fraction_fwd", "copy_fraction_fwd_bwd", "saved_bytes", "saved_full_size", "status",
-               "device_name", "torch_version", "git_commit", "date", "copy_gbps")
+               "fwd_bwd_waits_for_gpu", "speedup_fwd", "speedup_fwd_bwd", "x_mul_fwd", "x_mul_fwd_bwd",
+               "x_mul_fwd_bwd_device", "fwd_gbps", "fwd_bwd_gbps", "copy_fraction_fwd", "copy_fraction_fwd_bwd",
+               "saved_bytes", "saved_full_size", "status", "device_name", "torch_version", "git_commit", "date",
+               "copy_gbps")
 
 
 def _number(value: float, digits: int = 3) -> str:
@@ -669,10 +673,18 @@ def table_cells(row: Row) -> list[str]:
     cells = [f"{row.op} {row.params}", row.shape, row.dtype, row.device, row.impl]
     if row.status != "ok":
         return cells + ["-"] * (len(TABLE_COLUMNS) - len(cells) - 1) + [row.status]
-    return cells + [_number(row.fwd_ms), _number(row.fwd_bwd_ms), _number(row.fwd_bwd_device_ms),
+    return cells + [_number(row.fwd_ms), _number(row.fwd_bwd_ms), _device_ms(row),
                     _number(row.speedup_fwd, 2) + "x", _number(row.speedup_fwd_bwd, 2) + "x",
                     _number(row.x_mul_fwd_bwd, 2), _number(row.x_mul_fwd_bwd_device, 2), _number(row.fwd_bwd_gbps, 1),
                     _percent(row.copy_fraction_fwd_bwd), _saved(row)]
+
+
+# Marks a device-only time that is the plain time: the call waits for the GPU, so its host cannot run ahead.
+SYNCS_MARK = " (syncs)"
+
+
+def _device_ms(row: Row) -> str:
+    return _number(row.fwd_bwd_device_ms) + (SYNCS_MARK if row.fwd_bwd_waits_for_gpu else "")
 
 
 DEVICE_ONLY_COLUMNS = ("fwd+bwd device ms", "x mul device (fwd+bwd)")
@@ -816,7 +828,8 @@ def _target_outcome(target: Target, ours: Row, anchor: Row | None) -> tuple[str,
     if ours.status != "ok" or not math.isfinite(value):
         return words, ours.status if ours.status != "ok" else "-", "not measured"
     met = value >= target.at_least if target.at_least is not None else value <= target.at_most
-    return words, f"{value:.2f}", "yes" if met else "NO"
+    syncs = target.metric == "x_mul_fwd_bwd_device" and ours.fwd_bwd_waits_for_gpu
+    return words, f"{value:.2f}" + (SYNCS_MARK if syncs else ""), "yes" if met else "NO"
 
 
 def format_markdown(rows: Sequence[Row], meta: dict, targets: Sequence[Sequence[str]] = ()) -> str:
