@@ -3,6 +3,7 @@
 Without a GPU the Triton kernels run through the interpreter, which must be
 switched on before Triton is first imported.
 """
+import contextlib
 import os
 import subprocess
 import sys
@@ -245,6 +246,19 @@ def python_calls_in_autograd(call, x: torch.Tensor) -> list[str]:
 def _no_backend_override(monkeypatch):
     """Tests choose backends explicitly; a ROBUSTDROP_BACKEND in the shell must not leak in."""
     monkeypatch.delenv("ROBUSTDROP_BACKEND", raising=False)
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """On a GPU: inside the block, any operation that makes the host wait for the GPU raises
+    (``torch.cuda.set_sync_debug_mode("error")``), so a training forward that should run ahead of
+    the GPU is checked to."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
 
 
 def run_cpu_command(args: list[str], cwd, timeout: int = 300) -> str:

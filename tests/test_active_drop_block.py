@@ -7,7 +7,7 @@ import robustdrop
 from robustdrop.nn import ActiveDropBlock2d
 from robustdrop.nn.active_drop_block import DEFAULT_POLICIES
 from robustdrop.training import active_dropblock_step
-from conftest import DEVICE_BACKENDS
+from conftest import DEVICE_BACKENDS, no_host_sync
 
 
 def tiny_model(policies=DEFAULT_POLICIES, backend="auto", bn_after=True, **options):
@@ -90,6 +90,21 @@ def test_batched_layer_masks_each_copy_with_its_own_policy(device, backend):
         assert torch.allclose(copies[k][copies[k] != 0], torch.tensor(8 * 4 * 32 * 32 / kept, device=device))
     with pytest.raises(ValueError, match="len\\(policies\\) = 3 equal copies"):
         layer(torch.ones(4, 4, 8, 8, device=device))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batched_layer_on_a_gpu_does_not_wait_for_it():
+    """The per-copy rates reach the GPU by a copy the host does not wait for (a pageable copy would
+    synchronise), and the masks are the CPU backend's, bit for bit, for the same seed."""
+    layer = ActiveDropBlock2d(3, policies=(0.0, 0.1, 0.3))
+    layer.batched_policies = True
+    x = torch.randn(3 * 4, 8, 16, 16, generator=torch.Generator().manual_seed(2))
+    x_gpu = x.cuda()
+    torch.manual_seed(7)
+    with no_host_sync():
+        y = layer(x_gpu)
+    torch.manual_seed(7)
+    assert torch.equal(y.cpu(), layer(x))
 
 
 @pytest.mark.parametrize("mode", ["sequential", "batched"])

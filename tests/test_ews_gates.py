@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import run_cpu_command
+from conftest import no_host_sync, run_cpu_command
 from robustdrop import models
 from robustdrop.ews import Decision, GatedNetwork, Subnet, gated_layers, kept_count
 
@@ -182,6 +182,25 @@ def separate_and_batched(gn, x, subnets):
     batched = gn(x.repeat(len(subnets), 1, 1, 1), subnets)
     separate = torch.cat([gn(x, subnet) for subnet in subnets])
     return batched, separate
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batched_forward_on_a_gpu_does_not_wait_for_it():
+    """The per-sample gates reach the GPU by one copy the host does not wait for (a pageable copy
+    would synchronise), and the batched forward still matches the separate forwards: within float32
+    rounding, as cuDNN may pick other convolution algorithms for another batch size (the CPU test
+    above is bit for bit); a wrong gate moves whole channels."""
+    model = randomize_statistics(build("resnet18")).eval().cuda()
+    gn = GatedNetwork(model, width=0.4)
+    generator = torch.Generator().manual_seed(11)
+    subnets = [gn.random_subnet(generator) for _ in range(3)]
+    x = images(2).cuda()
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        with no_host_sync():
+            batched = gn(x.repeat(3, 1, 1, 1), subnets)
+        separate = torch.cat([gn(x, subnet) for subnet in subnets])
+    torch.testing.assert_close(batched, separate, rtol=1e-3, atol=1e-4)
+    assert not torch.allclose(batched[:2], batched[2:4], rtol=1e-2, atol=1e-2)  # the subnets differ
 
 
 # width 0.4 gates paths too (one of each block's two paths kept); 0.7 keeps both

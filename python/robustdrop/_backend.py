@@ -129,6 +129,21 @@ def in_checkpoint_recompute() -> bool:
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor copied to ``device`` without the host waiting for the GPU.
+
+    A copy from pageable host memory to a GPU synchronises the stream (the host waits for every
+    queued kernel), which stalls a training step that would otherwise run ahead. From pinned
+    memory with ``non_blocking=True`` it is queued like a kernel; the caching host allocator keeps
+    the pinned block until the copy has run. Under torch.compile, for other devices, and while a
+    CUDA graph is captured (whose replays would read the pinned block long after it is reused), a
+    plain ``.to(device)``.
+    """
+    if device.type == "cuda" and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing():
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def check_backend_name(backend) -> str:
     """A backend name: "auto" or one of BACKEND_NAMES, whether or not it is available here (a
     module built on a machine without a GPU may be moved to one later)."""

@@ -474,11 +474,12 @@ def _install_skip_gate(block: nn.Module, gate: nn.Module):
 
 
 def _per_sample(masks: list, batch: int, device: torch.device) -> list:
-    """Each (S, B) packed mask repeated to (S*batch, B), copy s in rows s*batch..; moved to device in one copy."""
+    """Each (S, B) packed mask repeated to (S*batch, B), copy s in rows s*batch..; moved to device in one copy
+    that the host does not wait for."""
     rows = [mask.repeat_interleave(batch, 0) for mask in masks]
     if device.type == "cpu" or not rows:
         return rows
-    flat = torch.cat([row.reshape(-1) for row in rows]).to(device)
+    flat = _backend.host_to_device(torch.cat([row.reshape(-1) for row in rows]), device)
     out, start = [], 0
     for row in rows:
         out.append(flat[start:start + row.numel()].view(row.shape))

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from robustdrop import _checks
-from robustdrop._backend import check_backend_name, eager_only, in_checkpoint_recompute, resolve_backend
+from robustdrop._backend import (check_backend_name, eager_only, host_to_device, in_checkpoint_recompute,
+                                 resolve_backend)
 from robustdrop._seed import check_not_capturing
 from robustdrop.nn._script import NotScriptable
 from robustdrop.ops.block_mask import NORMALIZE_MODES, block_drop, drop_block2d, rate_per_sample
@@ -189,7 +190,7 @@ class ActiveDropBlock2d(NotScriptable, nn.Module):
             raise ValueError(f"ActiveDropBlock2d in a batched step needs a batch of len(policies) = {count} equal "
                              f"copies, got x of shape {tuple(x.shape)}")
         copy_size = x.shape[0] // count
-        rates = torch.tensor(self.policies, dtype=torch.float64, device=x.device).repeat_interleave(copy_size)
+        rates = host_to_device(torch.tensor(self.policies, dtype=torch.float64), x.device).repeat_interleave(copy_size)
         groups = {"batch": count, "sample": max(x.shape[0], 1), "none": 1}[self.normalize]
         return self._drop_per_sample(x, rates, groups)
 
