@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import robustdrop
-from conftest import assert_same_bits, available_backends
+from conftest import assert_same_bits, available_backends, no_host_sync
 from robustdrop import models
 from robustdrop._backend import triton_interpreted
 from robustdrop.ews import GatedNetwork, kl_distill
@@ -1295,6 +1295,44 @@ def test_random_draw_while_capturing_a_cuda_graph_is_an_error(monkeypatch):
     assert isinstance(_seed.op_seed(None, torch.device("cpu")), int) and not asked
     capturing[0] = False
     assert isinstance(_seed.op_seed(None, cuda), int) and asked
+
+
+# ---------------------------------------------------------------- no host wait on a GPU
+
+GPU_BACKENDS = ["cuda", "triton"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("name", [name for name in MAP_LAYERS if name != "cam_drop"] + ["fdd1d"])
+def test_layer_forward_and_backward_never_wait_for_the_gpu(name, backend):
+    """A training forward and backward on CUDA queues its work without the host waiting for the GPU
+    (torch.cuda.set_sync_debug_mode("error")), so a training step runs ahead of the GPU. CamDrop is
+    left out: its eager forward reads the targets to check them, one documented synchronisation."""
+    if not robustdrop.backends()[backend].available:
+        pytest.skip(f"the {backend} backend is not available here")
+    layer, _ = _layer(name, backend)
+    layer = layer.cuda()
+    shape = (4, CHANNELS) if name == "fdd1d" else (4, CHANNELS, 12, 12)
+    x = torch.randn(shape, device="cuda", requires_grad=True)
+    grad_y = torch.randn(shape, device="cuda")
+    _run(layer, x, None, grad_y)  # warm up: kernels compiled, a Random Mask's mask built
+    with no_host_sync():
+        y, grad_x = _run(layer, x, None, grad_y)
+    assert y.shape == x.shape and grad_x.shape == x.shape
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_kl_distill_forward_and_backward_never_wait_for_the_gpu(backend):
+    if not robustdrop.backends()[backend].available:
+        pytest.skip(f"the {backend} backend is not available here")
+    student = torch.randn(8, CLASSES, device="cuda", requires_grad=True)
+    teacher = torch.randn(8, CLASSES, device="cuda")
+    torch.autograd.grad(kl_distill(student, teacher, backend=backend), student)  # warm up
+    with no_host_sync():
+        (grad,) = torch.autograd.grad(kl_distill(student, teacher, backend=backend), student)
+    assert grad.shape == student.shape
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
