@@ -190,7 +190,9 @@ class ActiveDropBlock2d(NotScriptable, nn.Module):
             raise ValueError(f"ActiveDropBlock2d in a batched step needs a batch of len(policies) = {count} equal "
                              f"copies, got x of shape {tuple(x.shape)}")
         copy_size = x.shape[0] // count
-        rates = host_to_device(torch.tensor(self.policies, dtype=torch.float64), x.device).repeat_interleave(copy_size)
+        rates = host_to_device(torch.tensor(self.policies, dtype=torch.float64), x.device)
+        # Each rate copy_size times, by a broadcast: no size to compute on the device.
+        rates = rates.view(count, 1).expand(count, copy_size).reshape(-1)
         groups = {"batch": count, "sample": max(x.shape[0], 1), "none": 1}[self.normalize]
         return self._drop_per_sample(x, rates, groups)
 
