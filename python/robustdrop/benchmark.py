@@ -404,7 +404,7 @@ class Timer:
     """
 
     def __init__(self, device: torch.device, repeats: int, warmup: int, budget_s: float, clock: HostClock | None = None):
-        self.device, self.repeats, self.warmup, self.budget_s = device, repeats, warmup, budget_s
+        self.repeats, self.warmup, self.budget_s = repeats, warmup, budget_s
         self.clock = clock or (CudaClock(device) if device.type == "cuda" else HostClock())
 
     def __call__(self, step: Callable[[int], object]) -> float:

@@ -17,7 +17,7 @@ import torch
 
 import robustdrop
 from robustdrop.benchmark import Anchor, BenchConfig, Case, Target
-from robustdrop.reference.feature_density import (bin_coordinates, default_grids, drop_probabilities,
+from robustdrop.reference.feature_density import (bin_coordinates, cell_counts, default_grids, naive_drop_channels,
                                                    naive_feature_density_dropout)
 
 OP = "feature_density_dropout"
@@ -63,8 +63,9 @@ def batched_feature_density(x: torch.Tensor, dims: int, grids: int) -> tuple[tor
 
     x (N, C, H, W): Xc = x viewed (N, C, D) minus its channel mean; the axes
     are the top ``dims`` eigenvectors of Xc^T Xc (N, D, D), largest first, or,
-    when C < D, from the smaller Gram side: Xc^T u normalised for the top
-    eigenvectors u of Xc Xc^T (N, C, C). Each axis is oriented so that its
+    when C < D, from the smaller Gram side: Xc^T u for the top eigenvectors u
+    of Xc Xc^T (N, C, C), not normalised (an axis's bins do not depend on its
+    length, only on its direction). Each axis is oriented so that its
     largest-magnitude component is positive; f = Xc @ axes (N, C, dims).
     x (N, F): f = x (dims 1). Binned as the reference (``bin_coordinates``). No
     care for degenerate samples or axes, which the reference defines: an anchor
@@ -78,21 +79,17 @@ def batched_feature_density(x: torch.Tensor, dims: int, grids: int) -> tuple[tor
         if centred.shape[1] < centred.shape[2]:
             _, vectors = torch.linalg.eigh(centred @ centred.transpose(1, 2))
             axes = centred.transpose(1, 2) @ vectors[..., -dims:].flip(-1)
-            axes = axes / axes.norm(dim=1, keepdim=True)
         else:
             _, vectors = torch.linalg.eigh(centred.transpose(1, 2) @ centred)
             axes = vectors[..., -dims:].flip(-1)
         largest = torch.gather(axes, 1, axes.abs().argmax(1, keepdim=True))
         f = centred @ (axes * torch.where(largest < 0, -1.0, 1.0))
     cell = bin_coordinates(f.to(torch.float64), grids)
-    counts = torch.zeros((x.shape[0], grids**dims), dtype=torch.int64, device=x.device)
-    return cell, counts.scatter_add_(1, cell, torch.ones_like(cell))
+    return cell, cell_counts(cell, grids**dims)
 
 
 def batched_eigh_dropout(x: torch.Tensor, dims: int, kappa: float = -0.8, alpha: float = 0.9) -> torch.Tensor:
-    """FDD with ``batched_feature_density`` and torch.bernoulli: y = x * keep per channel."""
+    """FDD with ``batched_feature_density``, then the naive baseline's drop (``naive_drop_channels``)."""
     with torch.no_grad():
         cell, counts = batched_feature_density(x, dims, default_grids(dims))
-        p = torch.gather(drop_probabilities(counts, kappa, alpha), 1, cell).to(x.dtype)
-        keep = torch.bernoulli(1 - p)
-    return x * keep.view(*keep.shape, *(1,) * (x.dim() - 2))
+    return naive_drop_channels(x, cell, counts, kappa, alpha)

@@ -46,8 +46,8 @@ from robustdrop.reference.philox import philox_uniform
 __all__ = [
     "DEFAULT_GRIDS", "ABSENT_AXIS_TOLERANCE", "DEGENERATE_TOLERANCE", "default_grids", "principal_axes", "principal_coordinates", "feature_coordinates",
     "bin_coordinates", "bin_edge_distance", "feature_density", "drop_probabilities", "channel_keep_mask",
-    "channel_scale", "apply_channel_mask", "feature_density_forward", "channel_mask_backward",
-    "naive_feature_density_dropout",
+    "channel_scale", "apply_channel_mask", "feature_density_forward", "channel_mask_backward", "cell_counts",
+    "naive_feature_density_dropout", "naive_drop_channels",
 ]
 
 DEFAULT_GRIDS = {1: 25, 2: 5, 3: 3}  # 25, 25 and 27 cells, as the paper's experiments
@@ -148,12 +148,14 @@ def bin_edge_distance(f: torch.Tensor, grids: int) -> torch.Tensor:
 
 def feature_density(x: torch.Tensor, dims: int, grids: int):
     """The reference of robustdrop::feature_density: (cell (N, C) int64, counts (N, G) int64)."""
-    f = feature_coordinates(x.detach(), dims)
-    cell = bin_coordinates(f, grids)
-    cells = grids**dims
-    counts = torch.zeros((x.shape[0], cells), dtype=torch.int64, device=x.device)
-    counts.scatter_add_(1, cell, torch.ones_like(cell))
-    return cell, counts
+    cell = bin_coordinates(feature_coordinates(x.detach(), dims), grids)
+    return cell, cell_counts(cell, grids**dims)
+
+
+def cell_counts(cell: torch.Tensor, cells: int) -> torch.Tensor:
+    """counts (N, cells) int64: how many of each sample's channels fall in each cell of cell (N, C)."""
+    counts = torch.zeros((cell.shape[0], cells), dtype=torch.int64, device=cell.device)
+    return counts.scatter_add_(1, cell, torch.ones_like(cell))
 
 
 def drop_probabilities(counts: torch.Tensor, kappa: float, alpha: float) -> torch.Tensor:
@@ -206,6 +208,13 @@ def naive_feature_density_dropout(x, dims=2, grids=None, kappa=-0.8, alpha=0.9, 
     grids = default_grids(dims) if grids is None else grids
     with torch.no_grad():
         cell, counts = feature_density(x, dims, grids)
+    return naive_drop_channels(x, cell, counts, kappa, alpha, rescale=rescale)
+
+
+def naive_drop_channels(x, cell, counts, kappa, alpha, *, rescale=False):
+    """The naive baseline's drop for cells (N, C) and counts (N, G): p from the density, torch.bernoulli,
+    y = x * keep per channel (divided by 1 - p with rescale)."""
+    with torch.no_grad():
         p = (kappa * counts / counts.amax(1, keepdim=True).clamp_min(1) + alpha).clamp(0, 1)
         p = torch.gather(p, 1, cell).to(x.dtype)
         keep = torch.bernoulli(1 - p)
