@@ -1,4 +1,7 @@
 """CamDrop (DESIGN.md 4.2) on every backend against the single reference."""
+import gc
+import weakref
+
 import pytest
 import torch
 import torch._inductor.config
@@ -6,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import robustdrop
+from robustdrop import _checks
 from robustdrop.nn import CamDrop2d, cam_targets, set_cam_targets
 from robustdrop.reference import block_mask as block_reference
 from robustdrop.reference import cam_mask as reference
@@ -594,6 +598,71 @@ def test_cam_targets_sets_and_clears_every_layer():
     assert set_cam_targets(net, target) == layers
     with pytest.raises(ValueError, match="model has no CamDrop2d"):
         set_cam_targets(nn.Linear(2, 2), target)
+
+
+def test_set_cam_targets_checks_the_targets_against_every_classifier():
+    """A bad target is refused where it is set, naming target, before any forward: under torch.compile
+    too, whose graph cannot read the values. A refused target leaves every layer as it was."""
+    net = nn.ModuleList([SmallNet(), SmallNet()])
+    net[1].drop = CamDrop2d(0.3, 3, nn.Linear(16, 3))  # K = 3 here, 5 in the first
+    with pytest.raises(TypeError, match="target must be int64"):
+        set_cam_targets(net, torch.tensor([0, 1], dtype=torch.int32))
+    with pytest.raises(TypeError, match="target must be a torch.Tensor"):
+        set_cam_targets(net, [0, 1])
+    with pytest.raises(ValueError, match=r"target must have shape \(N,\)"):
+        set_cam_targets(net, torch.tensor([[0, 1]]))
+    with pytest.raises(ValueError, match=r"target must hold class indices in \[0, K\) = \[0, 5\), got -1"):
+        set_cam_targets(net, torch.tensor([0, -1]))
+    with pytest.raises(ValueError, match=r"\[0, K\) = \[0, 3\), got 4"):
+        set_cam_targets(net, torch.tensor([4, 1]))
+    assert all(layer.target is None for layer in (net[0].drop, net[1].drop))
+    good = torch.tensor([2, 1])
+    assert set_cam_targets(net, good) == [net[0].drop, net[1].drop] and net[1].drop.target is good
+    assert set_cam_targets(net, None) and net[0].drop.target is None
+
+
+def test_value_range_reads_a_device_tensor_once_per_version(monkeypatch):
+    """What checking CUDA targets or rates costs: a tensor off the CPU is read once, and again only after an
+    in-place change (its version counter, shared by every view). A CPU tensor stands in for one."""
+    reads = []
+    aminmax = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda tensor: reads.append(tensor) or aminmax(tensor))
+    cpu = torch.tensor([3, 1])
+    assert _checks.value_range(cpu) == (1, 3) and _checks.value_range(cpu) == (1, 3)
+    assert len(reads) == 2  # on the CPU reading is cheap, and numpy may write without a version bump
+
+    monkeypatch.setattr(_checks, "_reading_waits_for_device", lambda tensor: True)
+    target = torch.tensor([3, 1, 4])
+    assert _checks.value_range(target) == (1, 4) and _checks.value_range(target) == (1, 4)
+    _checks.check_target_values(target, 5)
+    with pytest.raises(ValueError, match=r"\[0, 4\), got 4"):
+        _checks.check_target_values(target, 4)  # the remembered range, against another K
+    assert len(reads) == 3
+    target[1:].add_(3)  # through a view
+    assert _checks.value_range(target) == (3, 7) and len(reads) == 4
+    assert _checks.value_range(target.clone()) == (3, 7) and len(reads) == 5  # another tensor
+    with torch.inference_mode():
+        frozen = torch.tensor([2, 0])  # no version counter: read every time
+    assert _checks.value_range(frozen) == _checks.value_range(frozen) == (0, 2) and len(reads) == 7
+
+    # Per-sample drop rates share the record, NaN included.
+    rates = torch.tensor([0.25, 0.5], dtype=torch.float16)
+    assert _checks.check_sample_rates(rates, 2, rates.device).tolist() == [0.25, 0.5] and len(reads) == 8
+    _checks.check_sample_rates(rates, 2, rates.device)
+    assert len(reads) == 8
+    rates[0] = float("nan")
+    with pytest.raises(ValueError, match=r"p must hold drop rates in \[0, 1\], got values from nan to nan"):
+        _checks.check_sample_rates(rates, 2, rates.device)
+    assert len(reads) == 9
+
+    copy = target.clone()
+    _checks.remember_value_range(copy, 3, 7)  # as set_cam_targets does for its device copy of CPU targets
+    assert _checks.value_range(copy) == (3, 7) and len(reads) == 9
+    # The record does not keep the tensor alive.
+    alive = weakref.ref(copy)
+    del copy
+    gc.collect()
+    assert alive() is None
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)

@@ -43,7 +43,7 @@ from robustdrop import models
 from robustdrop._backend import triton_interpreted
 from robustdrop.ews import GatedNetwork, kl_distill
 from robustdrop.nn import (ActiveDropBlock2d, CamDrop2d, DropBlock2d, FeatureDensityDropout1d, FeatureDensityDropout2d,
-                           RandomMask2d, cam_targets)
+                           RandomMask2d, cam_targets, set_cam_targets)
 from robustdrop.nn.active_drop_block import DEFAULT_POLICIES
 from robustdrop.training import LinearRateSchedule, active_dropblock_step
 
@@ -1304,22 +1304,64 @@ GPU_BACKENDS = ["cuda", "triton"]
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("name", [name for name in MAP_LAYERS if name != "cam_drop"] + ["fdd1d"])
+@pytest.mark.parametrize("name", MAP_LAYERS + ["fdd1d"])
 def test_layer_forward_and_backward_never_wait_for_the_gpu(name, backend):
     """A training forward and backward on CUDA queues its work without the host waiting for the GPU
-    (torch.cuda.set_sync_debug_mode("error")), so a training step runs ahead of the GPU. CamDrop is
-    left out: its eager forward reads the targets to check them, one documented synchronisation."""
+    (torch.cuda.set_sync_debug_mode("error")), so a training step runs ahead of the GPU. CamDrop's
+    targets come from the CPU, as a DataLoader's labels: cam_targets checks them there and copies them
+    to the GPU without a wait."""
     if not robustdrop.backends()[backend].available:
         pytest.skip(f"the {backend} backend is not available here")
-    layer, _ = _layer(name, backend)
+    layer, target = _layer(name, backend)
     layer = layer.cuda()
+    if name == "cam_drop":
+        layer.classifier.cuda()  # referenced, not registered: the layer's .cuda() leaves it
     shape = (4, CHANNELS) if name == "fdd1d" else (4, CHANNELS, 12, 12)
     x = torch.randn(shape, device="cuda", requires_grad=True)
     grad_y = torch.randn(shape, device="cuda")
-    _run(layer, x, None, grad_y)  # warm up: kernels compiled, a Random Mask's mask built
+    _run(layer, x, target, grad_y)  # warm up: kernels compiled, a Random Mask's mask built
     with no_host_sync():
-        y, grad_x = _run(layer, x, None, grad_y)
+        y, grad_x = _run(layer, x, target, grad_y)
     assert y.shape == x.shape and grad_x.shape == x.shape
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cam_drop_reads_cuda_targets_once(backend):
+    """CUDA targets are read once, where set_cam_targets checks them: the forwards of every CamDrop layer
+    that uses them, and further calls of cam_drop2d with them, do not wait for the GPU."""
+    if not robustdrop.backends()[backend].available:
+        pytest.skip(f"the {backend} backend is not available here")
+    layer, cpu_target = _layer("cam_drop", backend)
+    layer.classifier.cuda()
+    layers = nn.Sequential(layer, CamDrop2d(0.3, 3, layer.classifier, backend=backend)).cuda()
+    x = torch.randn(4, CHANNELS, 12, 12, device="cuda", requires_grad=True)
+    grad_y = torch.randn_like(x)
+    _run(layers, x, cpu_target, grad_y)  # warm up
+    target = cpu_target.cuda()
+    set_cam_targets(layers, target)  # reads target: the one wait
+    with no_host_sync():
+        torch.manual_seed(2)
+        (grad_x,) = torch.autograd.grad(layers(x), x, grad_y)
+        robustdrop.cam_drop2d(x, layer.classifier.weight, target, 0.2, 3, backend=backend)
+    assert grad_x.shape == x.shape
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_per_sample_cuda_rates_are_read_once(backend):
+    """drop_block2d checks a CUDA tensor of per-sample rates by reading it once; calls with it unchanged
+    do not wait for the GPU, and an in-place change is read (and checked) again."""
+    if not robustdrop.backends()[backend].available:
+        pytest.skip(f"the {backend} backend is not available here")
+    x = torch.randn(4, CHANNELS, 12, 12, device="cuda", requires_grad=True)
+    rates = torch.tensor([0.1, 0.2, 0.0, 0.3], device="cuda")
+    robustdrop.drop_block2d(x, rates, 3, backend=backend)  # reads rates: the one wait
+    with no_host_sync():
+        torch.autograd.grad(robustdrop.drop_block2d(x, rates, 3, backend=backend).sum(), x)
+    rates[1] = 1.5
+    with pytest.raises(ValueError, match=r"p must hold drop rates in \[0, 1\]"):
+        robustdrop.drop_block2d(x, rates, 3, backend=backend)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

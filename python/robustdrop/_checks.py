@@ -3,6 +3,7 @@ TypeError that names the argument, before any kernel runs."""
 import numbers
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -140,27 +141,69 @@ def check_classifier_weight(weight, channels: int, device, name: str = "weight")
         raise ValueError(f"{name} must be on x's device {device}, got {weight.device}")
 
 
-def check_target(target, batch: int, device, name: str = "target") -> None:
-    """Class indices (N,) int64 on x's device."""
+def check_target(target, batch: int | None, device, name: str = "target") -> None:
+    """Class indices (N,) int64 on x's device (batch and device None: any length, any device)."""
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of class indices, got {type(target).__name__}")
     if target.dtype != torch.int64:
         raise TypeError(f"{name} must be int64 (torch.long) class indices, got {target.dtype}")
-    if target.dim() != 1 or target.shape[0] != batch:
-        raise ValueError(f"{name} must have shape (N,) = ({batch},), one class index per sample, "
+    if target.dim() != 1 or (batch is not None and target.shape[0] != batch):
+        expected = "(N,)" if batch is None else f"(N,) = ({batch},)"
+        raise ValueError(f"{name} must have shape {expected}, one class index per sample, "
                          f"got {tuple(target.shape)}")
-    if target.device != device:
+    if device is not None and target.device != device:
         raise ValueError(f"{name} must be on x's device {device}, got {target.device}")
 
 
 def check_target_values(target: torch.Tensor, num_classes: int, name: str = "target") -> None:
-    """Every index in [0, K). Reads the values: one synchronisation for a CUDA tensor."""
+    """Every index in [0, K). Reads the values (``value_range``): one synchronisation for a CUDA
+    tensor, the first time it is checked."""
     if target.numel() == 0:
         return
-    low, high = torch.stack(torch.aminmax(target)).tolist()
+    low, high = value_range(target)
     if low < 0 or high >= num_classes:
         bad = low if low < 0 else high
         raise ValueError(f"{name} must hold class indices in [0, K) = [0, {num_classes}), got {bad}")
+
+
+# (min, max) of tensors off the CPU whose values were read: tensor -> (version, min, max). Reading a
+# GPU tensor makes the host wait for every queued kernel; the targets that every CamDrop layer of a
+# model checks at each forward, or the per-sample rates a layer passes at each, are read once.
+_KNOWN_RANGES = WeakIdKeyDictionary()
+
+
+def value_range(tensor: torch.Tensor) -> tuple:
+    """(min, max) of a non-empty integer or floating-point tensor, as Python numbers (both NaN when
+    it holds a NaN).
+
+    A tensor off the CPU is read once while it lives and its version counter stays the same:
+    every in-place op bumps it, through any view, so a changed tensor is read again. Writes the
+    counter does not see (through ``.data``, or by other libraries via DLPack) are not, and
+    reach the kernels unchecked; those stay memory-safe (CUDA and Triton clamp class indices,
+    CUDA with a device assert). An inference tensor has no version counter and is read every time.
+    """
+    remembered = _reading_waits_for_device(tensor) and not tensor.is_inference()
+    if remembered:
+        known = _KNOWN_RANGES.get(tensor)
+        if known is not None and known[0] == tensor._version:
+            return known[1], known[2]
+    low, high = torch.stack(torch.aminmax(tensor.detach())).tolist()
+    if remembered:
+        remember_value_range(tensor, low, high)
+    return low, high
+
+
+def remember_value_range(tensor: torch.Tensor, low, high) -> None:
+    """Records (min, max) of ``tensor``, known without reading it (a device copy of a checked CPU
+    tensor), so that ``value_range`` does not read it."""
+    if _reading_waits_for_device(tensor) and not tensor.is_inference():
+        _KNOWN_RANGES[tensor] = (tensor._version, low, high)
+
+
+def _reading_waits_for_device(tensor: torch.Tensor) -> bool:
+    """Whether reading ``tensor``'s values waits for a device (a CPU tensor is read at no such cost,
+    and through numpy it may change without its version counter seeing)."""
+    return tensor.device.type != "cpu"
 
 
 def check_topk(value, name: str, size: int, what: str) -> int:
@@ -232,8 +275,9 @@ def check_sample_rates(p, batch: int, device, name: str = "p") -> torch.Tensor:
     """Drop rates as a tensor: (N,) on x's device, one per sample, or 0-d on x's device or the CPU,
     one for every sample; in [0, 1]. Returned as float64, of p's shape and on p's device.
 
-    Reads the values: one synchronisation for a CUDA tensor. Not under torch.compile, where
-    reading them would end the graph (as CamDrop's target values, they are then unchecked).
+    Reads the values (``value_range``): one synchronisation for a CUDA tensor, the first time
+    it is checked. Not under torch.compile, where reading them would end the graph (as CamDrop's
+    target values in the op, they are then unchecked).
     """
     _check_rate_dtype(p, name)
     if p.dim() == 0:
@@ -270,9 +314,9 @@ def _check_rate_dtype(p: torch.Tensor, name: str) -> None:
 def _check_rate_values(p: torch.Tensor, name: str) -> torch.Tensor:
     """p's rates as float64, each checked to be in [0, 1] unless values are traced."""
     rates = p.detach().to(torch.float64)
-    if values_are_traced():
+    if values_are_traced() or p.numel() == 0:
         return rates
-    if rates.numel() and not bool(((rates >= 0) & (rates <= 1)).all()):
-        raise ValueError(f"{name} must hold drop rates in [0, 1], got values from {rates.min().item()} to "
-                         f"{rates.max().item()}")
+    low, high = value_range(p)
+    if not (0.0 <= low and high <= 1.0):  # False for NaN
+        raise ValueError(f"{name} must hold drop rates in [0, 1], got values from {low} to {high}")
     return rates

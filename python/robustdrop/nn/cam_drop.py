@@ -15,6 +15,11 @@ travel beside the forward, set on every CamDrop2d of the model before it runs::
 The same works when ``model`` is wrapped by ``torch.compile``: the targets are
 a tensor attribute the compiled graph reads at each call, so new targets of the
 same shape do not recompile.
+
+``cam_targets`` checks the targets against each layer's classifier before the
+forward. Given the loader's labels on the CPU, it checks them there and copies
+them to the model's GPU without the host waiting; given CUDA labels, it reads
+them once (one synchronisation per batch), and the layers read nothing more.
 """
 import contextlib
 
@@ -22,7 +27,7 @@ import torch
 from torch import nn
 
 from robustdrop import _checks
-from robustdrop._backend import check_backend_name, in_checkpoint_recompute
+from robustdrop._backend import check_backend_name, host_to_device, in_checkpoint_recompute
 from robustdrop._func import add_to_state
 from robustdrop.nn._rate import ScheduledRate
 from robustdrop.nn._script import NotScriptable
@@ -139,19 +144,52 @@ def _optional_count(value, name: str) -> int | None:
 def set_cam_targets(model: nn.Module, target: torch.Tensor | None) -> list[CamDrop2d]:
     """Sets ``target`` (N,) int64 (None to clear) on every CamDrop2d in ``model``.
 
+    The targets are checked here, once for every layer: class indices in [0, K)
+    of each layer's classifier, so a bad label is a ValueError before the
+    forward, under torch.compile too (whose graph cannot read them). For a CUDA
+    tensor that is one synchronisation per call; the layers' forwards then read
+    nothing (``_checks.value_range`` remembers the tensor). A CPU tensor, such as
+    a DataLoader's labels, is checked at no such cost and copied to the device
+    of each layer's classifier without the host waiting for the GPU, so a
+    training step needs no synchronisation at all.
+
     Returns the modules it set. A model without CamDrop2d is a ValueError, so a
     forgotten layer does not pass silently.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if target is not None and not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a torch.Tensor of class indices or None, got {type(target).__name__}")
+    if target is not None:
+        _checks.check_target(target, None, None)
     layers = [module for module in model.modules() if isinstance(module, CamDrop2d)]
     if not layers:
         raise ValueError(f"model has no CamDrop2d module to give targets to ({type(model).__name__})")
-    for layer in layers:
-        layer.target = target
+    copies = {}  # target on each device it was copied to
+    # Every layer's targets checked before any is set: a refused target leaves the model as it was.
+    targets = [None if target is None else _checked_layer_target(layer, target, copies) for layer in layers]
+    for layer, layer_target in zip(layers, targets):
+        layer.target = layer_target
     return layers
+
+
+def _checked_layer_target(layer: CamDrop2d, target: torch.Tensor, copies: dict) -> torch.Tensor:
+    """``target`` for ``layer``: on its classifier's device when it is on the CPU (copied once per
+    device), its values checked against the classifier's K unless they cannot be read."""
+    weight = layer.classifier.weight
+    if target.device.type == "cpu" and weight.device.type not in ("cpu", "meta"):
+        if weight.device not in copies:
+            copies[weight.device] = _copy_checked(target, weight.device)
+        target = copies[weight.device]
+    if not (target.is_meta or weight.is_meta or _checks.values_are_traced()):
+        _checks.check_target_values(target, weight.shape[0])
+    return target
+
+
+def _copy_checked(target: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU ``target`` copied to ``device``, its range read on the CPU and remembered for the copy."""
+    copy = host_to_device(target, device)
+    if target.numel() and not _checks.values_are_traced():
+        _checks.remember_value_range(copy, *_checks.value_range(target))
+    return copy
 
 
 @contextlib.contextmanager

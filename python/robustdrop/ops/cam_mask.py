@@ -36,7 +36,10 @@ def cam_drop2d(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, p: f
         weight: (K, C') weight of the classifier after global average pooling,
             C' a multiple of C (a deeper layer's width). Not differentiated.
         target: (N,) int64 class index of each sample. Checking its values
-            reads them: one synchronisation for a CUDA tensor in eager mode.
+            reads them: for a CUDA tensor in eager mode, one synchronisation
+            the first time; the range is remembered while the tensor lives
+            unchanged (``_checks.value_range``), so the layers and calls that
+            share a batch's targets read them once.
         p: drop rate in [0, 1] that sets gamma as in ``drop_block2d``; as
             there, a tensor (N,) gives each sample its own rate and a 0-d
             tensor is one rate that torch.compile reads as a graph input (a
