@@ -182,22 +182,26 @@ def value_range(tensor: torch.Tensor) -> tuple:
     reach the kernels unchecked; those stay memory-safe (CUDA and Triton clamp class indices,
     CUDA with a device assert). An inference tensor has no version counter and is read every time.
     """
-    remembered = _reading_waits_for_device(tensor) and not tensor.is_inference()
-    if remembered:
+    if _range_is_remembered(tensor):
         known = _KNOWN_RANGES.get(tensor)
         if known is not None and known[0] == tensor._version:
             return known[1], known[2]
     low, high = torch.stack(torch.aminmax(tensor.detach())).tolist()
-    if remembered:
-        remember_value_range(tensor, low, high)
+    remember_value_range(tensor, low, high)
     return low, high
 
 
 def remember_value_range(tensor: torch.Tensor, low, high) -> None:
     """Records (min, max) of ``tensor``, known without reading it (a device copy of a checked CPU
     tensor), so that ``value_range`` does not read it."""
-    if _reading_waits_for_device(tensor) and not tensor.is_inference():
+    if _range_is_remembered(tensor):
         _KNOWN_RANGES[tensor] = (tensor._version, low, high)
+
+
+def _range_is_remembered(tensor: torch.Tensor) -> bool:
+    """Whether ``value_range`` keeps ``tensor``'s range: reading it would wait for a device, and it
+    has a version counter to tell when it changes (an inference tensor has none)."""
+    return _reading_waits_for_device(tensor) and not tensor.is_inference()
 
 
 def _reading_waits_for_device(tensor: torch.Tensor) -> bool:

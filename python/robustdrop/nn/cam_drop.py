@@ -159,7 +159,7 @@ def set_cam_targets(model: nn.Module, target: torch.Tensor | None) -> list[CamDr
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if target is not None:
-        _checks.check_target(target, None, None)
+        _checks.check_target(target, batch=None, device=None)
     layers = [module for module in model.modules() if isinstance(module, CamDrop2d)]
     if not layers:
         raise ValueError(f"model has no CamDrop2d module to give targets to ({type(model).__name__})")
