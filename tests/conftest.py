@@ -201,6 +201,25 @@ def assert_compiled_matches_eager(step, x: torch.Tensor, *args, seeds=(3, 4)):
         torch.testing.assert_close(loss, loss_eager)
 
 
+def assert_compiled_follows_map_sizes(call, device):
+    """``call(x)``, a block-dropping op on x (N, C, H, W) with a float drop rate and a fixed seed,
+    compiled with fullgraph=True and given maps of new sizes, square and not: torch.compile makes H
+    and W dynamic at the second size, and each call gives eager's output and gradient, bit for bit
+    (a float drop rate turned symbolic must not reach the op as a float argument: its guard fails
+    for 7x9 and 9x7)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
+    for height, width in ((8, 8), (7, 9), (9, 7), (11, 6)):
+        x = torch.randn(2, 4, height, width, device=device, requires_grad=True)
+        grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(height)).to(device)
+        y = compiled(x)
+        (grad,) = torch.autograd.grad(y, x, grad_y)
+        y_eager = call(x)
+        (grad_eager,) = torch.autograd.grad(y_eager, x, grad_y)
+        assert_same_bits(y, y_eager)
+        assert_same_bits(grad, grad_eager)
+
+
 def assert_in_place_rate_runs_one_graph(call, x: torch.Tensor):
     """``call(x, p)`` compiled with fullgraph=True and given one 0-d float64 CPU rate changed in place:
     no recompilation over a schedule of rates, 0 included, and each step gives eager's bits for the

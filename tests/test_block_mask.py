@@ -10,9 +10,9 @@ import robustdrop
 from robustdrop.nn import DropBlock2d
 from robustdrop.reference import block_mask as reference
 from conftest import (COMPILED_DEVICES, DEVICES, DEVICE_BACKENDS, EMULATED_CUDA, KERNEL_BACKENDS,
-                      assert_compiled_matches_eager, assert_gradients_check, assert_drawn_seed_variant,
-                      assert_in_place_rate_runs_one_graph, assert_same_bits, available_backends, memory_layouts,
-                      python_calls_in_autograd)
+                      assert_compiled_follows_map_sizes, assert_compiled_matches_eager, assert_gradients_check,
+                      assert_drawn_seed_variant, assert_in_place_rate_runs_one_graph, assert_same_bits,
+                      available_backends, memory_layouts, python_calls_in_autograd)
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -166,6 +166,12 @@ def test_torch_compile_fullgraph_forward_and_backward(device, backend):
         return (y * y).sum()
 
     assert_compiled_matches_eager(step, torch.randn(2, 3, 12, 12, device=device, requires_grad=True))
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+def test_torch_compile_with_dynamic_map_sizes(device, backend):
+    assert_compiled_follows_map_sizes(
+        lambda x: robustdrop.drop_block2d(x, 0.4, 3, seed=4, backend=backend), device)
 
 
 @pytest.mark.parametrize("device,backend", [(d, b) for d, b in DEVICE_BACKENDS if b != "triton" or d == "cuda"])

@@ -14,7 +14,8 @@ from robustdrop.nn import CamDrop2d, cam_targets, set_cam_targets
 from robustdrop.reference import block_mask as block_reference
 from robustdrop.reference import cam_mask as reference
 from conftest import (COMPILED_DEVICES, DEVICE_BACKENDS, EMULATED_CUDA, KERNEL_BACKENDS,
-                      assert_backend_matches_reference, assert_compiled_matches_eager, assert_gradients_check,
+                      assert_backend_matches_reference, assert_compiled_follows_map_sizes,
+                      assert_compiled_matches_eager, assert_gradients_check,
                       assert_drawn_seed_variant, assert_in_place_rate_runs_one_graph, assert_same_bits, memory_layouts,
                       python_calls_in_autograd)
 
@@ -328,6 +329,15 @@ def test_torch_compile_fullgraph_forward_and_backward(device, backend):
         return (y * y).sum()
 
     assert_compiled_matches_eager(step, x, target)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+def test_torch_compile_with_dynamic_map_sizes(device, backend):
+    weight = torch.randn(5, 8, generator=torch.Generator().manual_seed(2)).to(device)
+    target = torch.tensor([0, 3], device=device)
+    assert_compiled_follows_map_sizes(
+        lambda x: robustdrop.cam_drop2d(x, weight, target, 0.4, 3, spatial_topk=8, channel_topk=2, seed=4,
+                                        backend=backend), device)
 
 
 @pytest.mark.parametrize("device,backend", [(d, b) for d, b in DEVICE_BACKENDS if b != "triton" or d == "cuda"])

@@ -102,10 +102,20 @@ def block_drop(x: torch.Tensor, p, block_size: int, *, couple_channels: bool, no
 def seed_probabilities(p, x: torch.Tensor, bs: int) -> tuple:
     """The (gamma, sample_gamma) arguments of a block-mask forward op on x (N, C, H, W) for drop
     rate p: (float64 gamma, None) for a float p, or (0.0, float32 (N,) per-sample gamma on x's
-    device) for a tensor p, (N,) or 0-d (``rate_per_sample``)."""
+    device) for a tensor p, (N,) or 0-d (``rate_per_sample``).
+
+    Under torch.compile (and export) a float p takes the tensor path too. With a dynamic H or W,
+    gamma would be a symbolic float, which the op's float argument specialises with a float-equality
+    guard that torch evaluates with its factors in another order, so for some sizes (7x9) the guard
+    fails on the very call that made it. (Dynamo cannot tell here whether H and W are dynamic.) The
+    tensor path computes the same float64 products in the same order, and the kernels compare
+    against the same float32 value, so the masks are those of eager mode.
+    """
     height, width = x.shape[-2:]
     if not isinstance(p, torch.Tensor):
-        return reference.drop_rate_to_gamma(p, height, width, bs), None
+        if not torch.compiler.is_compiling():
+            return reference.drop_rate_to_gamma(p, height, width, bs), None
+        p = torch.tensor(p, dtype=torch.float64)
     rates = rate_per_sample(p, x) if p.dim() == 0 else p
     return 0.0, reference.drop_rate_to_gamma(rates, height, width, bs).to(torch.float32)
 
