@@ -73,8 +73,10 @@ ROBUSTDROP_HOST_DEVICE uint32_t fold_word(uint32_t word) { return word < 0x80000
 // fold_word(word), monotonically, so it equals fold_word(word) < T for one
 // integer T: the smallest folded value whose uniform is >= threshold (2**31
 // when there is none). Computing T once on the host turns every draw into an
-// integer compare with exactly the same outcome.
+// integer compare with exactly the same outcome. A NaN threshold draws no
+// seeds (uniform < NaN is false), so its T is 0.
 inline uint32_t folded_threshold(float threshold) {
+  if (threshold != threshold) return 0u;
   uint32_t lo = 0u, hi = 0x80000000u;  // the answer lies in [lo, hi]
   while (lo < hi) {
     const uint32_t mid = lo + (hi - lo) / 2;

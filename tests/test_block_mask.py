@@ -480,6 +480,22 @@ def test_per_sample_rates_and_groups_match_reference_bit_for_bit(device, backend
                              reference.block_mask_backward(grad_y, mask_ref, scale_ref))
 
 
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+def test_nan_or_negative_sample_probability_draws_no_seeds(device, backend):
+    """The ops do not read sample_gamma's values (no device sync; the public API checks the rates in eager
+    mode only): a NaN or negative probability draws no seeds on every backend, as uniform < NaN is false."""
+    x = torch.rand(4, 3, 10, 9, device=device) + 1.0
+    gamma = torch.tensor([float("nan"), 0.08, -0.5, float("-inf")], device=device)
+    args = (x, 7, 0.0, 3, False, False, 1e-6, gamma, 1)
+    y, mask, scale = forward_op(backend)(*args)
+    y_ref, mask_ref, scale_ref = reference.block_mask_forward(*args)
+    assert_same_bits(mask, mask_ref)
+    assert_same_bits(y, y_ref)
+    for n in (0, 2, 3):
+        assert_same_bits(y[n], x[n])
+    assert (y[1] == 0).any()
+
+
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_each_sample_gets_the_mask_of_its_own_rate(device, backend):
     """Sample n of a per-sample call is sample n of a plain call at rate p[n] with the same seed."""

@@ -116,6 +116,23 @@ def test_per_sample_rates_match_reference_bit_for_bit(device, backend):
                 assert_same_bits(actual, expected)
 
 
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+def test_nan_or_negative_sample_probability_draws_no_seeds(device, backend):
+    """As DropBlock's: the op does not read sample_gamma, and a NaN or negative probability seeds nothing."""
+    generator = torch.Generator().manual_seed(4)
+    x, weight, target = integer_inputs((3, 6, 10, 9), 5, 1, generator, device)
+    x = x.abs() + 1.0
+    sample_gamma = torch.tensor([float("nan"), 0.9, -1.0], device=device)
+    args = (x, weight, target, None, 3, 0.0, 3, 30, 4, False, 1e-6, sample_gamma)
+    outputs = forward_op(backend)(*args)
+    for actual, expected in zip(outputs, reference.cam_mask_forward(*args)):
+        assert_same_bits(actual, expected)
+    y = outputs[0]
+    for n in (0, 2):
+        assert_same_bits(y[n], x[n])
+    assert (y[1] == 0).any()
+
+
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_each_sample_gets_the_mask_of_its_own_rate(device, backend):
     """Sample n of a per-sample call is sample n of a plain call at rate p[n] with the same seed."""
