@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <optional>
 
 namespace robustdrop {
@@ -185,6 +186,12 @@ inline void check_kl_distill_args(const at::Tensor& student, const at::Tensor& t
                     student.device(), ", got ", teacher.device());
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0, "temperature must be a finite number > 0, got ",
                     temperature);
+  // The kernels scale the logits by 1 / T in float32 (float64 for float64 logits): it must be finite there.
+  const bool wide = student.scalar_type() == at::kDouble;
+  const double largest = wide ? std::numeric_limits<double>::max() : std::numeric_limits<float>::max();
+  TORCH_CHECK_VALUE(1.0 / temperature <= largest, "temperature must be at least 1 / ", largest, " for ",
+                    student.scalar_type(), " logits (the logits are scaled by 1 / temperature in ",
+                    wide ? "float64" : "float32", "), got ", temperature);
 }
 
 inline void check_philox_args(const at::Tensor& index) {

@@ -361,6 +361,7 @@ BAD = [
     (dict(eps=-0.1), ValueError, "eps"),
     (dict(eps=float("nan")), ValueError, "eps"),
     (dict(eps=float("inf")), ValueError, "eps"),
+    (dict(eps=10**400), ValueError, "eps"),  # an int no float holds: a ValueError naming eps, not OverflowError
     (dict(eps="0.1"), TypeError, "eps"),
     (dict(alpha=0.0), ValueError, "alpha"),
     (dict(alpha=-1.0), ValueError, "alpha"),

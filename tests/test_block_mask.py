@@ -257,6 +257,7 @@ BAD_CALLS = [
     (dict(x=[[1.0]]), TypeError, "x must be a torch.Tensor"),
     (dict(p=1.5), ValueError, "p must be in"),
     (dict(p=-0.1), ValueError, "p must be in"),
+    (dict(p=10**400), ValueError, "p must be in"),
     (dict(p="0.1"), TypeError, "p must be a real"),
     (dict(block_size=0), ValueError, "block_size must be >= 1"),
     (dict(block_size=2.5), TypeError, "block_size must be an int"),

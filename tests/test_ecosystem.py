@@ -367,6 +367,74 @@ def test_active_step_under_activation_checkpointing(mode, use_reentrant):
             assert_same_bits(grad_checkpointed, grad)
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_cam_drop_forwards_sharing_one_backward_under_activation_checkpointing(use_reentrant):
+    """Several checkpointed CamDrop forwards before one backward, each with its own targets and warm-up
+    state: two batches (the second of another size), then the layer used twice in one forward. Each
+    recompute takes its own forward's targets and guidance (not the last forward's), so the gradients equal
+    those without checkpointing, to the bit."""
+    backend = "cpu" if "cpu" in BACKENDS else "reference"
+    layer, _ = _layer("cam_drop", backend)
+    layer.warmup_steps = 1  # the first forward is DropBlock, the later ones guided
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, CHANNELS, 3, padding=1), layer).double().train()
+    checkpointed = _Checkpointed(copy.deepcopy(plain), use_reentrant)
+    data = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(n, 3, 8, 8, generator=data, dtype=torch.float64).requires_grad_(),
+                torch.randint(0, CLASSES, (n,), generator=data)) for n in (4, 4, 3)]
+
+    def run(model):
+        torch.manual_seed(7)
+        outputs = []
+        for x, target in batches[:2]:
+            with cam_targets(model, target):
+                outputs.append(model(x))
+        x, target = batches[2]
+        with cam_targets(model, target):
+            outputs.append(model(model(x)[:, :3]))  # the same layer twice in one forward
+        loss = sum(output.square().sum() for output in outputs)
+        return outputs, _backward_grads(loss, list(model.parameters()) + [x for x, _ in batches])
+
+    (outputs, grads), (outputs_checkpointed, grads_checkpointed) = run(plain), run(checkpointed)
+    for output_checkpointed, output in zip(outputs_checkpointed, outputs):
+        assert_same_bits(output_checkpointed, output)
+    for grad_checkpointed, grad in zip(grads_checkpointed, grads):
+        assert_same_bits(grad_checkpointed, grad)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_active_steps_sharing_one_backward_under_activation_checkpointing(use_reentrant):
+    """Two sequential active_dropblock_steps whose losses are summed for one backward, the ActDB layer
+    checkpointed, and a pool with the rate 0.0, which draws no seed, so its forward starts from the random
+    state the next policy's starts from. A loss made largest where nothing is dropped picks 0.0 in the
+    first step; each recompute uses its own step's chosen policy, so the gradients equal those without
+    checkpointing, to the bit."""
+    backend = "cpu" if "cpu" in BACKENDS else "reference"
+    torch.manual_seed(0)
+    weight = torch.randn(4, 8, 9, 9, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ActiveDropBlock2d(3, policies=(0.0, 0.2, 0.4),
+                                                                           backend=backend)).double().train()
+    checkpointed = nn.Sequential(plain[0], _Checkpointed(plain[1], use_reentrant))
+
+    def kept_count_loss(outputs, bonus):
+        # The kept count (no gradient) dominates when bonus is large, so the policy 0.0 wins.
+        return (outputs * weight).sum() + bonus * (outputs != 0).sum().to(outputs.dtype)
+
+    data = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(4, 3, 9, 9, generator=data, dtype=torch.float64) for _ in range(2)]
+    results = []
+    for model in (plain, checkpointed):
+        torch.manual_seed(5)
+        steps = [active_dropblock_step(model, kept_count_loss, x, bonus, mode="sequential")
+                 for x, bonus in zip(inputs, (1e3, -1e3))]
+        results.append((steps, _backward_grads(steps[0].loss + steps[1].loss, list(plain.parameters()))))
+    (steps, grads), (steps_checkpointed, grads_checkpointed) = results
+    assert [step.policy_index for step in steps] == [0, 2]
+    assert [step.policy_index for step in steps_checkpointed] == [0, 2]
+    for grad_checkpointed, grad in zip(grads_checkpointed, grads):
+        assert_same_bits(grad_checkpointed, grad)
+
+
 def test_gated_call_under_activation_checkpointing():
     """EWS's gates are forward hooks that live for one GatedNetwork call, so the call is what gets
     checkpointed (README): its recompute installs them again, and the gradients are those without

@@ -396,6 +396,7 @@ def test_bad_input_is_a_clear_error(device, backend):
         (dict(grids=0), ValueError, "grids must be >= 1"),
         (dict(grids=300), ValueError, "grids must give at most 65536 cells"),
         (dict(kappa=float("nan")), ValueError, "kappa must be finite"),
+        (dict(kappa=-10**400), ValueError, "kappa must be finite"),
         (dict(alpha="0.9"), TypeError, "alpha must be a real number"),
         (dict(seed=1.5), TypeError, "seed must be an int"),
         (dict(rescale=1), TypeError, "rescale must be a bool"),

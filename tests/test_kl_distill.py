@@ -180,6 +180,19 @@ def test_large_logits_stay_finite(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+def test_logits_near_the_float32_limit_stay_finite(device, backend):
+    """Logits of +-3e38 at T = 2: s / T - max(s / T) is finite, where s - max(s) overflows before the
+    division; every backend scales first, as the reference does."""
+    s = torch.tensor([[3e38, -3e38, 1.0], [-3e38, 3e38, 0.0]], device=device)
+    t = torch.tensor([[-3e38, 3e38, 0.0], [3e38, -3e38, 1.0]], device=device)
+    rows, grad = forward_op(backend)(s, t, 2.0, "none")
+    expected_rows, expected_grad = reference.kl_distill_forward(s, t, 2.0, "none")
+    assert torch.isfinite(expected_rows).all() and torch.isfinite(rows).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(rows, expected_rows, rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
 def test_nan_reaches_its_row_only(device, backend):
     s = logits((4, 37), torch.float32, device, seed=23)
     t = logits((4, 37), torch.float32, device, seed=24)
@@ -345,6 +358,9 @@ BAD_CALLS = [
     (dict(temperature=-1.0), ValueError, "temperature must be a finite number > 0"),
     (dict(temperature=float("inf")), ValueError, "temperature must be a finite number > 0"),
     (dict(temperature=float("nan")), ValueError, "temperature must be a finite number > 0"),
+    (dict(temperature=10**400), ValueError, "temperature must be a finite number > 0"),
+    # 1 / T would overflow float32, the maths type of float32 logits.
+    (dict(temperature=1e-39), ValueError, r"temperature must be at least 1 / 3.402823e\+38 for torch.float32 logits"),
     (dict(temperature="2"), TypeError, "temperature must be a real number"),
     (dict(temperature=True), TypeError, "temperature must be a real number"),
     (dict(reduction="avg"), ValueError, "reduction must be one of"),
@@ -381,6 +397,11 @@ def test_ops_called_directly_reject_bad_input(device, backend):
     for temperature in (0.0, -2.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
             op(s, s, temperature)
+    for logits in (s, s.half(), s.bfloat16()):
+        with pytest.raises(ValueError, match="temperature must be at least 1 / 3.40282"):
+            op(logits, logits, 1e-39)
+    rows, _ = op(s.double(), s.double(), 1e-39, "none")  # 1e39 is a float64
+    assert torch.equal(rows, torch.zeros_like(rows))
     for reduction in ("avg", "", "Sum"):
         with pytest.raises(ValueError, match=r"reduction must be one of \('batchmean', 'sum', 'mean', 'none'\), "
                                              f"got '{reduction}'"):

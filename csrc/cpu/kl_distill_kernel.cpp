@@ -5,8 +5,8 @@
 // float32 (float64 for float64 logits).
 // Per row, with a = s / T, b = t / T (T > 0), p = softmax(b), q = softmax(a):
 //
-//   m_s = max_k s_k, m_t = max_k t_k                                  sweep 1
-//   u_k = (s_k - m_s) / T, v_k = (t_k - m_t) / T    (both <= 0)
+//   m_s = max_k a_k, m_t = max_k b_k                                  sweep 1
+//   u_k = a_k - m_s, v_k = b_k - m_t                (both <= 0)
 //   Z_s = sum e^u, Z_t = sum e^v, W = sum e^v (v - u)                 sweep 2
 //   KL_row = sum_k p_k (log p_k - log q_k) = W / Z_t + log Z_s - log Z_t
 //   grad_k = (q_k - p_k) / T = (e^u_k / Z_s - e^v_k / Z_t) / T          sweep 3
@@ -143,15 +143,18 @@ ROBUSTDROP_ALWAYS_INLINE T kl_row(const T* __restrict s, const T* __restrict t, 
     key_s = std::max(key_s, order_key(s[k]));
     key_t = std::max(key_t, order_key(t[k]));
   }
-  const T ms = from_order_key<T>(key_s), mt = from_order_key<T>(key_t);
+  // Scaled before the maxima are subtracted, as the CUDA and Triton kernels do: s - max(s) may
+  // overflow where s / T - max(s) / T does not. max(s * inv_t) is max(s) * inv_t (inv_t > 0).
+  const T ms = kScaled ? from_order_key<T>(key_s) * inv_t : from_order_key<T>(key_s);
+  const T mt = kScaled ? from_order_key<T>(key_t) * inv_t : from_order_key<T>(key_t);
   constexpr int L = 64 / sizeof(T);  // partial sums: one 512-bit vector
   const int64_t body = K - K % L;
   // Sweep 2: the three sums; e^u goes to grad and e^v to ev.
   T zs[L], zt[L], w[L];
   for (int lane = 0; lane < L; ++lane) zs[lane] = zt[lane] = w[lane] = T(0);
   auto accumulate = [&](int64_t k, int lane) ROBUSTDROP_ALWAYS_INLINE_LAMBDA {
-    const T u = kScaled ? (s[k] - ms) * inv_t : s[k] - ms;
-    const T v = kScaled ? (t[k] - mt) * inv_t : t[k] - mt;
+    const T u = kScaled ? s[k] * inv_t - ms : s[k] - ms;
+    const T v = kScaled ? t[k] * inv_t - mt : t[k] - mt;
     const T eu = exp_fn(u), evk = exp_fn(v);
     zs[lane] += eu;
     zt[lane] += evk;

@@ -1,5 +1,6 @@
 """Argument checks shared by every op and backend: bad input is a ValueError or
 TypeError that names the argument, before any kernel runs."""
+import math
 import numbers
 
 import torch
@@ -14,6 +15,16 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def is_real(value) -> bool:
     kind = type(value)
     return kind is float or kind is int or (kind is not bool and isinstance(value, numbers.Real))
+
+
+def as_float(value) -> float:
+    """A real number as a float: an int too large for one (``10**400``) becomes +-inf, which the range
+    checks then refuse with their message naming the argument, where ``float`` would raise
+    OverflowError."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 def is_integral(value) -> bool:
@@ -72,9 +83,9 @@ def check_feature_map(x, name: str = "x", ndim: int = 4) -> None:
 def check_probability(value, name: str = "p") -> float:
     if not is_real(value):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not 0.0 <= float(value) <= 1.0:
+    if not 0.0 <= as_float(value) <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value}")
-    return float(value)
+    return as_float(value)
 
 
 def check_positive_int(value, name: str) -> int:
@@ -270,9 +281,9 @@ def check_grids(grids, dims: int) -> int:
 def check_finite(value, name: str) -> float:
     if not is_real(value):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not abs(float(value)) < float("inf"):
+    if not abs(as_float(value)) < float("inf"):
         raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
+    return as_float(value)
 
 
 def check_sample_rates(p, batch: int, device, name: str = "p") -> torch.Tensor:

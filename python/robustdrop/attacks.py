@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustdrop._checks import check_bool, check_choice, check_positive_int, is_real
+from robustdrop._checks import as_float, check_bool, check_choice, check_positive_int, is_real
 from robustdrop.training import _scalar_loss
 
 __all__ = ["fgsm", "bim", "mim", "pgd", "adp"]
@@ -324,7 +324,7 @@ def _check_real(value, name: str, *, minimum: float, strict: bool = False) -> fl
     """A finite real number >= minimum (> minimum when strict)."""
     if not is_real(value):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    value = as_float(value)
     if not math.isfinite(value) or value < minimum or (strict and value == minimum):
         raise ValueError(f"{name} must be finite and {'>' if strict else '>='} {minimum}, got {value}")
     return value
@@ -337,7 +337,7 @@ def _check_clamp(clamp):
     if not isinstance(clamp, (tuple, list)) or len(clamp) != 2 or not all(
             is_real(bound) for bound in clamp):
         raise TypeError(f"clamp must be None or a (low, high) pair of real numbers, got {clamp!r}")
-    low, high = float(clamp[0]), float(clamp[1])
+    low, high = as_float(clamp[0]), as_float(clamp[1])
     if not low < high:
         raise ValueError(f"clamp must be a (low, high) pair with low < high, got {clamp!r}")
     return low, high
@@ -351,7 +351,7 @@ def _check_accuracy(value, name: str) -> float:
         value = value.item()
     if not is_real(value):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    value = as_float(value)
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be an accuracy fraction in [0, 1] (divide a percentage by 100), got {value}")
     return value

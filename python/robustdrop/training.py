@@ -26,7 +26,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from robustdrop._checks import check_choice, check_positive_int, check_probability, is_integral, is_real
+from robustdrop._checks import as_float, check_choice, check_positive_int, check_probability, is_integral, is_real
 from robustdrop.nn._rate import ScheduledRate
 from robustdrop.nn.active_drop_block import ActiveDropBlock2d
 
@@ -134,7 +134,7 @@ def _sequential_step(model, layers, count, loss_fn, inputs, targets) -> ActiveDr
     # not change under it. The chosen forward's values are copied back at the end.
     owners = _buffer_owners(model)
     originals = [module._buffers[name] for module, name in owners]
-    losses, best_index, best_loss, best_buffers = [], 0, None, None
+    losses, best_index, best_loss, best_buffers, best_keys = [], 0, None, None, []
     # One index for every layer, changed in place: a compiled model sees the same tensor input at every
     # policy, so it compiles once for the step (ActiveDropBlock2d.step_policy_index).
     policy_index = torch.zeros(1, dtype=torch.int64)
@@ -146,16 +146,22 @@ def _sequential_step(model, layers, count, loss_fn, inputs, targets) -> ActiveDr
             for (module, name), copy in zip(owners, copies):
                 module._buffers[name] = copy
             policy_index.fill_(index)
+            for layer in layers:
+                layer._policy_forward_keys = []
             loss = _scalar_loss(loss_fn, model(inputs), targets)
             losses.append(loss.detach())
             # Strictly larger: a tie keeps the lower index, as torch.argmax does.
             if best_loss is None or bool(loss.detach() > best_loss.detach()):
                 best_index, best_loss, best_buffers = index, loss, copies
+                best_keys = [layer._policy_forward_keys for layer in layers]
     finally:
         for layer in layers:
             layer.step_policy_index = None
-            # The chosen forward's graph is the one kept: a checkpointed layer recomputes it in the backward.
-            layer._step_forward = (False, best_index)
+    # The kept graph is the chosen policy's: a checkpointed layer recomputes it in the backward. Recorded
+    # again, as the policy 0.0 draws no seed and so shares its key with the next policy's forward.
+    for layer, keys in zip(layers, best_keys):
+        for key in keys:
+            layer._step_forwards.remember(key, (False, best_index))
         for (module, name), original in zip(owners, originals):
             module._buffers[name] = original
     with torch.no_grad():
@@ -290,7 +296,7 @@ def _own_rate(layer: nn.Module) -> float | None:
     """The layer's p when a schedule first took it over, while p is still a schedule's last rate; else p.
     None for a p that is no float rate (a tensor)."""
     p = layer.p
-    if not is_real(p) or not 0.0 <= float(p) <= 1.0:
+    if not is_real(p) or not 0.0 <= as_float(p) <= 1.0:
         return None
     remembered = layer.__dict__.get(_OWN_RATE)
-    return remembered[0] if remembered is not None and remembered[1] == float(p) else float(p)
+    return remembered[0] if remembered is not None and remembered[1] == as_float(p) else as_float(p)

@@ -44,7 +44,7 @@ import math
 import torch
 from torch import nn
 
-from robustdrop._checks import check_non_negative, check_positive_int, is_real
+from robustdrop._checks import as_float, check_non_negative, check_positive_int, is_real
 from robustdrop.ews.gates import KINDS, Decision, GatedNetwork, Subnet
 
 __all__ = ["Controller", "plackett_luce_log_prob", "choices_to_masks"]
@@ -335,14 +335,14 @@ def _check_names(names, count: int) -> tuple[str, ...]:
 def _check_decay(value) -> float:
     if not is_real(value):
         raise TypeError(f"baseline_decay must be a real number, got {type(value).__name__}")
-    if not 0.0 <= float(value) < 1.0:
+    if not 0.0 <= as_float(value) < 1.0:
         raise ValueError(f"baseline_decay must be in [0, 1), got {value}")
-    return float(value)
+    return as_float(value)
 
 
 def _check_lr(value) -> float:
     if not is_real(value):
         raise TypeError(f"lr must be a real number, got {type(value).__name__}")
-    if not 0.0 < float(value) < math.inf:
+    if not 0.0 < as_float(value) < math.inf:
         raise ValueError(f"lr must be > 0 and finite, got {value}")
-    return float(value)
+    return as_float(value)

@@ -16,6 +16,7 @@ from robustdrop import _checks
 from robustdrop._backend import (check_backend_name, eager_only, host_to_device, in_checkpoint_recompute,
                                  resolve_backend)
 from robustdrop._seed import check_not_capturing
+from robustdrop.nn._recompute import ForwardRecords, forward_key
 from robustdrop.nn._script import NotScriptable
 from robustdrop.ops.block_mask import NORMALIZE_MODES, block_drop, drop_block2d, rate_per_sample
 
@@ -58,7 +59,8 @@ class ActiveDropBlock2d(NotScriptable, nn.Module):
     runs between graphs, and ``fullgraph=True`` refuses it with that reason.
     Under activation checkpointing (``torch.utils.checkpoint``) the forward
     recomputed in the backward uses the policy of the forward it recomputes,
-    the step's included once the step has ended.
+    the step's included once the step has ended, also when several steps'
+    losses wait for one backward.
     """
 
     def __init__(self, block_size: int, *, policies=DEFAULT_POLICIES, change_threshold: float | None = None,
@@ -81,27 +83,35 @@ class ActiveDropBlock2d(NotScriptable, nn.Module):
         self.step_policy_index: torch.Tensor | None = None
         self.batched_policies = False
         self.last_policy: float | None = None
-        # (batched, policy index) of the last eager forward when it ran inside active_dropblock_step, else
-        # None; the sequential step leaves the chosen policy's here. For activation checkpointing's recompute.
-        self._step_forward: tuple[bool, int | None] | None = None
+        # (batched, policy index) of recent eager forwards that ran inside active_dropblock_step, for
+        # activation checkpointing's recompute after the step; and the keys of the forwards of the step's
+        # current policy, which the sequential step records again for the policy it keeps.
+        self._step_forwards = ForwardRecords()
+        self._policy_forward_keys: list[int] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return x
-        if in_checkpoint_recompute() and self._step_forward is not None:
-            return self._recompute_step_forward(x)
-        if not torch.compiler.is_compiling():
+        key = forward_key(x)
+        if key is None:
+            return self._forward(x)
+        if in_checkpoint_recompute():
+            recorded = self._step_forwards.recall(key)
+            if recorded is not None:
+                return self._recompute_step_forward(x, recorded)
+        elif self.batched_policies or self.step_policy_index is not None:
             index = self.step_policy_index
-            in_step = self.batched_policies or index is not None
-            self._step_forward = (self.batched_policies, None if index is None else int(index)) if in_step else None
+            self._step_forwards.remember(key, (self.batched_policies, None if index is None else int(index)))
+            self._policy_forward_keys.append(key)
         return self._forward(x)
 
-    def _recompute_step_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _recompute_step_forward(self, x: torch.Tensor, recorded: tuple[bool, int | None]) -> torch.Tensor:
         """Activation checkpointing's recompute, in the backward, of a forward that ran inside
         ``active_dropblock_step``: the step is over, so its policy is put back for the recompute.
-        checkpoint restores torch's random state, so the mask seed is the original one. Forwards
-        outside a step need nothing: their policy draw is repeated from that random state."""
-        batched, index = self._step_forward
+        checkpoint restores torch's random state, so the mask seed is the original one, and the
+        forward's record is the one kept under that state (``nn._recompute``). Forwards outside a
+        step need nothing: their policy draw is repeated from that random state."""
+        batched, index = recorded
         if batched:
             return self._forward_every_policy(x)
         outside_step = self.step_policy_index
@@ -236,6 +246,6 @@ def _check_threshold(threshold) -> float | None:
         return None
     if not _checks.is_real(threshold):
         raise TypeError(f"change_threshold must be a real number or None, got {type(threshold).__name__}")
-    if not 0.0 < float(threshold) < float("inf"):
+    if not 0.0 < _checks.as_float(threshold) < float("inf"):
         raise ValueError(f"change_threshold must be > 0 and finite, got {threshold}")
-    return float(threshold)
+    return _checks.as_float(threshold)

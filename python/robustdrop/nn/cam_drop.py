@@ -30,6 +30,7 @@ from robustdrop import _checks
 from robustdrop._backend import check_backend_name, host_to_device, in_checkpoint_recompute
 from robustdrop._func import add_to_state
 from robustdrop.nn._rate import ScheduledRate
+from robustdrop.nn._recompute import ForwardRecords, forward_key
 from robustdrop.nn._script import NotScriptable
 from robustdrop.ops.cam_mask import cam_mask
 
@@ -64,7 +65,9 @@ class CamDrop2d(NotScriptable, ScheduledRate, nn.Module):
     ``set_cam_targets``. It is the identity in eval mode. Under activation
     checkpointing (``torch.utils.checkpoint``) the forward recomputed in the
     backward uses the targets and warm-up state of the forward it recomputes,
-    and counts no step.
+    and counts no step; several forwards may wait for one backward (a clean
+    and an adversarial pass, the layer used twice), each recompute finding its
+    own forward by the random state it starts from (``nn._recompute``).
     """
 
     def __init__(self, p: float, block_size: int, classifier: nn.Module, *, spatial_topk: int | None = None,
@@ -85,8 +88,8 @@ class CamDrop2d(NotScriptable, ScheduledRate, nn.Module):
         self.backend = check_backend_name(backend)
         self.target: torch.Tensor | None = None
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.int64))
-        # (targets, guidance) of the last eager training forward, for activation checkpointing's recompute.
-        self._last_forward: tuple | None = None
+        # (targets, guidance) of recent eager training forwards, for activation checkpointing's recompute.
+        self._forwards = ForwardRecords()
 
     @property
     def classifier(self) -> nn.Module:
@@ -101,19 +104,30 @@ class CamDrop2d(NotScriptable, ScheduledRate, nn.Module):
             raise RuntimeError("CamDrop2d does not support nn.DataParallel (its replicas would read the classifier "
                                "of the first GPU and the whole batch's targets): use "
                                "torch.nn.parallel.DistributedDataParallel, one process per GPU")
-        if in_checkpoint_recompute() and self._last_forward is not None:
+        key = forward_key(x)
+        recorded = self._recorded_forward(key) if in_checkpoint_recompute() else None
+        if recorded is not None:
             # Activation checkpointing recomputes this forward in the backward, where the targets may be
             # gone (the backward runs after `with cam_targets`) and the step counter has moved on: use the
             # original forward's, and count the step once.
-            target, guided = self._last_forward
+            target, guided = recorded
         else:
             target, guided = self._targets_and_guidance(x, target)
             add_to_state(self.num_steps, 1)
-            if not torch.compiler.is_compiling():
-                self._last_forward = (target, guided)
+            if key is not None:
+                self._forwards.remember(key, (target, guided))
         return cam_mask(x, self.classifier.weight, target, self._forward_rate(), self.block_size,
                         spatial_topk=self.spatial_topk, channel_topk=self.channel_topk, training=True,
                         backend=self.backend, guided=guided)
+
+    def _recorded_forward(self, key: int | None):
+        """(targets, guidance) of the forward that a checkpoint recompute repeats: the one that started
+        from the same random state with an input of the same shape; the latest forward's when none did (``preserve_rng_state=False``,
+        whose recompute draws another mask anyway); None before any eager forward."""
+        if key is None:
+            return None
+        recorded = self._forwards.recall(key)
+        return self._forwards.latest() if recorded is None else recorded
 
     def _targets_and_guidance(self, x: torch.Tensor, target: torch.Tensor | None):
         """The forward's targets (N,) and its guidance: None, or with a warm-up a 0-d bool tensor on x's

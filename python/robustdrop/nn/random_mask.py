@@ -32,9 +32,9 @@ __all__ = ["RandomMask2d", "apply_random_mask", "shallow_convolutions"]
 def _check_ratio(ratio) -> float:
     if not _checks.is_real(ratio):
         raise TypeError(f"ratio must be a real number, got {type(ratio).__name__}")
-    if not 0.0 <= float(ratio) < 1.0:
+    if not 0.0 <= _checks.as_float(ratio) < 1.0:
         raise ValueError(f"ratio must be in [0, 1) (the fraction of neurons removed), got {ratio}")
-    return float(ratio)
+    return _checks.as_float(ratio)
 
 
 def _check_shape(shape) -> tuple[int, int, int] | None:

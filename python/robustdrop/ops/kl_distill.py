@@ -75,7 +75,7 @@ def kl_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, te
         differentiates to any order.
     """
     check_logits(student_logits, teacher_logits)
-    temperature = check_temperature(temperature)
+    temperature = check_temperature(temperature, student_logits.dtype)
     check_reduction(reduction)
     name = _backend.resolve_backend(backend, student_logits)
     teacher = teacher_logits.detach()
@@ -110,13 +110,20 @@ def check_logits(student_logits, teacher_logits) -> None:
                          f"got {teacher_logits.device}")
 
 
-def check_temperature(temperature) -> float:
-    """A finite temperature > 0, as a float."""
+def check_temperature(temperature, logits_dtype: torch.dtype) -> float:
+    """A finite temperature > 0 whose reciprocal is finite in the maths type of logits of
+    ``logits_dtype`` (float32, float64 for float64 logits): the kernels scale the logits by 1 / T,
+    which for T below 1 / FLT_MAX (about 2.9e-39) would be inf in float32. As a float."""
     if not _checks.is_real(temperature):
         raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
-    if not 0.0 < float(temperature) < math.inf:
+    value = _checks.as_float(temperature)
+    if not 0.0 < value < math.inf:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    return float(temperature)
+    maths = reference.math_dtype(logits_dtype)
+    if not 1.0 / value <= torch.finfo(maths).max:
+        raise ValueError(f"temperature must be at least 1 / {torch.finfo(maths).max:.7g} for {logits_dtype} logits "
+                         f"(the logits are scaled by 1 / temperature in {maths}), got {temperature}")
+    return value
 
 
 def check_reduction(reduction) -> None:
@@ -144,7 +151,7 @@ def reduce_rows(rows: torch.Tensor, reduction: str, shape) -> torch.Tensor:
 
 def _fake_forward(student_logits, teacher_logits, temperature, reduction):
     check_logits(student_logits, teacher_logits)
-    check_temperature(temperature)
+    check_temperature(temperature, student_logits.dtype)
     check_reduction(reduction)
     dtype = reference.math_dtype(student_logits.dtype)
     loss_shape = student_logits.shape[:1] if reduction == "none" else ()

@@ -105,7 +105,7 @@ def kl_distill_forward(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     (float64 for float64 logits).
     """
     check_logits(student_logits, teacher_logits)
-    check_temperature(temperature)
+    check_temperature(temperature, student_logits.dtype)
     check_reduction(reduction)
     student = _unit_stride_rows(student_logits)
     teacher = _unit_stride_rows(teacher_logits)
