@@ -126,6 +126,27 @@ def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor):
     assert torch.equal(actual.cpu(), expected.cpu())
 
 
+# NaNs of each dtype by their bits: signalling and quiet, either sign, with payloads. A multiply by 1.0
+# would quiet the signalling ones, and a float32 round trip canonicalises bfloat16's.
+NAN_BITS = {
+    torch.float32: [0x7F800001, 0xFFC00001 - (1 << 32), 0x7FC12345, 0xFF812345 - (1 << 32)],
+    torch.float64: [0x7FF0000000000001, 0xFFF8000000000123 - (1 << 64), 0x7FF8000012345678, 0x7FF4000000000000],
+    torch.float16: [0x7C01, 0xFE01 - (1 << 16), 0x7E55, 0xFC02 - (1 << 16)],
+    torch.bfloat16: [0x7F81, 0xFFC0 - (1 << 16), 0x7FC5, 0xFF82 - (1 << 16)],
+}
+
+
+def nan_payloads(shape, dtype, device) -> torch.Tensor:
+    """A tensor of ``shape`` and ``dtype`` that cycles through NAN_BITS and two ordinary values."""
+    width = {2: torch.int16, 4: torch.int32, 8: torch.int64}[torch.empty((), dtype=dtype).element_size()]
+    ordinary = torch.tensor([1.5, -0.0], dtype=dtype).view(width).tolist()
+    bits = torch.tensor(NAN_BITS[dtype] + ordinary, dtype=width)
+    count = 1
+    for size in shape:
+        count *= size
+    return bits.repeat(count // len(bits) + 1)[:count].view(dtype).reshape(shape).to(device)
+
+
 def assert_backend_matches_reference(call, x: torch.Tensor, backend: str):
     """call(x, backend_name) -> y gives the reference's y and gradient, to the bit, in x's dtype."""
     outputs = []

@@ -8,7 +8,7 @@ from robustdrop.ews import channel_gate
 from robustdrop.reference import channel_gate as reference
 from conftest import (COMPILED_DEVICES, DEVICE_BACKENDS, KERNEL_BACKENDS, assert_backend_matches_reference,
                       assert_compiled_matches_eager, assert_gradients_check, assert_same_bits, memory_layouts,
-                      python_calls_in_autograd)
+                      nan_payloads, python_calls_in_autograd)
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -95,6 +95,21 @@ def test_nan_inf_and_signed_zero(device, backend):
     assert torch.isnan(y[0, 0]) and y[0, 2] == float("-inf")
     assert (y[:, 1] == 0).all() and (y[:, 3] == 0).all() and not torch.signbit(y[:, [1, 3]]).any()
     assert torch.signbit(y[1, [0, 2]]).all()  # a kept -0.0 stays -0.0
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_kept_values_keep_their_bits(device, backend, dtype):
+    """A select, no multiply: kept NaNs keep their sign and payload, signalling ones included, on every
+    backend, for features and maps in both layouts; the gradient likewise."""
+    keep = random_keep((2, 6), device)
+    maps = memory_layouts(nan_payloads((2, 6, 3, 5), dtype, device))
+    for x in [nan_payloads((2, 6), dtype, device), nan_payloads((2, 6, 7), dtype, device), *maps.values()]:
+        assert_same_bits(channel_gate(x, keep, backend=backend), reference.channel_gate(x, keep))
+        x = x.clone().requires_grad_()
+        grad_y = nan_payloads(x.shape, dtype, device).flip(0)
+        (grad,) = torch.autograd.grad(channel_gate(x, keep, backend=backend), x, grad_y)
+        assert_same_bits(grad, reference.channel_gate(grad_y, keep))
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

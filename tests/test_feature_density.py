@@ -13,10 +13,11 @@ import torch
 
 import robustdrop
 from robustdrop.nn import FeatureDensityDropout1d, FeatureDensityDropout2d
+from robustdrop.reference import block_mask as block_reference
 from robustdrop.reference import feature_density as reference
 from conftest import (COMPILED_DEVICES, DEVICE_BACKENDS, KERNEL_BACKENDS, assert_backend_matches_reference,
                       assert_compiled_matches_eager, assert_gradients_check, assert_drawn_seed_variant,
-                      assert_same_bits, memory_layouts, python_calls_in_autograd)
+                      assert_same_bits, memory_layouts, nan_payloads, python_calls_in_autograd)
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 EDGE_BOUND = 1e-4  # DESIGN.md 4.3
@@ -85,6 +86,27 @@ def test_density_matches_reference_on_inputs_with_a_margin(device, backend, shap
     cell_ref, counts_ref = reference.feature_density(x, dims, grids)
     assert cell.dtype == torch.int64 and counts.shape == (shape[0], grids**dims)
     assert torch.equal(cell.cpu(), cell_ref) and torch.equal(counts.cpu(), counts_ref)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_channel_mask_apply_of_a_unit_scale_keeps_the_bits(device, backend, dtype):
+    """channel_mask_backward with a 0-d scale of exactly 1 (FDD without rescale, EWS's gates) multiplies
+    nothing: kept NaNs keep their sign and payload, as the reference's select; with a 0-d scale of 2 or
+    per-channel scales it multiplies, as the reference does."""
+    generator = torch.Generator().manual_seed(4)
+    keep = torch.rand(3, 10, generator=generator) < 0.5
+    mask = block_reference.pack_keep_mask(keep).to(device)
+    maps = memory_layouts(nan_payloads((3, 10, 2, 5), dtype, device))
+    for x in [nan_payloads((3, 10), dtype, device), *maps.values()]:
+        one = torch.ones((), dtype=torch.float32, device=device)
+        assert_same_bits(op("channel_mask_backward", backend)(x, mask, one),
+                         reference.channel_mask_backward(x, mask, one))
+        finite = torch.randn(x.shape, generator=generator).to(device=device, dtype=dtype)
+        per_channel = torch.where(keep, torch.tensor([1.0, 1.25]).repeat(3, 5), 0.0).to(device)
+        for scale in (torch.full((), 2.0, device=device), per_channel):
+            assert_same_bits(op("channel_mask_backward", backend)(finite, mask, scale),
+                             reference.channel_mask_backward(finite, mask, scale))
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)

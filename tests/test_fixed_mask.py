@@ -7,7 +7,7 @@ from robustdrop.reference import fixed_mask as reference
 from robustdrop.reference.block_mask import pack_keep_mask
 from conftest import (COMPILED_DEVICES, DEVICE_BACKENDS, KERNEL_BACKENDS, assert_backend_matches_reference,
                       assert_compiled_matches_eager, assert_gradients_check, assert_same_bits, memory_layouts,
-                      python_calls_in_autograd)
+                      nan_payloads, python_calls_in_autograd)
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -150,6 +150,21 @@ def test_nan_and_inf_reach_kept_outputs_only(device, backend):
     dropped = ~keep.expand_as(y)
     assert (y[dropped] == 0).all() and not torch.signbit(y[dropped]).any()
     assert torch.isnan(y[0][keep]).all() and torch.isinf(y[1][keep]).all()
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_kept_values_keep_their_bits(device, backend, dtype):
+    """A select, no multiply: kept NaNs keep their sign and payload, signalling ones included, on every
+    backend, out of place and in place, in both layouts."""
+    apply, apply_ = apply_ops(backend)
+    keep, mask = packed_mask((2, 3, 5, 11), device, ratio=0.5)
+    for x in memory_layouts(nan_payloads((2, 3, 5, 11), dtype, device)).values():
+        expected = torch.where(keep, x, torch.zeros((), dtype=dtype, device=device))
+        assert_same_bits(apply(x, mask), expected)
+        copy = x.clone()
+        apply_(copy, mask)
+        assert_same_bits(copy, expected)
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

@@ -71,6 +71,10 @@ PackedMaskView block_mask_view(const at::Tensor& mask);
 void apply_mask_into(const at::Tensor& input, const PackedMaskView& mask, const std::vector<float>& sample_scale,
                      at::Tensor& out);
 
+// out = keep ? input : 0, the kept values' bits untouched (NaN payloads
+// included); otherwise as apply_mask_into. Random Mask's fixed mask.
+void select_mask_into(const at::Tensor& input, const PackedMaskView& mask, at::Tensor& out);
+
 // keep ? input * scale : 0 for input (N, C, H, W) and mask (N, 1 or C, H, ceil(W/8));
 // the result has input's layout (contiguous or channels_last).
 at::Tensor apply_mask_dispatch(const at::Tensor& input, const at::Tensor& mask, float scale);

@@ -141,25 +141,41 @@ inline void unpack_row(const uint8_t* mask_row, int64_t row_bytes, uint8_t* keep
   for (int64_t byte = 0; byte < row_bytes; ++byte) std::memcpy(keep + 8 * byte, &table.lanes[mask_row[byte]], 8);
 }
 
-// dst[w] = keep[w] ? src[w] * scale : 0 for one row. A select, not a multiply
-// by 0 or 1, so NaN and Inf never reach dropped positions; __restrict lets the
-// compiler vectorise it.
-template <typename scalar_t, typename opmath_t>
+// A kept value: x * scale in opmath, rounded once (kScaled); or x itself, its
+// bits untouched, NaN payloads included (a fixed mask, which never scales).
+template <bool kScaled, typename scalar_t, typename opmath_t>
+inline scalar_t kept_value(scalar_t x, opmath_t scale) {
+  if constexpr (kScaled) return static_cast<scalar_t>(static_cast<opmath_t>(x) * scale);
+  return x;
+}
+
+// dst[w] = keep[w] ? kept_value(src[w]) : 0 for one row. A select, not a
+// multiply by 0 or 1, so NaN and Inf never reach dropped positions; __restrict
+// lets the compiler vectorise it (the product is taken before the select).
+template <bool kScaled, typename scalar_t, typename opmath_t>
 void scale_row(const scalar_t* __restrict src, scalar_t* __restrict dst, const uint8_t* __restrict keep,
                int64_t length, opmath_t scale) {
   for (int64_t w = 0; w < length; ++w) {
-    const opmath_t scaled = static_cast<opmath_t>(src[w]) * scale;
-    dst[w] = static_cast<scalar_t>(keep[w] ? scaled : opmath_t(0));
+    if constexpr (kScaled) {
+      const opmath_t scaled = static_cast<opmath_t>(src[w]) * scale;
+      dst[w] = static_cast<scalar_t>(keep[w] ? scaled : opmath_t(0));
+    } else {
+      dst[w] = keep[w] ? src[w] : scalar_t(0);
+    }
   }
 }
 
 // scale_row written back into its source: __restrict may not promise that
 // source and destination differ.
-template <typename scalar_t, typename opmath_t>
+template <bool kScaled, typename scalar_t, typename opmath_t>
 void scale_row_in_place(scalar_t* data, const uint8_t* __restrict keep, int64_t length, opmath_t scale) {
   for (int64_t w = 0; w < length; ++w) {
-    const opmath_t scaled = static_cast<opmath_t>(data[w]) * scale;
-    data[w] = static_cast<scalar_t>(keep[w] ? scaled : opmath_t(0));
+    if constexpr (kScaled) {
+      const opmath_t scaled = static_cast<opmath_t>(data[w]) * scale;
+      data[w] = static_cast<scalar_t>(keep[w] ? scaled : opmath_t(0));
+    } else {
+      data[w] = keep[w] ? data[w] : scalar_t(0);
+    }
   }
 }
 
@@ -200,29 +216,52 @@ void gather_row_bits(const PackedMaskView& mask, int64_t n, int64_t c, int64_t h
   if (fill > 0) *out = static_cast<uint8_t>(pending);
 }
 
-// dst[i] = bit i of bits ? src[i] * scale : +0.0 for i < length, bit i being
-// bit i % 8 of byte i / 8: the apply straight from a packed mask, with no keep
-// bytes in between (unpacking them cost more than the apply on 16-wide maps).
-// dst may be src (an in-place apply). The eight lanes of a mask byte are a GCC
-// vector (vector_clones.h).
-ROBUSTDROP_VECTOR_CLONES void scale_by_bits_float(const float* src, float* dst, const uint8_t* __restrict bits,
-                                                  int64_t length, float scale) {
+// dst[i] = bit i of bits ? kept_value(src[i]) : +0.0 for i < length, bit i
+// being bit i % 8 of byte i / 8: the apply straight from a packed mask, with no
+// keep bytes in between (unpacking them cost more than the apply on 16-wide
+// maps). dst may be src (an in-place apply). The eight lanes of a mask byte are
+// a GCC vector (vector_clones.h).
+template <bool kScaled>
+ROBUSTDROP_CLONE_INLINE void apply_by_bits_float(const float* src, float* dst, const uint8_t* __restrict bits,
+                                                 int64_t length, float scale) {
   int64_t i = 0;
 #if ROBUSTDROP_HAS_FLOAT8
   const Lanes8 lane_bit = {1u, 2u, 4u, 8u, 16u, 32u, 64u, 128u};
   for (; i + 8 <= length; i += 8) {
-    const Float8 values = load8(src + i) * scale;
+    Float8 values = load8(src + i);
+    if constexpr (kScaled) values = values * scale;
     const Lanes8 bit = lane_bit & static_cast<uint32_t>(bits[i >> 3]);
     const Lanes8 kept = reinterpret_cast<Lanes8>(values) & reinterpret_cast<Lanes8>(bit == lane_bit);
     store8(dst + i, reinterpret_cast<Float8>(kept));
   }
 #endif
-  for (; i < length; ++i) dst[i] = select_kept(mask_bit(bits, i), src[i] * scale);
+  for (; i < length; ++i) dst[i] = select_kept(mask_bit(bits, i), kept_value<kScaled>(src[i], scale));
+}
+
+ROBUSTDROP_VECTOR_CLONES void scale_by_bits_float(const float* src, float* dst, const uint8_t* __restrict bits,
+                                                  int64_t length, float scale) {
+  apply_by_bits_float<true>(src, dst, bits, length, scale);
+}
+
+ROBUSTDROP_VECTOR_CLONES void select_by_bits_float(const float* src, float* dst, const uint8_t* __restrict bits,
+                                                   int64_t length, float scale) {
+  apply_by_bits_float<false>(src, dst, bits, length, scale);
+}
+
+// The float32 apply from packed bits: scaled, or a plain select.
+template <bool kScaled>
+void by_bits_float(const float* src, float* dst, const uint8_t* bits, int64_t length, float scale) {
+  if constexpr (kScaled) {
+    scale_by_bits_float(src, dst, bits, length, scale);
+  } else {
+    select_by_bits_float(src, dst, bits, length, scale);
+  }
 }
 
 // A mask shared by every sample (Random Mask's fixed mask), float32 x (N, C, H, W)
 // contiguous: the mask's bits are gathered once into one string of C*H*W bits,
 // so each sample is one run, split into chunks of whole mask bytes.
+template <bool kScaled>
 void apply_shared_mask_float(const float* in, float* out, const PackedMaskView& mask,
                              const std::vector<float>& sample_scale, int64_t N, int64_t rows, int64_t W) {
   const int64_t sample_numel = rows * W;
@@ -235,15 +274,16 @@ void apply_shared_mask_float(const float* in, float* out, const PackedMaskView& 
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / chunks, offset = (item % chunks) * kChunk;
       const int64_t index = n * sample_numel + offset;
-      scale_by_bits_float(in + index, out + index, bits.data() + offset / 8, std::min(kChunk, sample_numel - offset),
-                          sample_scale[n]);
+      by_bits_float<kScaled>(in + index, out + index, bits.data() + offset / 8,
+                             std::min(kChunk, sample_numel - offset), sample_scale[n]);
     }
   });
 }
 
-// out = keep ? in * scale[n] : 0 over an (N, C, H, W) tensor that is contiguous
-// or channels_last; out has in's layout and may be in itself.
-template <typename scalar_t>
+// out = keep ? in * scale[n] : 0 (kScaled), or keep ? in : 0, over an
+// (N, C, H, W) tensor that is contiguous or channels_last; out has in's layout
+// and may be in itself.
+template <bool kScaled, typename scalar_t>
 void apply_mask(const at::Tensor& in, const PackedMaskView& mask, const std::vector<float>& sample_scale,
                 at::Tensor& out) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -253,7 +293,7 @@ void apply_mask(const at::Tensor& in, const PackedMaskView& mask, const std::vec
   const bool in_place = in_ptr == out_ptr;
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (mask.sample_planes == 0 && !is_channels_last_4d(in)) {
-      apply_shared_mask_float(in_ptr, out_ptr, mask, sample_scale, N, C * H, W);
+      apply_shared_mask_float<kScaled>(in_ptr, out_ptr, mask, sample_scale, N, C * H, W);
       return;
     }
   }
@@ -289,7 +329,7 @@ void apply_mask(const at::Tensor& in, const PackedMaskView& mask, const std::vec
           } else if (mask.channel_planes == 0) {
             run = std::min(rows, H - h);
           }
-          scale_by_bits_float(in_ptr + first * W, out_ptr + first * W, bits, run * W, s);
+          by_bits_float<kScaled>(in_ptr + first * W, out_ptr + first * W, bits, run * W, s);
           first += run;
         } else {
           for (int64_t r = 0; r < rows; ++r) {
@@ -300,9 +340,9 @@ void apply_mask(const at::Tensor& in, const PackedMaskView& mask, const std::vec
             }
           }
           if (in_place) {
-            scale_row_in_place(out_ptr + first * W, buffer.data(), rows * W, s);
+            scale_row_in_place<kScaled>(out_ptr + first * W, buffer.data(), rows * W, s);
           } else {
-            scale_row(in_ptr + first * W, out_ptr + first * W, buffer.data(), rows * W, s);
+            scale_row<kScaled>(in_ptr + first * W, out_ptr + first * W, buffer.data(), rows * W, s);
           }
           first += rows;
         }
@@ -317,8 +357,7 @@ void apply_mask(const at::Tensor& in, const PackedMaskView& mask, const std::vec
           const scalar_t* src = in_ptr + (row * W + w) * C;
           scalar_t* dst = out_ptr + (row * W + w) * C;
           for (int64_t c = 0; c < C; ++c) {
-            dst[c] = mask_bit(mask.row(n, c, h), w) ? static_cast<scalar_t>(static_cast<opmath_t>(src[c]) * s)
-                                                    : scalar_t(0);
+            dst[c] = mask_bit(mask.row(n, c, h), w) ? kept_value<kScaled>(src[c], s) : scalar_t(0);
           }
         }
       }
@@ -337,7 +376,14 @@ void apply_mask_into(const at::Tensor& input, const PackedMaskView& mask, const 
                      at::Tensor& out) {
   if (input.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "block_mask_apply_cpu",
-                                  [&] { apply_mask<scalar_t>(input, mask, sample_scale, out); });
+                                  [&] { apply_mask<true, scalar_t>(input, mask, sample_scale, out); });
+}
+
+void select_mask_into(const at::Tensor& input, const PackedMaskView& mask, at::Tensor& out) {
+  if (input.numel() == 0) return;
+  const std::vector<float> unused_scale(input.size(0), 1.0f);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fixed_mask_apply_cpu",
+                                  [&] { apply_mask<false, scalar_t>(input, mask, unused_scale, out); });
 }
 
 namespace {

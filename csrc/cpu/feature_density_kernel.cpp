@@ -566,45 +566,67 @@ void sample_factors(const uint8_t* mask_row, const float* scale, bool per_channe
 }
 
 // One sample of the apply, x and y (C, D) channel-major or (D, C) channels
-// last: y = keep[c] ? x * factor[c] : 0.
+// last: y = keep[c] ? x * factor[c] : 0; or, unscaled (a 0-d scale of exactly
+// 1: FDD without rescale, EWS's gates), y = keep[c] ? x : 0 with the kept
+// values' bits untouched, NaN payloads included.
 template <typename scalar_t, typename opmath_t>
 void apply_sample(const scalar_t* x, scalar_t* y, const uint8_t* keep, const opmath_t* factor, int64_t C, int64_t D,
-                  bool channels_last) {
+                  bool channels_last, bool unscaled) {
   for (int64_t row = 0; row < (channels_last ? D : C); ++row) {
     for (int64_t col = 0; col < (channels_last ? C : D); ++col) {
       const int64_t c = channels_last ? col : row, i = row * (channels_last ? C : D) + col;
-      y[i] = static_cast<scalar_t>(keep[c] ? static_cast<opmath_t>(x[i]) * factor[c] : opmath_t(0));
+      if (unscaled) {
+        y[i] = keep[c] ? x[i] : scalar_t(0);
+      } else {
+        y[i] = static_cast<scalar_t>(keep[c] ? static_cast<opmath_t>(x[i]) * factor[c] : opmath_t(0));
+      }
     }
   }
 }
 
 // float32, the common case: one AVX2 clone for the whole sample, so short
 // rows (ResNet's 4x4 maps) pay no call per channel.
-ROBUSTDROP_VECTOR_CLONES void apply_sample_float(const float* __restrict x, float* __restrict y,
-                                                 const uint8_t* __restrict keep, const float* __restrict factor,
-                                                 int64_t C, int64_t D, bool channels_last) {
+template <bool kScaled>
+ROBUSTDROP_CLONE_INLINE void apply_sample_float_body(const float* __restrict x, float* __restrict y,
+                                                     const uint8_t* __restrict keep, const float* __restrict factor,
+                                                     int64_t C, int64_t D, bool channels_last) {
   if (channels_last || D == 1) {  // D == 1 (FC features): one vector loop over the channels
     for (int64_t d = 0; d < D; ++d) {
-      for (int64_t c = 0; c < C; ++c) y[d * C + c] = select_kept(keep[c], x[d * C + c] * factor[c]);
+      for (int64_t c = 0; c < C; ++c) {
+        y[d * C + c] = select_kept(keep[c], kScaled ? x[d * C + c] * factor[c] : x[d * C + c]);
+      }
     }
     return;
   }
   for (int64_t c = 0; c < C; ++c) {
     const uint8_t kept = keep[c];
     const float f = factor[c];
-    for (int64_t d = 0; d < D; ++d) y[c * D + d] = select_kept(kept, x[c * D + d] * f);
+    for (int64_t d = 0; d < D; ++d) y[c * D + d] = select_kept(kept, kScaled ? x[c * D + d] * f : x[c * D + d]);
   }
+}
+
+ROBUSTDROP_VECTOR_CLONES void apply_sample_float(const float* __restrict x, float* __restrict y,
+                                                 const uint8_t* __restrict keep, const float* __restrict factor,
+                                                 int64_t C, int64_t D, bool channels_last) {
+  apply_sample_float_body<true>(x, y, keep, factor, C, D, channels_last);
+}
+
+ROBUSTDROP_VECTOR_CLONES void select_sample_float(const float* __restrict x, float* __restrict y,
+                                                  const uint8_t* __restrict keep, const float* __restrict factor,
+                                                  int64_t C, int64_t D, bool channels_last) {
+  apply_sample_float_body<false>(x, y, keep, factor, C, D, channels_last);
 }
 
 template <>
 void apply_sample<float, float>(const float* x, float* y, const uint8_t* keep, const float* factor, int64_t C,
-                                int64_t D, bool channels_last) {
-  apply_sample_float(x, y, keep, factor, C, D, channels_last);
+                                int64_t D, bool channels_last, bool unscaled) {
+  (unscaled ? select_sample_float : apply_sample_float)(x, y, keep, factor, C, D, channels_last);
 }
 
 // out = keep(n, c) ? in * scale(n, c) : 0 for in (N, C) or (N, C, H, W),
 // contiguous or channels_last (out has in's layout). A select, not a multiply,
-// so NaN and Inf never reach dropped channels.
+// so NaN and Inf never reach dropped channels; a 0-d scale of exactly 1 keeps
+// the kept values' bits (no multiply at all).
 template <typename scalar_t>
 void apply_channel_mask(const at::Tensor& in, const at::Tensor& mask, const at::Tensor& scale, at::Tensor& out) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -616,6 +638,7 @@ void apply_channel_mask(const at::Tensor& in, const at::Tensor& mask, const at::
   const uint8_t* bits = mask.data_ptr<uint8_t>();
   const float* scale_ptr = scale.data_ptr<float>();
   const bool per_channel = scale.numel() != 1;
+  const bool unscaled = !per_channel && scale_ptr[0] == 1.0f;
   at::parallel_for(0, N, std::max<int64_t>(1, 32768 / std::max<int64_t>(C * D, 1)), [&](int64_t begin, int64_t end) {
     std::vector<opmath_t> factors(C);
     std::vector<uint8_t> keep(C);
@@ -623,7 +646,7 @@ void apply_channel_mask(const at::Tensor& in, const at::Tensor& mask, const at::
       sample_factors(bits + n * row_bytes, per_channel ? scale_ptr + n * C : scale_ptr, per_channel, C, keep.data(),
                      factors.data());
       apply_sample<scalar_t, opmath_t>(src + n * C * D, dst + n * C * D, keep.data(), factors.data(), C, D,
-                                       channels_last);
+                                       channels_last, unscaled);
     }
   });
 }
@@ -677,8 +700,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_density_forward_cpu(const
     factors.resize(s.C);
     keep.resize(s.C);
     sample_factors(mask_row, rescale ? scale_row : scale.data_ptr<float>(), rescale, s.C, keep.data(), factors.data());
-    apply_sample_float(x.data_ptr<float>() + n * s.C * s.D, y.data_ptr<float>() + n * s.C * s.D, keep.data(),
-                       factors.data(), s.C, s.D, false);
+    apply_sample<float, float>(x.data_ptr<float>() + n * s.C * s.D, y.data_ptr<float>() + n * s.C * s.D,
+                               keep.data(), factors.data(), s.C, s.D, false, !rescale);
   });
   if (!fused) y = apply_channel_mask_dispatch(x, mask, scale);
   return {y, mask, scale};

@@ -1,8 +1,8 @@
 // Random Mask's apply on the CPU (DESIGN.md 4.4): y = keep[c, h, w] ? x : 0 with
 // one packed keep mask (C, H, ceil(W/8)) for every sample. It is the block
-// mask's apply pass with a mask that does not advance with n and a scale of 1
-// (x * 1 is x exactly in every dtype, and the select keeps NaN out of dropped
-// positions), out of place or written back into x.
+// mask's apply pass, unscaled (select_mask_into: a kept value keeps its bits,
+// NaN payloads included, and the select keeps NaN out of dropped positions),
+// with a mask that does not advance with n, out of place or written back into x.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -24,7 +24,7 @@ at::Tensor fixed_mask_apply_cpu(const at::Tensor& x, const at::Tensor& mask) {
   const at::Tensor in = walkable(x);
   const at::Tensor bits = mask.contiguous();
   at::Tensor out = at::empty_like(in);
-  apply_mask_into(in, fixed_mask_view(bits), std::vector<float>(in.size(0), 1.0f), out);
+  select_mask_into(in, fixed_mask_view(bits), out);
   return out;
 }
 
@@ -33,7 +33,7 @@ void fixed_mask_apply_in_place_cpu(at::Tensor& x, const at::Tensor& mask) {
   const at::Tensor bits = mask.contiguous();
   // Layouts the kernel does not walk are masked in a contiguous copy, written back.
   at::Tensor target = walkable(x);
-  apply_mask_into(target, fixed_mask_view(bits), std::vector<float>(x.size(0), 1.0f), target);
+  select_mask_into(target, fixed_mask_view(bits), target);
   if (!target.is_same(x)) x.copy_(target);
 }
 

@@ -804,7 +804,9 @@ __device__ __forceinline__ float channel_scale(const ChannelMask& mask, uint64_t
 // contiguous dimension (channels_last, or 2-D with positions 1) and kVec
 // divides C; else positions are and kVec divides them. The product is taken
 // in opmath (float, double for double) and rounded once; a select, so NaN and
-// Inf never reach dropped channels.
+// Inf never reach dropped channels. A 0-d scale of exactly 1 (FDD without
+// rescale, EWS's gates) multiplies nothing: kept values keep their bits, NaN
+// payloads included, as the reference's select does.
 template <typename scalar_t, int kVec, bool kChannelInner, typename index_t>
 __global__ void __launch_bounds__(kApplyThreads)
     apply_channel_mask_kernel(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, ChannelMask mask,
@@ -812,6 +814,7 @@ __global__ void __launch_bounds__(kApplyThreads)
   using opmath_t = at::opmath_type<scalar_t>;
   using pack_t = Pack<scalar_t, kVec>;
   const index_t stride = static_cast<index_t>(blockDim.x) * gridDim.x;
+  const bool unscaled = !mask.per_channel && mask.scale[0] == 1.0f;
   for (index_t v = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < vectors; v += stride) {
     const index_t e = v * kVec;
     const pack_t x = *reinterpret_cast<const pack_t*>(in + e);
@@ -822,7 +825,8 @@ __global__ void __launch_bounds__(kApplyThreads)
       for (int q = 0; q < kVec; ++q) {
         const index_t c = c0 + q;
         const opmath_t s = static_cast<opmath_t>(channel_scale(mask, n, c, channels));
-        y.v[q] = channel_kept(mask, n, c) ? static_cast<scalar_t>(static_cast<opmath_t>(x.v[q]) * s) : scalar_t(0);
+        const scalar_t kept = unscaled ? x.v[q] : static_cast<scalar_t>(static_cast<opmath_t>(x.v[q]) * s);
+        y.v[q] = channel_kept(mask, n, c) ? kept : scalar_t(0);
       }
     } else {
       const index_t plane = e / positions, n = plane / channels, c = plane - n * channels;
@@ -830,7 +834,8 @@ __global__ void __launch_bounds__(kApplyThreads)
       const opmath_t s = static_cast<opmath_t>(channel_scale(mask, n, c, channels));
 #pragma unroll
       for (int q = 0; q < kVec; ++q) {
-        y.v[q] = keep ? static_cast<scalar_t>(static_cast<opmath_t>(x.v[q]) * s) : scalar_t(0);
+        const scalar_t kept = unscaled ? x.v[q] : static_cast<scalar_t>(static_cast<opmath_t>(x.v[q]) * s);
+        y.v[q] = keep ? kept : scalar_t(0);
       }
     }
     *reinterpret_cast<pack_t*>(out + e) = y;

@@ -183,10 +183,16 @@ def channel_scale(keep: torch.Tensor, p: torch.Tensor, rescale: bool) -> torch.T
 
 
 def apply_channel_mask(x: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """keep ? x * scale : 0 per channel, for x (N, C, ...) and keep (N, C): DropBlock's apply rule."""
+    """keep ? x * scale : 0 per channel, for x (N, C, ...) and keep (N, C): DropBlock's apply rule.
+    A 0-d scale of exactly 1 (no rescale; EWS's gates) multiplies nothing: keep ? x : 0, the kept
+    values' bits untouched, NaN payloads included (x * 1 in float32 would quiet a signalling NaN)."""
     extra = (1,) * (x.dim() - 2)
-    per_channel = scale.view(*scale.shape, *extra) if scale.dim() else scale
-    return block_mask.apply_keep_mask(x, keep.view(*keep.shape, *extra), per_channel)
+    keep = keep.view(*keep.shape, *extra)
+    if scale.dim() == 0:
+        selected = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        y = torch.where(scale.to(x.device) == 1.0, selected, block_mask.apply_keep_mask(x, keep, scale))
+        return y.contiguous(memory_format=block_mask.output_memory_format(x))
+    return block_mask.apply_keep_mask(x, keep, scale.view(*scale.shape, *extra))
 
 
 def feature_density_forward(x, dims, grids, seed, kappa, alpha, rescale):

@@ -744,7 +744,8 @@ def _drop_kernel(cell_ptr, counts_ptr, mask_ptr, scale_ptr, C, G, row_bytes, see
 def _apply_kernel(x_ptr, y_ptr, mask_ptr, scale_ptr, rows, inner, C, D, row_bytes,
                   CHANNELS_INNER: tl.constexpr, PER_CHANNEL: tl.constexpr, WIDE: tl.constexpr,
                   BFLOAT16: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-    """y = keep ? x * s : 0 on a (BR, BC) tile of x viewed as (rows, inner).
+    """y = keep ? x * s : 0 on a (BR, BC) tile of x viewed as (rows, inner); a 0-d s of exactly 1
+    is y = keep ? x : 0, x's bits untouched (csrc/cuda/feature_density_kernel.cu's rule).
 
     Contiguous 4-D x: rows = N*C, inner = D (row = n*C + c). channels_last or
     2-D x: rows = N*D, inner = C (row = n*D + position, column = c). mask:
@@ -762,11 +763,16 @@ def _apply_kernel(x_ptr, y_ptr, mask_ptr, scale_ptr, rows, inner, C, D, row_byte
         c = (row % C)[:, None]
     byte = tl.load(mask_ptr + n * row_bytes + (c >> 3), mask=ok, other=0)
     keep = ((byte.to(tl.int32) >> (c & 7).to(tl.int32)) & 1) != 0
+    offs = row[:, None] * inner + col[None, :]
     if PER_CHANNEL:
         scale = tl.load(scale_ptr + n * C + c, mask=ok, other=0.0)
+        block_mask.store_kept(x_ptr, y_ptr, offs, ok, keep, scale, WIDE, BFLOAT16)
     else:
         scale = tl.load(scale_ptr)
-    block_mask.store_kept(x_ptr, y_ptr, row[:, None] * inner + col[None, :], ok, keep, scale, WIDE, BFLOAT16)
+        if scale == 1.0:  # multiplies nothing: kept values keep their bits, NaN payloads included
+            block_mask.store_kept(x_ptr, y_ptr, offs, ok, keep, None, WIDE, BFLOAT16)
+        else:
+            block_mask.store_kept(x_ptr, y_ptr, offs, ok, keep, scale, WIDE, BFLOAT16)
 
 
 # --------------------------------------------------------------------------
