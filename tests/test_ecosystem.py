@@ -1306,6 +1306,21 @@ def test_functional_ops_under_torch_func_grad(backend):
     assert second.abs().sum() > 0
 
 
+@pytest.mark.parametrize("backend", VMAP_BACKENDS + ["reference"])
+def test_bad_rates_are_refused_under_torch_func(backend):
+    """A tensor drop rate that a transform does not wrap (captured from outside, or made in the function)
+    is read and checked under torch.func as in eager mode; a vmapped rate, one value per call, is not."""
+    x = torch.randn(2, 3, 8, 8)
+    captured = torch.tensor([1.5, 0.1])
+    with pytest.raises(ValueError, match=r"p must hold drop rates in \[0, 1\]"):
+        torch.func.grad(lambda t: robustdrop.drop_block2d(t, captured, 3, seed=0, backend=backend).sum())(x)
+    with pytest.raises(ValueError, match=r"p must hold drop rates in \[0, 1\]"):
+        torch.vmap(lambda t: robustdrop.drop_block2d(t, torch.tensor(-3.0), 3, seed=0, backend=backend))(x[None])
+    mapped = torch.vmap(lambda t, q: robustdrop.drop_block2d(t, q, 3, seed=0, backend=backend))
+    assert_same_bits(mapped(x[None], torch.tensor([0.2]))[0],
+                     robustdrop.drop_block2d(x, torch.tensor(0.2), 3, seed=0, backend=backend))
+
+
 # ---------------------------------------------------------------- CUDA graphs
 
 @pytest.mark.skipif(not hasattr(torch.Tag, "cudagraph_unsafe"), reason="torch before 2.8 has no cudagraph_unsafe tag")

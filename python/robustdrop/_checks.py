@@ -327,9 +327,14 @@ def _check_rate_dtype(p: torch.Tensor, name: str) -> None:
 
 
 def _check_rate_values(p: torch.Tensor, name: str) -> torch.Tensor:
-    """p's rates as float64, each checked to be in [0, 1] unless values are traced."""
+    """p's rates as float64, each checked to be in [0, 1] unless their values are out of reach:
+    under torch.compile, and for a tensor that a torch.func transform wraps (a vmapped p holds one
+    value per vmapped call). A plain p inside a transform (captured, or made in the function) is
+    read and checked."""
     rates = p.detach().to(torch.float64)
-    if values_are_traced() or p.numel() == 0:
+    if torch.compiler.is_compiling() or p.numel() == 0:
+        return rates
+    if in_func_transform() and torch._C._functorch.is_functorch_wrapped_tensor(p):
         return rates
     low, high = value_range(p)
     if not (0.0 <= low and high <= 1.0):  # False for NaN

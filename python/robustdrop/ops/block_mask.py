@@ -37,7 +37,9 @@ def drop_block2d(x: torch.Tensor, p, block_size: int, *, training: bool = True, 
         p: drop rate in [0, 1]; ``p == 0`` returns x unchanged. A tensor (N,)
             gives each sample its own rate (checking its values reads them: one
             synchronisation for a CUDA tensor; under torch.compile they are
-            not read, so the graph holds, and not checked). A 0-d tensor, on
+            not read, so the graph holds, and not checked; nor are those of
+            a rate that a torch.func transform wraps, vmapped or
+            differentiated). A 0-d tensor, on
             x's device or the CPU, is one rate for every sample, the same bits
             as the float: under torch.compile it is a graph input, so a rate
             changed in place (a schedule) does not recompile, where a float
