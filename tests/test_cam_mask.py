@@ -348,6 +348,17 @@ def test_torch_compile_fullgraph_forward_and_backward(device, backend):
     assert_compiled_matches_eager(step, x, target)
 
 
+def test_meta_tensors_give_the_output_shape():
+    """On meta tensors (shapes without values, as torch's FakeTensor and model skeletons use) the op gives
+    y's shape and dtype: the targets' values, which the eager check reads, are skipped, as a per-sample
+    rate's are."""
+    x = torch.empty(2, 4, 8, 8, device="meta", dtype=torch.float16)
+    weight, target = torch.empty(5, 8, device="meta"), torch.empty(2, dtype=torch.int64, device="meta")
+    for p in (0.3, torch.empty(2, device="meta")):
+        y = robustdrop.cam_drop2d(x, weight, target, p, 3, seed=1)
+        assert y.device.type == "meta" and y.shape == x.shape and y.dtype == x.dtype
+
+
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
 def test_torch_compile_with_dynamic_map_sizes(device, backend):
     weight = torch.randn(5, 8, generator=torch.Generator().manual_seed(2)).to(device)

@@ -336,6 +336,17 @@ def test_non_4d_input_is_a_value_error(x_shape):
         RandomMask2d(0.5, seed=1)(torch.randn(x_shape))
 
 
+@pytest.mark.parametrize("x_shape", [(2, 0, 5, 9), (2, 3, 0, 9), (2, 3, 5, 0)])
+def test_first_input_with_an_empty_map_is_a_value_error(x_shape):
+    """The mask is built from the first forward's (C, H, W), which must be positive, as shape= must be; the
+    module stays unbuilt, and an empty batch of a real map builds it."""
+    layer = RandomMask2d(0.5, seed=1)
+    with pytest.raises(ValueError, match=r"x must have C, H and W >= 1 for RandomMask2d to build"):
+        layer(torch.randn(x_shape))
+    assert layer.mask is None
+    assert layer(torch.randn(0, 3, 5, 9)).shape == (0, 3, 5, 9) and layer.shape == (3, 5, 9)
+
+
 def test_integer_input_is_a_type_error():
     with pytest.raises(TypeError, match="x must be a floating-point"):
         RandomMask2d(0.5, seed=1)(torch.ones(1, 2, 3, 3, dtype=torch.int64))

@@ -168,8 +168,9 @@ def check_target(target, batch: int | None, device, name: str = "target") -> Non
 
 def check_target_values(target: torch.Tensor, num_classes: int, name: str = "target") -> None:
     """Every index in [0, K). Reads the values (``value_range``): one synchronisation for a CUDA
-    tensor, the first time it is checked."""
-    if target.numel() == 0:
+    tensor, the first time it is checked. A meta tensor has no values to check (shapes only, as
+    every op runs on meta tensors)."""
+    if target.numel() == 0 or target.is_meta:
         return
     low, high = value_range(target)
     if low < 0 or high >= num_classes:
@@ -332,7 +333,7 @@ def _check_rate_values(p: torch.Tensor, name: str) -> torch.Tensor:
     value per vmapped call). A plain p inside a transform (captured, or made in the function) is
     read and checked."""
     rates = p.detach().to(torch.float64)
-    if torch.compiler.is_compiling() or p.numel() == 0:
+    if torch.compiler.is_compiling() or p.numel() == 0 or p.is_meta:
         return rates
     if in_func_transform() and torch._C._functorch.is_functorch_wrapped_tensor(p):
         return rates

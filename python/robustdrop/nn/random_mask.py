@@ -156,6 +156,10 @@ class RandomMask2d(NotScriptable, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _checks.check_feature_map(x)
         if self.mask is None:
+            if min(x.shape[1:]) == 0:
+                # A mask for an empty map would be frozen into the module, and shape= refuses it too.
+                raise ValueError(f"x must have C, H and W >= 1 for RandomMask2d to build its (C, H, W) mask at "
+                                 f"its first forward, got shape {tuple(x.shape)}")
             self._build(tuple(x.shape[1:]), x.device)
         elif tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"RandomMask2d holds a mask for (C, H, W) = {self.shape}, got x of shape "
