@@ -39,7 +39,7 @@ def forward_key(x: torch.Tensor) -> int | None:
 
 
 class ForwardRecords:
-    """The last ``capacity`` forwards' states, by ``random_state_key``; the oldest go first."""
+    """The last ``capacity`` forwards' states, by ``forward_key``; the oldest go first."""
 
     def __init__(self, capacity: int = 64) -> None:
         self.capacity = capacity
@@ -58,6 +58,3 @@ class ForwardRecords:
     def latest(self):
         """The most recent forward's state, or None."""
         return next(reversed(self._states.values()), None)
-
-    def clear(self) -> None:
-        self._states.clear()

@@ -92,15 +92,14 @@ class ActiveDropBlock2d(NotScriptable, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return x
-        key = forward_key(x)
-        if key is None:
+        if _checks.values_are_traced():  # nothing to record: see forward_key
             return self._forward(x)
         if in_checkpoint_recompute():
-            recorded = self._step_forwards.recall(key)
+            recorded = self._step_forwards.recall(forward_key(x))
             if recorded is not None:
                 return self._recompute_step_forward(x, recorded)
         elif self.batched_policies or self.step_policy_index is not None:
-            index = self.step_policy_index
+            key, index = forward_key(x), self.step_policy_index
             self._step_forwards.remember(key, (self.batched_policies, None if index is None else int(index)))
             self._policy_forward_keys.append(key)
         return self._forward(x)
