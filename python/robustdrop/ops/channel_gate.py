@@ -5,9 +5,11 @@ No kernel of its own: ``y[n, c] = keep[n, c] ? x[n, c] : 0`` is the channel-mask
 apply of feature-density dropout, ``robustdrop::channel_mask_backward(x, mask,
 scale)`` (CPU and CUDA kernels; ``channel_mask_backward_triton``), called with
 the keep mask bit-packed to (N, ceil(C/8)) uint8 (bit c % 8 of byte c // 8) and
-a 0-d float32 scale of 1.0. Multiplying by 1.0 in float32 (float64 for
-float64) and casting back returns every kept value to the bit, so all backends
-agree with the reference's torch.where exactly. The op is linear and
+a 0-d float32 scale of 1.0, which every backend's apply takes as a plain
+select (no multiply: a multiply by 1.0 would quiet a signalling NaN, and a
+float32 round trip would canonicalise a bfloat16 NaN), so kept values keep
+their bits, NaN payloads included, and all backends agree with the
+reference's torch.where exactly. The op is linear and
 self-adjoint in x and its autograd (every order of backward, the same op on the
 packed mask) is registered with feature-density dropout's ops; only the packed
 mask, N*C bits, and the 0-d scale are saved for the backward.
