@@ -27,6 +27,14 @@ def as_float(value) -> float:
         return math.inf if value > 0 else -math.inf
 
 
+def real_number(value, name: str) -> float:
+    """``value`` as a float (``as_float``) when it is a real number (not a bool); else a TypeError
+    naming it. The range checks build on it."""
+    if not is_real(value):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return as_float(value)
+
+
 def is_integral(value) -> bool:
     kind = type(value)
     return kind is int or (kind is not bool and isinstance(value, numbers.Integral))
@@ -81,11 +89,10 @@ def check_feature_map(x, name: str = "x", ndim: int = 4) -> None:
 
 
 def check_probability(value, name: str = "p") -> float:
-    if not is_real(value):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not 0.0 <= as_float(value) <= 1.0:
+    number = real_number(value, name)
+    if not 0.0 <= number <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value}")
-    return as_float(value)
+    return number
 
 
 def check_positive_int(value, name: str) -> int:
@@ -280,11 +287,10 @@ def check_grids(grids, dims: int) -> int:
 
 
 def check_finite(value, name: str) -> float:
-    if not is_real(value):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not abs(as_float(value)) < float("inf"):
+    number = real_number(value, name)
+    if not abs(number) < float("inf"):
         raise ValueError(f"{name} must be finite, got {value}")
-    return as_float(value)
+    return number
 
 
 def check_sample_rates(p, batch: int, device, name: str = "p") -> torch.Tensor:

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustdrop._checks import as_float, check_bool, check_choice, check_positive_int, is_real
+from robustdrop._checks import as_float, check_bool, check_choice, check_positive_int, is_real, real_number
 from robustdrop.training import _scalar_loss
 
 __all__ = ["fgsm", "bim", "mim", "pgd", "adp"]
@@ -322,9 +322,7 @@ def _check_batch(x, y) -> None:
 
 def _check_real(value, name: str, *, minimum: float, strict: bool = False) -> float:
     """A finite real number >= minimum (> minimum when strict)."""
-    if not is_real(value):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = as_float(value)
+    value = real_number(value, name)
     if not math.isfinite(value) or value < minimum or (strict and value == minimum):
         raise ValueError(f"{name} must be finite and {'>' if strict else '>='} {minimum}, got {value}")
     return value
@@ -349,9 +347,7 @@ def _check_accuracy(value, name: str) -> float:
             raise ValueError(f"{name} must be one accuracy (a number or a one-element tensor), "
                              f"got shape {tuple(value.shape)}")
         value = value.item()
-    if not is_real(value):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = as_float(value)
+    value = real_number(value, name)
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be an accuracy fraction in [0, 1] (divide a percentage by 100), got {value}")
     return value

@@ -280,7 +280,8 @@ def _timm_options(module: nn.Module, approximate: bool) -> tuple[dict, str]:
     for value, name in ((drop_prob, "drop_prob"), (gamma_scale, "gamma_scale")):
         if not _checks.is_real(value):
             raise _Unsupported(f"{name} is not a real number ({value!r})")
-    p = _probability(_checks.as_float(drop_prob) * _checks.as_float(gamma_scale), f"drop_prob * gamma_scale = {drop_prob} * {gamma_scale}")
+    p = _probability(_checks.as_float(drop_prob) * _checks.as_float(gamma_scale),
+                     f"drop_prob * gamma_scale = {drop_prob} * {gamma_scale}")
     block_size = _block_size(_attribute(module, "block_size"))
     if partial_edges and not approximate:
         raise _Unsupported("timm clips blocks at the map's edges (partial edge blocks"
@@ -309,9 +310,10 @@ def _flag(module: nn.Module, name: str) -> bool:
 
 
 def _probability(value, what: str) -> float:
-    if not _checks.is_real(value) or not 0.0 <= _checks.as_float(value) <= 1.0:
+    rate = _checks.as_float(value) if _checks.is_real(value) else None
+    if rate is None or not 0.0 <= rate <= 1.0:
         raise _Unsupported(f"{what} is not a drop rate in [0, 1]")
-    return _checks.as_float(value)
+    return rate
 
 
 def _block_size(value) -> int:
@@ -321,9 +323,10 @@ def _block_size(value) -> int:
 
 
 def _eps(value) -> float:
-    if not _checks.is_real(value) or not 0.0 <= _checks.as_float(value) < float("inf"):
+    eps = _checks.as_float(value) if _checks.is_real(value) else None
+    if eps is None or not 0.0 <= eps < float("inf"):
         raise _Unsupported(f"eps {value!r} is not a finite real number >= 0")
-    return _checks.as_float(value)
+    return eps
 
 
 def _label(name: str) -> str:

@@ -295,8 +295,8 @@ _OWN_RATE = "_schedule_own_rate"
 def _own_rate(layer: nn.Module) -> float | None:
     """The layer's p when a schedule first took it over, while p is still a schedule's last rate; else p.
     None for a p that is no float rate (a tensor)."""
-    p = layer.p
-    if not is_real(p) or not 0.0 <= as_float(p) <= 1.0:
+    p = as_float(layer.p) if is_real(layer.p) else None
+    if p is None or not 0.0 <= p <= 1.0:
         return None
     remembered = layer.__dict__.get(_OWN_RATE)
-    return remembered[0] if remembered is not None and remembered[1] == as_float(p) else as_float(p)
+    return remembered[0] if remembered is not None and remembered[1] == p else p

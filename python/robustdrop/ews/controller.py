@@ -44,7 +44,7 @@ import math
 import torch
 from torch import nn
 
-from robustdrop._checks import as_float, check_non_negative, check_positive_int, is_real
+from robustdrop._checks import check_non_negative, check_positive_int, real_number
 from robustdrop.ews.gates import KINDS, Decision, GatedNetwork, Subnet
 
 __all__ = ["Controller", "plackett_luce_log_prob", "choices_to_masks"]
@@ -333,16 +333,14 @@ def _check_names(names, count: int) -> tuple[str, ...]:
 
 
 def _check_decay(value) -> float:
-    if not is_real(value):
-        raise TypeError(f"baseline_decay must be a real number, got {type(value).__name__}")
-    if not 0.0 <= as_float(value) < 1.0:
+    decay = real_number(value, "baseline_decay")
+    if not 0.0 <= decay < 1.0:
         raise ValueError(f"baseline_decay must be in [0, 1), got {value}")
-    return as_float(value)
+    return decay
 
 
 def _check_lr(value) -> float:
-    if not is_real(value):
-        raise TypeError(f"lr must be a real number, got {type(value).__name__}")
-    if not 0.0 < as_float(value) < math.inf:
+    lr = real_number(value, "lr")
+    if not 0.0 < lr < math.inf:
         raise ValueError(f"lr must be > 0 and finite, got {value}")
-    return as_float(value)
+    return lr

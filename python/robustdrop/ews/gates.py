@@ -571,9 +571,10 @@ def _check_model(model) -> None:
 def _check_width(width) -> float:
     if not _checks.is_real(width):
         raise TypeError(f"width must be a real number in (0, 1], got {type(width).__name__}")
-    if not 0.0 < _checks.as_float(width) <= 1.0:
+    fraction = _checks.as_float(width)
+    if not 0.0 < fraction <= 1.0:
         raise ValueError(f"width must be in (0, 1], got {width}")
-    return _checks.as_float(width)
+    return fraction
 
 
 def _subnet_list(subnets) -> list:

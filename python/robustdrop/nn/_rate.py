@@ -42,11 +42,12 @@ class ScheduledRate:
         reassigned = "_p" in self.__dict__
         self._p = value
         # Only a valid float rate is traced: anything else takes the float path, whose checks name p.
-        valid = _checks.is_real(value) and 0.0 <= _checks.as_float(value) <= 1.0
+        rate = _checks.as_float(value) if _checks.is_real(value) else None
+        valid = rate is not None and 0.0 <= rate <= 1.0
         self._rate_traced = reassigned and valid
         if valid:
-            self._rate.fill_(_checks.as_float(value))
-            self._rate_is_zero = _checks.as_float(value) == 0.0
+            self._rate.fill_(rate)
+            self._rate_is_zero = rate == 0.0
 
     def _forward_rate(self):
         """The p a forward passes to its op: the float p, or, compiling after p was reassigned, 0.0

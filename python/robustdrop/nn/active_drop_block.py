@@ -245,6 +245,7 @@ def _check_threshold(threshold) -> float | None:
         return None
     if not _checks.is_real(threshold):
         raise TypeError(f"change_threshold must be a real number or None, got {type(threshold).__name__}")
-    if not 0.0 < _checks.as_float(threshold) < float("inf"):
+    value = _checks.as_float(threshold)
+    if not 0.0 < value < float("inf"):
         raise ValueError(f"change_threshold must be > 0 and finite, got {threshold}")
-    return _checks.as_float(threshold)
+    return value

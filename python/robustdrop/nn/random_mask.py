@@ -30,11 +30,10 @@ __all__ = ["RandomMask2d", "apply_random_mask", "shallow_convolutions"]
 
 
 def _check_ratio(ratio) -> float:
-    if not _checks.is_real(ratio):
-        raise TypeError(f"ratio must be a real number, got {type(ratio).__name__}")
-    if not 0.0 <= _checks.as_float(ratio) < 1.0:
+    fraction = _checks.real_number(ratio, "ratio")
+    if not 0.0 <= fraction < 1.0:
         raise ValueError(f"ratio must be in [0, 1) (the fraction of neurons removed), got {ratio}")
-    return _checks.as_float(ratio)
+    return fraction
 
 
 def _check_shape(shape) -> tuple[int, int, int] | None:

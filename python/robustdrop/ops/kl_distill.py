@@ -114,9 +114,7 @@ def check_temperature(temperature, logits_dtype: torch.dtype) -> float:
     """A finite temperature > 0 whose reciprocal is finite in the maths type of logits of
     ``logits_dtype`` (float32, float64 for float64 logits): the kernels scale the logits by 1 / T,
     which for T below 1 / FLT_MAX (about 2.9e-39) would be inf in float32. As a float."""
-    if not _checks.is_real(temperature):
-        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
-    value = _checks.as_float(temperature)
+    value = _checks.real_number(temperature, "temperature")
     if not 0.0 < value < math.inf:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     maths = reference.math_dtype(logits_dtype)
