@@ -163,6 +163,116 @@ def test_sequential_step_updates_buffers_once():
     assert torch.equal(bn.running_var, bn_reference.running_var)
 
 
+class SampleCounter(nn.Module):
+    """Counts the training samples it sees in a buffer that each forward assigns anew, as many
+    modules update a buffer (self.n = self.n + k), not in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("seen", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("last_batch", None)
+
+    def forward(self, x):
+        if self.training:
+            self.seen = self.seen + x.shape[0]
+            self.last_batch = torch.tensor(x.shape[0])
+        return x
+
+
+def test_sequential_step_keeps_buffers_a_forward_assigns():
+    """A buffer the chosen forward assigns (instead of updating it in place), or sets where it was None,
+    ends as that forward left it: as after one plain forward."""
+    torch.manual_seed(0)
+    model = tiny_model(policies=(0.0, 0.3))
+    counter = SampleCounter()
+    model.insert(1, counter)
+    inputs, targets = batch()
+    for _ in range(3):
+        active_dropblock_step(model, nn.functional.cross_entropy, inputs, targets).loss.backward()
+    assert int(counter.seen) == 3 * 4 and int(counter.last_batch) == 4
+    assert set(dict(model.named_buffers())) >= {"1.seen", "1.last_batch"}
+
+
+def test_sequential_step_builds_a_random_mask_at_its_first_forward():
+    """A RandomMask2d built at the first forward, inside the step, keeps the mask that forward built
+    (its buffers are assigned, not updated in place), and plain forwards work after the step."""
+    torch.manual_seed(0)
+    model = robustdrop.apply_random_mask(robustdrop.models.SmallCNN(method="active_dropblock"), 0.5, seed=1)
+    images, labels = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
+    step = active_dropblock_step(model, nn.functional.cross_entropy, images, labels)
+    step.loss.backward()
+    built = robustdrop.apply_random_mask(robustdrop.models.SmallCNN(), 0.5, seed=1)
+    built(images)
+    masks = {name: buffer for name, buffer in model.named_buffers() if name.endswith("mask")}
+    expected = {name: buffer for name, buffer in built.named_buffers() if name.endswith("mask")}
+    assert masks.keys() == expected.keys() and masks
+    assert all(torch.equal(masks[name], expected[name]) for name in masks)
+    model(images)
+
+
+def test_sequential_step_that_raises_leaves_the_buffers_as_they_were():
+    torch.manual_seed(0)
+    model = tiny_model(policies=(0.0, 0.2, 0.4))
+    bn = model[1]
+    held = bn.running_mean
+    before = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    calls = []
+
+    def failing_loss(outputs, targets):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("loss failed")
+        return nn.functional.cross_entropy(outputs, targets)
+
+    inputs, targets = batch()
+    with pytest.raises(RuntimeError, match="loss failed"):
+        active_dropblock_step(model, failing_loss, inputs, targets)
+    assert bn.running_mean is held
+    assert all(torch.equal(buffer, before[name]) for name, buffer in model.named_buffers())
+    assert model[3].step_policy_index is None
+    model(inputs)
+    assert not torch.equal(held, before["1.running_mean"])  # later forwards update the tensor held
+
+
+def test_sequential_step_with_repicks_reports_the_rates_the_chosen_forward_applied():
+    """With change_threshold a layer may re-pick in any of the step's forwards (Algorithm 1): the step's
+    policy names the pool entry it asked for, and each layer's last_policy is the rate it applied in the
+    chosen forward, not in the last one the step ran."""
+    inputs, targets = batch(4, 12)
+    found = False
+    for seed in range(20):
+        torch.manual_seed(seed)
+        model = tiny_model(policies=(0.0, 0.3, 0.6), change_threshold=0.05)
+        layer = model[3]
+        applied = []
+        layer.register_forward_hook(lambda module, args, output: applied.append(module.last_policy))
+        step = active_dropblock_step(model, nn.functional.cross_entropy, inputs, targets)
+        assert len(applied) == 3
+        assert layer.last_policy == applied[step.policy_index]
+        assert applied[0] != 0.0  # the policy 0.0 changes nothing: always re-picked
+        found = found or applied[step.policy_index] != applied[-1]
+    assert found, "no seed chose a forward whose rate differs from the last forward's"
+
+
+@pytest.mark.parametrize("mode", ["sequential", "batched"])
+def test_step_picks_a_nan_loss_as_torch_argmax_does(mode):
+    """A NaN loss is the largest in both modes, as in torch.argmax and torch.max: a diverged policy is not
+    hidden behind a finite one."""
+    torch.manual_seed(0)
+    model = tiny_model(policies=(0.0, 0.2, 0.4))
+    inputs, targets = batch()
+    calls = []
+
+    def loss_with_nan(outputs, targets):
+        losses = nn.functional.cross_entropy(outputs, targets, reduction="none")
+        calls.append(1)
+        return (losses * (torch.nan if len(calls) == 2 else 1.0)).mean()  # policy 1's (a slice, in batched mode)
+
+    step = active_dropblock_step(model, loss_with_nan, inputs, targets, mode=mode)
+    assert step.policy_index == int(torch.argmax(step.losses)) == 1
+    assert step.loss.isnan() and step.losses.max().isnan()
+
+
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_step_on_every_backend(device, backend):
     torch.manual_seed(0)

@@ -640,6 +640,24 @@ def test_cam_targets_sets_and_clears_every_layer():
         set_cam_targets(nn.Linear(2, 2), target)
 
 
+def test_cam_targets_restores_the_targets_it_found():
+    """On exit each layer gets back its targets from before the block: a nested block leaves the outer
+    block's in place, and targets set by set_cam_targets outlive a block (exceptions included)."""
+    net = nn.ModuleList([SmallNet(), SmallNet()])
+    outer, inner = torch.tensor([1, 4]), torch.tensor([0, 2])
+    with cam_targets(net, outer) as layers:
+        with cam_targets(net, inner):
+            assert all(layer.target is inner for layer in layers)
+        assert all(layer.target is outer for layer in layers)
+        net[0](torch.randn(2, 3, 8, 8))
+    assert all(layer.target is None for layer in layers)
+    set_cam_targets(net, outer)
+    with pytest.raises(RuntimeError, match="inside"):
+        with cam_targets(net, inner):
+            raise RuntimeError("inside")
+    assert all(layer.target is outer for layer in layers)
+
+
 def test_set_cam_targets_checks_the_targets_against_every_classifier():
     """A bad target is refused where it is set, naming target, before any forward: under torch.compile
     too, whose graph cannot read the values. A refused target leaves every layer as it was."""

@@ -749,6 +749,25 @@ def test_linear_rate_schedule_resumes_from_its_state_dict():
     assert [layer.p for layer in resumed.layers] == [0.1, 0.3, 0.2]
 
 
+def test_linear_rate_schedule_state_restores_its_settings_and_refuses_what_cannot_fit():
+    """Like torch's schedulers, the state holds T, start and end and restores them. A state without the
+    target rates that this schedule's start or end None needs (saved by one with both set, before they were
+    part of the state) is a ValueError naming that, and leaves the schedule as it was."""
+    explicit = LinearRateSchedule(_three_scheduled_layers(), total_steps=4, start=0.0, end=0.2)
+    explicit.step()
+    own_rates = LinearRateSchedule(_three_scheduled_layers(), total_steps=8, start=None, end=0.0)
+    own_rates.load_state_dict(explicit.state_dict())
+    assert (own_rates.total_steps, own_rates.start, own_rates.end, own_rates.last_step) == (4, 0.0, 0.2, 1)
+    assert own_rates.rates() == explicit.rates() == [0.05] * 3
+    older = LinearRateSchedule(_three_scheduled_layers(), total_steps=8, start=None, end=0.0)
+    before = older.rates()
+    with pytest.raises(ValueError, match="no target rate"):
+        older.load_state_dict({"last_step": 1, "targets": [None] * 3})
+    assert older.rates() == before and older.last_step == 0
+    older.step()
+    assert older.rates() == pytest.approx([0.1 * 7 / 8, 0.3 * 7 / 8, 0.2 * 7 / 8], abs=1e-15)
+
+
 def test_a_second_linear_rate_schedule_aims_at_the_layers_own_rates():
     """A second schedule (a second training stage, a re-run notebook cell) takes the rates the layers had when
     the first took them over, not the p the first left (0.0 at its step 0), also on a deepcopy of the model;

@@ -404,3 +404,44 @@ def test_trainer_step_bad_inputs_are_named():
         ews.EWSTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), layers=["hidden"],
                        attack=lambda m, x_, y_: x_[:2]).step(x, y)
     assert trainer.iteration == 0
+    # A label outside [0, K) is refused by the candidates' evaluation, before the controller learns from
+    # it, and the step is not counted: the next step updates the controller as this one would have.
+    updating = ews.EWSTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), layers=["hidden"], interval=1)
+    controller_before = [p.detach().clone() for p in updating.controller.parameters()]
+    with pytest.raises(ValueError, match=r"y must hold class indices in \[0, K\) = \[0, 3\)"):
+        updating.step(x, torch.full_like(y, 3))
+    assert updating.iteration == 0 and int(updating.controller.updates) == 0
+    assert all(torch.equal(a, b) for a, b in zip(controller_before, updating.controller.parameters()))
+    assert "controller_loss" in updating.step(x, y) and updating.iteration == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_controller_in_another_dtype_samples_scores_and_updates(dtype):
+    torch.manual_seed(0)
+    controller = Controller(DECISIONS).to(dtype)
+    choices, log_probs, entropies = controller.sample_choices(3, generator=torch.Generator().manual_seed(1))
+    assert log_probs.dtype == entropies.dtype == dtype
+    rescored, _ = controller.score(choices)
+    assert torch.equal(rescored, log_probs)
+    controller.update(log_probs, entropies, torch.tensor([0.1, 0.5, 0.3]))
+    assert int(controller.updates) == 1
+
+
+def test_width_one_keeps_everything_and_updates_are_zero_steps():
+    """At width 1 no decision draws: every subnet is the full network, log-probabilities and entropies are
+    exactly 0 and still carry a graph, and an update changes no parameter."""
+    controller = Controller([("paths", 2, 2), ("channels", 4, 4)])
+    _, log_probs, entropies = controller.sample_choices(3)
+    assert log_probs.requires_grad and torch.equal(log_probs, torch.zeros(3))
+    assert torch.equal(entropies, torch.zeros(3))
+    before = [p.detach().clone() for p in controller.parameters()]
+    controller.update(log_probs, entropies, torch.tensor([0.0, 1.0, 0.5]))
+    assert all(torch.equal(a, b) for a, b in zip(before, controller.parameters()))
+    torch.manual_seed(0)
+    model = SmallCNN(num_classes=4)
+    x, y = batch(4)
+    trainer = ews.EWSTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), width=1.0, interval=2,
+                             candidates=2)
+    results = run_steps(trainer, 2, x, y)
+    assert results[1]["subnet_accuracy"] == results[1]["subnet_accuracy_min"]
+    assert results[0]["kl"] == 0.0

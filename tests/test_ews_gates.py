@@ -62,10 +62,23 @@ def user_model():
         fc1=nn.Linear(6, 12), act2=nn.ReLU(), fc2=nn.Linear(12, 5)))
 
 
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's BatchNormAct2d in short: a batch norm subclass whose forward adds its activation."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+def batch_norm_act_net():
+    return nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 8, 3, padding=1), bn=BatchNormAct2d(8),
+                                     conv2=nn.Conv2d(8, 8, 3, padding=1), bn2=nn.BatchNorm2d(8),
+                                     pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), fc=nn.Linear(8, 5)))
+
+
 def build(name):
     torch.manual_seed(0)
     return {"resnet18": lambda: models.resnet18(), "SmallCNN": lambda: models.SmallCNN(),
-            "bottleneck": TinyBottleneckNet}[name]()
+            "bottleneck": TinyBottleneckNet, "batch_norm_act": batch_norm_act_net}[name]()
 
 
 def images(batch, size=16, seed=1):
@@ -113,6 +126,26 @@ def test_gated_layers_of_small_cnn_and_bottlenecks():
     assert gn.blocks == [] and [d.keep for d in gn.decisions] == [16, 32, 64, 128]
     assert gated_layers(TinyBottleneckNet()) == ["layer1.0", "layer1.0.bn1", "layer1.0.bn2", "layer1.1",
                                                  "layer1.1.bn1", "layer1.1.bn2"]
+
+
+def test_a_module_registered_under_two_names_is_gated_once():
+    """An alias (model.tail = model.layer4) is the same layer: gated once, under its first name, so a
+    subnet keeps exactly ceil(width * C) of its channels."""
+    model = models.SmallCNN().eval()
+    model.last_stage = model.layer4
+    assert gated_layers(model) == [f"layer{k}.bn" for k in range(1, 5)]
+    gn = GatedNetwork(model, width=0.5)
+    subnet = gn.random_subnet(torch.Generator().manual_seed(0))
+    seen = []
+    # The gated output of layer4.bn is the input of the (in-place) ReLU after it.
+    model.layer4.relu.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    with torch.no_grad():
+        gn(images(2), subnet)
+    alive = seen[0].abs().sum((0, 2, 3)) != 0
+    assert torch.equal(alive, subnet.channels["layer4.bn"]) and int(alive.sum()) == 128
+    resnet = models.resnet18()
+    resnet.tail = resnet.layer4
+    assert gated_layers(resnet) == gated_layers(models.resnet18())
 
 
 def test_named_layers_are_sorted_in_module_order_and_may_be_blocks():
@@ -173,6 +206,13 @@ def test_subnet_from_choices():
         gn.subnet([[32] + list(range(d.keep - 1)) for d in gn.decisions])
     with pytest.raises(ValueError, match="one entry per decision"):
         gn.subnet(choices[:2])
+    # Python lists of bools are masks; an empty list selects nothing (a count error, not a dtype one).
+    masks = [[True] * d.keep + [False] * (d.size - d.keep) for d in gn.decisions]
+    assert torch.equal(gn.subnet(masks).channels["layer2.bn"], torch.arange(64) < 16)
+    with pytest.raises(ValueError, match="keeps 0 channels of 'layer1.bn'"):
+        gn.subnet([[]] + choices[1:])
+    with pytest.raises(TypeError, match="integer indices or a bool mask, got torch.float32"):
+        gn.subnet([[0.0] * gn.decisions[0].keep] + choices[1:])
 
 
 # --------------------------------------------------------------------------- batched == separate
@@ -221,10 +261,12 @@ def test_batched_forward_equals_separate_forwards_in_eval_mode_bit_for_bit(name,
     assert_buffers_equal(model, before)
 
 
-@pytest.mark.parametrize("name,width", [("resnet18", 0.4), ("SmallCNN", 0.7), ("bottleneck", 0.5)])
+@pytest.mark.parametrize("name,width", [("resnet18", 0.4), ("SmallCNN", 0.7), ("bottleneck", 0.5),
+                                        ("batch_norm_act", 0.5)])
 def test_batched_forward_in_train_mode_normalises_each_copy_on_its_own(name, width):
     """Train mode: batch norms use batch statistics, each copy's own (the S*N batch's would mix the
-    subnets): the module's batch norm runs on each copy's slice alone, so the batched forward equals
+    subnets): the module's own forward (a subclass's activation included, as timm's BatchNormAct2d)
+    runs on each copy's slice alone, so the batched forward equals
     S separate train-mode forwards bit for bit (as in eval mode: given layers that compute each
     sample independently of the batch size, as here on CPU), and a copy's output does not depend on
     the other copies' subnets."""
@@ -419,6 +461,9 @@ def test_bad_subnets_are_errors():
         gn(x, [good, {"layer1.0.bn1": None}])
     with pytest.raises(ValueError, match=r"y must have shape \(N,\) = \(2,\)"):
         gn.evaluate(x, torch.zeros(3, dtype=torch.int64), good)
+    # A label outside [0, K) would count as a miss, silently.
+    with pytest.raises(ValueError, match=r"y must hold class indices in \[0, K\) = \[0, 10\), got 10"):
+        gn.evaluate(x, torch.tensor([3, 10]), good)
 
 
 # --------------------------------------------------------------------------- benchmark command

@@ -394,6 +394,32 @@ def test_explicit_layers_mask_exactly_those_convs():
     assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
 
 
+class SharedConv(nn.Module):
+    """One conv applied twice, registered under two names (weight sharing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Conv2d(4, 4, 3, padding=1)
+        self.second = self.first
+
+    def forward(self, x):
+        return self.second(torch.relu(self.first(x)))
+
+
+@pytest.mark.parametrize("name", ["first", "second"])
+def test_a_conv_registered_under_two_names_is_masked_where_named(name):
+    """Either name of a shared conv places a mask after that use of it, and only there."""
+    model = robustdrop.apply_random_mask(SharedConv(), 0.5, layers=[name], seed=3)
+    other = {"first": "second", "second": "first"}[name]
+    assert isinstance(getattr(model, name), nn.Sequential) and isinstance(getattr(model, other), nn.Conv2d)
+    assert getattr(model, name)[0] is getattr(model, other)
+    mask = RandomMask2d(0.5, seed=3)
+    x = torch.randn(2, 4, 6, 6)
+    conv = model.get_submodule(other)
+    expected = conv(torch.relu(mask(conv(x)))) if name == "first" else mask(conv(torch.relu(conv(x))))
+    assert torch.equal(model(x), expected)
+
+
 def test_shallow_uses_the_model_s_shallow_convolutions():
     model = SmallCNN()
     original = dict(model.named_modules())

@@ -169,10 +169,21 @@ def test_unknown_method_is_a_clear_error(capsys):
 
 
 @pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--batch-size", "-1"), ("--pgd-steps", "0"),
-                                         ("--eps", "nan"), ("--threads", "-1")])
+                                         ("--eps", "nan"), ("--eps", "0"), ("--threads", "-1")])
 def test_bad_numbers_are_clear_errors(capsys, flag, value):
     assert cli(["robustness", flag, value]) == 2
     assert capsys.readouterr().err.startswith(f"error: {flag} must be")
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"eps": 0.0}, ValueError, r"eps must be finite and > 0, got 0.0"),  # PGD's step eps / 4 would be 0
+    ({"eps": math.inf}, ValueError, "eps must be finite"),
+    ({"epochs": 0}, ValueError, "epochs must be >= 1"),
+    ({"pgd_steps": 2.5}, TypeError, "pgd_steps must be an int"),
+])
+def test_bad_settings_are_clear_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        robustness.Settings(**kwargs)
 
 
 @pytest.mark.parametrize("method", robustness.METHODS)

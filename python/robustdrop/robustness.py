@@ -71,6 +71,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robustdrop._checks import check_positive_int, real_number
+
 HELP = "train a small CNN once per dropout method on digits (or CIFAR-10); report clean, FGSM and PGD accuracy"
 
 METHODS = ("none", "dropout", "dropblock", "active_dropblock", "camdrop", "fdd1d", "fdd2d", "random_mask", "ews")
@@ -110,7 +112,7 @@ class Settings:
         epochs: passes over the training set per method, >= 1.
         batch_size: training batch, >= 1.
         seed: ``torch.manual_seed`` per method, the batch order and PGD's random start.
-        eps: the L-inf budget of FGSM and PGD on inputs in [0, 1].
+        eps: the L-inf budget of FGSM and PGD on inputs in [0, 1], > 0.
         pgd_steps: PGD iterations (step alpha = eps / 4).
         device: "cpu" or "cuda".
     """
@@ -121,6 +123,13 @@ class Settings:
     eps: float = 0.1
     pgd_steps: int = 10
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "pgd_steps"):
+            check_positive_int(getattr(self, name), name)
+        # eps = 0 would make PGD's step eps / 4 zero, and attacks that move nothing measure nothing.
+        if not 0.0 < real_number(self.eps, "eps") < math.inf:
+            raise ValueError(f"eps must be finite and > 0, got {self.eps}")
 
     @property
     def pgd_alpha(self) -> float:
@@ -460,8 +469,9 @@ def main(args: argparse.Namespace) -> int:
             return _error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.threads < 0:
         return _error(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
-    if args.eps is not None and not (math.isfinite(args.eps) and args.eps >= 0):
-        return _error(f"--eps must be finite and >= 0, got {args.eps}")
+    # eps = 0 would make PGD's step eps / 4 zero, and attacks that move nothing measure nothing.
+    if args.eps is not None and not (math.isfinite(args.eps) and args.eps > 0):
+        return _error(f"--eps must be finite and > 0, got {args.eps}")
     try:
         if args.data is None:
             dataset, key, upsample = datasets.load_digits(), "digits", 2

@@ -41,8 +41,11 @@ class ActiveDropBlockStep:
 
     Attributes:
         losses: (P,) the loss of each policy, detached, in pool order.
-        policy: the drop rate of the largest loss (the first, on a tie).
-        policy_index: its index in the pool.
+        policy: the drop rate of the largest loss (the first, on a tie; a NaN
+            loss counts as the largest, as in ``torch.argmax``).
+        policy_index: its index in the pool. With a ``change_threshold``, a
+            layer may have re-picked another rate in that forward (Algorithm 1):
+            its ``last_policy`` is the rate it applied there.
         loss: that loss, with its graph: ``loss.backward()`` trains with exactly
             the masks that produced ``losses[policy_index]``, and
             ``loss == losses.max()``.
@@ -72,10 +75,13 @@ def active_dropblock_step(model: nn.Module, loss_fn, inputs: torch.Tensor, targe
         mode: ``"sequential"``: one forward of the batch per policy. Each
             forward records its graph, and only the largest loss's graph is
             kept (at most two at a time). The model's buffers (BatchNorm
-            statistics, counters) end as if only the chosen policy's forward
-            had run. A ``torch.compile``d model compiles once for the step,
-            not once per policy: the layers read the policy's index as a
-            tensor. ``"batched"``: one forward of the batch repeated once per
+            statistics, counters, a mask built at the first forward) end as
+            if only the chosen policy's forward had run, and each layer's
+            ``last_policy`` is the rate it applied there; if a forward or
+            ``loss_fn`` raises, they are as before the step. A
+            ``torch.compile``d model compiles once for the step, not once
+            per policy: the layers read the policy's index as a tensor.
+            ``"batched"``: one forward of the batch repeated once per
             policy (P*N samples), copy k masked with policy k and normalised
             on its own; the P losses come from the P slices of the output.
             Faster on a GPU for small batches, but layers that mix samples see
@@ -131,10 +137,10 @@ def _scalar_loss(loss_fn, outputs, targets) -> torch.Tensor:
 def _sequential_step(model, layers, count, loss_fn, inputs, targets) -> ActiveDropBlockStep:
     # Each forward runs on fresh copies of the buffers: a graph may keep the
     # buffers it read (BatchNorm keeps its running statistics), so they must
-    # not change under it. The chosen forward's values are copied back at the end.
+    # not change under it. The chosen forward's buffers are put back at the end.
     owners = _buffer_owners(model)
     originals = [module._buffers[name] for module, name in owners]
-    losses, best_index, best_loss, best_buffers, best_keys = [], 0, None, None, []
+    losses, best_index, best_loss, best_buffers, best_keys, best_rates = [], 0, None, None, [], []
     # One index for every layer, changed in place: a compiled model sees the same tensor input at every
     # policy, so it compiles once for the step (ActiveDropBlock2d.step_policy_index).
     policy_index = torch.zeros(1, dtype=torch.int64)
@@ -142,7 +148,7 @@ def _sequential_step(model, layers, count, loss_fn, inputs, targets) -> ActiveDr
         layer.step_policy_index = policy_index
     try:
         for index in range(count):
-            copies = [buffer.detach().clone() for buffer in originals]
+            copies = [None if buffer is None else buffer.detach().clone() for buffer in originals]
             for (module, name), copy in zip(owners, copies):
                 module._buffers[name] = copy
             policy_index.fill_(index)
@@ -150,24 +156,46 @@ def _sequential_step(model, layers, count, loss_fn, inputs, targets) -> ActiveDr
                 layer._policy_forward_keys = []
             loss = _scalar_loss(loss_fn, model(inputs), targets)
             losses.append(loss.detach())
-            # Strictly larger: a tie keeps the lower index, as torch.argmax does.
-            if best_loss is None or bool(loss.detach() > best_loss.detach()):
-                best_index, best_loss, best_buffers = index, loss, copies
+            if best_loss is None or _larger(loss.detach(), best_loss.detach()):
+                # What the forward left: the copies, or tensors it assigned in their place.
+                best_buffers = [(copy, module._buffers.get(name)) for (module, name), copy in zip(owners, copies)]
+                best_index, best_loss = index, loss
                 best_keys = [layer._policy_forward_keys for layer in layers]
+                best_rates = [layer.last_policy for layer in layers]
     finally:
         for layer in layers:
             layer.step_policy_index = None
-    # The kept graph is the chosen policy's: a checkpointed layer recomputes it in the backward. Recorded
-    # again, as the policy 0.0 draws no seed and so shares its key with the next policy's forward.
-    for layer, keys in zip(layers, best_keys):
-        for key in keys:
-            layer._step_forwards.remember(key, (False, best_index))
         for (module, name), original in zip(owners, originals):
             module._buffers[name] = original
-    with torch.no_grad():
-        for original, value in zip(originals, best_buffers):
-            original.copy_(value)
+    # The kept graph is the chosen policy's: a checkpointed layer recomputes it in the backward. Recorded
+    # again, as the policy 0.0 draws no seed and so shares its key with the next policy's forward.
+    for layer, keys, rate in zip(layers, best_keys, best_rates):
+        for key in keys:
+            layer._step_forwards.remember(key, (False, best_index))
+        layer.last_policy = rate
+    _keep_buffers(owners, originals, best_buffers)
     return ActiveDropBlockStep(torch.stack(losses), layers[0].policies[best_index], best_index, best_loss)
+
+
+def _larger(loss: torch.Tensor, best: torch.Tensor) -> bool:
+    """Whether loss displaces best as the largest so far, as torch.argmax orders them: strictly larger
+    (a tie keeps the lower index), and NaN above every number (the first NaN stays)."""
+    if bool(best.isnan()):
+        return False
+    return bool(loss.isnan()) or bool(loss > best)
+
+
+def _keep_buffers(owners, originals, chosen) -> None:
+    """Puts the chosen forward's buffers in the model: a copy's values into the original tensor, in
+    place (whoever holds the original, an optimizer or a user's reference, sees them); a tensor that
+    the forward assigned instead of its copy (a counter ``self.n = self.n + 1``, a mask built on the
+    first forward) as the module's buffer."""
+    with torch.no_grad():
+        for (module, name), original, (copy, final) in zip(owners, originals, chosen):
+            if final is not None and final is copy and original is not None and original.shape == copy.shape:
+                original.copy_(copy)
+            else:
+                module._buffers[name] = final
 
 
 def _batched_step(model, layers, count, loss_fn, inputs, targets) -> ActiveDropBlockStep:
@@ -189,9 +217,9 @@ def _batched_step(model, layers, count, loss_fn, inputs, targets) -> ActiveDropB
 
 
 def _buffer_owners(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(module, name) of every buffer of model, each module once."""
-    return [(module, name) for module in model.modules() for name, buffer in module._buffers.items()
-            if buffer is not None]
+    """(module, name) of every buffer of model, each module once; buffers registered as None too
+    (a forward may set them)."""
+    return [(module, name) for module in model.modules() for name in module._buffers]
 
 
 class LinearRateSchedule:
@@ -216,8 +244,8 @@ class LinearRateSchedule:
     call it after each optimizer step (or each epoch, with T in epochs). The
     layers take a reassigned p under torch.compile without recompiling per
     value (``robustdrop.nn.DropBlock2d``). ``state_dict()`` and
-    ``load_state_dict()`` save and restore the step and the target rates, for a
-    resumed run.
+    ``load_state_dict()`` save and restore the step, the target rates, T,
+    ``start`` and ``end``, for a resumed run.
 
     Args:
         model: a module holding at least one DropBlock2d or CamDrop2d.
@@ -272,17 +300,30 @@ class LinearRateSchedule:
                 layer.__dict__[_OWN_RATE] = (own, rate)
 
     def state_dict(self) -> dict:
-        return {"last_step": self.last_step, "targets": list(self.targets)}
+        return {"last_step": self.last_step, "targets": list(self.targets), "total_steps": self.total_steps,
+                "start": self.start, "end": self.end}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restores the step and the target rates of ``state_dict()`` and sets the layers' rates."""
+        """Restores what ``state_dict()`` saved (the step, the target rates, and T, start and end as
+        torch's schedulers restore their settings) and sets the layers' rates. A state that does not
+        fit this model is a ValueError that leaves the schedule as it was."""
         last_step, targets = state["last_step"], state["targets"]
         if not is_integral(last_step) or last_step < 0:
             raise ValueError(f"state's last_step must be an int >= 0, got {last_step!r}")
+        # States saved before T, start and end were part of them keep this schedule's.
+        total_steps = check_positive_int(state.get("total_steps", self.total_steps), "state's total_steps")
+        start, end = (None if value is None else check_probability(value, f"state's {key}")
+                      for key, value in (("start", state.get("start", self.start)),
+                                         ("end", state.get("end", self.end))))
         if len(targets) != len(self.layers):
             raise ValueError(f"state has {len(targets)} target rates, but the model has {len(self.layers)} "
                              f"scheduled layers")
-        self.targets = [None if target is None else check_probability(target, "target rate") for target in targets]
+        targets = [None if target is None else check_probability(target, "target rate") for target in targets]
+        if (start is None or end is None) and None in targets:
+            raise ValueError("state has no target rate (a layer's own p) for some layer, which a schedule with "
+                             "start or end None needs: it was saved by a schedule with both set")
+        self.total_steps, self.start, self.end = total_steps, start, end
+        self.targets = targets
         self._own_rates = [own if target is None else target for own, target in zip(self._own_rates, self.targets)]
         self.last_step = int(last_step)
         self._set_rates()

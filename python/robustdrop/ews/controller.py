@@ -225,9 +225,12 @@ class Controller(nn.Module):
                 log_probs.append(plackett_luce_log_prob(logits, order))
                 entropies.append(-(logits.softmax(1) * logits.log_softmax(1)).sum(1))
             drawn.append(order)
-            kept = torch.zeros(count, decision.size, device=device).scatter_(1, order, 1.0 / decision.keep)
+            kept = torch.zeros(count, decision.size, dtype=logits.dtype, device=device).scatter_(
+                1, order, 1.0 / decision.keep)
             inputs = kept @ self.embeddings[index].weight
-        zero = self.start.new_zeros(count)
+        # A sum over no parameter entries: exactly 0, yet with a graph, so that log_probs carry one
+        # even when no decision draws (width 1 keeps everything) and an update is a zero step.
+        zero = self.start[:0].sum().expand(count)
         return drawn, sum(log_probs, zero), sum(entropies, zero)
 
     def _check_choices(self, choices) -> list[torch.Tensor]:

@@ -59,7 +59,6 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
@@ -126,11 +125,14 @@ def gated_layers(model: nn.Module, layers=None) -> list[str]:
     _check_model(model)
     modules = _named_modules(model)
     if layers is None:
-        blocks = [name for name, module in modules.items() if name and _residual_parts(module) is not None]
+        # Each module once, by its first name: a module registered under two names (an alias such as
+        # model.tail = model.layer4) is one layer, gated once.
+        unique = dict(model.named_modules())
+        blocks = [name for name, module in unique.items() if name and _residual_parts(module) is not None]
         if blocks:
             names = blocks + [f"{block}.{child}" for block in blocks for child in _residual_parts(modules[block])[0]]
         else:
-            names = [name for name, module in modules.items() if isinstance(module, _BatchNorm)]
+            names = [name for name, module in unique.items() if isinstance(module, _BatchNorm)]
         if not names:
             raise ValueError(f"model ({type(model).__name__}) has no residual blocks (BasicBlock, Bottleneck) and no "
                              f"batch-norm layers to gate: name the layers to gate with layers=[...]")
@@ -229,11 +231,14 @@ class GatedNetwork:
             raise ValueError(f"choices must hold one entry per decision ({len(self.decisions)}), got {len(choices)}")
         masks = []
         for name, decision, choice in zip(self.names, self.decisions, choices):
-            if isinstance(choice, torch.Tensor) and choice.dtype == torch.bool:
-                masks.append(choice.detach().to("cpu"))
+            index = torch.as_tensor(choice).detach().to("cpu")
+            if index.dtype == torch.bool:
+                masks.append(index)  # its shape is checked with the subnet's
                 continue
-            index = torch.as_tensor(choice).detach().to("cpu").reshape(-1)
-            if index.is_floating_point() or index.dtype == torch.bool:
+            if index.numel() == 0:
+                index = index.to(torch.int64)  # [] reads as float32; it selects nothing
+            index = index.reshape(-1)
+            if index.is_floating_point() or index.is_complex():
                 raise TypeError(f"choices for {name} must be integer indices or a bool mask, got {index.dtype}")
             if index.numel() and (int(index.min()) < 0 or int(index.max()) >= decision.size):
                 raise ValueError(f"choices for {name} must be indices in [0, {decision.size}), got {index.tolist()}")
@@ -309,6 +314,8 @@ class GatedNetwork:
             out = self.logits(x, subnets)
             if out.dim() != 3:
                 raise ValueError(f"evaluate needs (N, K) logits from the model, got {tuple(out.shape[1:])} per copy")
+            # An index outside [0, K) would silently count as a miss.
+            _checks.check_target_values(y, out.shape[-1], "y")
             return (out.argmax(-1) == y).to(torch.float32).mean(1)
 
     # ------------------------------------------------------------------ internals
@@ -516,14 +523,14 @@ def _statistics_untouched(model: nn.Module, copies: int):
 
 def _per_copy_batch_norm(module: _BatchNorm, copies: int):
     """A batch-norm forward for input (S*N, C, ...) that normalises each copy of N samples by its own
-    batch statistics: the module's own batch norm on each copy (a contiguous slice of the batch, as a
-    separate forward would see it), the S results concatenated."""
+    batch statistics: the module's own forward on each copy (a contiguous slice of the batch, as a
+    separate forward would see it), the S results concatenated. The module's own, not F.batch_norm:
+    a subclass may add to it (timm's BatchNormAct2d applies its activation). With the running
+    buffers set aside, it normalises by batch statistics."""
+    own_forward = module.__dict__.get("forward") or type(module).forward.__get__(module)
 
     def forward(input: torch.Tensor) -> torch.Tensor:
-        module._check_input_dim(input)
-        parts = input.split(input.shape[0] // copies)
-        return torch.cat([F.batch_norm(part, None, None, module.weight, module.bias, True, 0.0, module.eps)
-                          for part in parts])
+        return torch.cat([own_forward(part) for part in input.split(input.shape[0] // copies)])
 
     return forward
 

@@ -142,9 +142,10 @@ class EWSTrainer:
                             f"{type(x).__name__ if not isinstance(x, torch.Tensor) else 'a 0-d tensor'}")
         check_target(y, x.shape[0], x.device, "y")
         inputs = self._adversarial(x, y) if self.attack is not None else x
-        self.iteration += 1
+        # Counted once the step is done: a step that raises (bad labels) is not taken.
+        iteration = self.iteration + 1
         stats = {}
-        if self.iteration % self.interval == 0:
+        if iteration % self.interval == 0:
             stats = self.update_controller(inputs, y)
         with torch.no_grad():
             (self.subnet,), _, _ = self.controller.sample(1, generator=self.generator)
@@ -156,6 +157,7 @@ class EWSTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        self.iteration = iteration
         return {"loss": float(loss.detach()), "ce": float(ce.detach()), "kl": float(kl.detach()), **stats}
 
     def update_controller(self, x: torch.Tensor, y: torch.Tensor) -> dict:

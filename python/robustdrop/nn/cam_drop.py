@@ -170,18 +170,23 @@ def set_cam_targets(model: nn.Module, target: torch.Tensor | None) -> list[CamDr
     Returns the modules it set. A model without CamDrop2d is a ValueError, so a
     forgotten layer does not pass silently.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    layers = _cam_layers(model)
     if target is not None:
         _checks.check_target(target, batch=None, device=None)
-    layers = [module for module in model.modules() if isinstance(module, CamDrop2d)]
-    if not layers:
-        raise ValueError(f"model has no CamDrop2d module to give targets to ({type(model).__name__})")
     copies = {}  # target on each device it was copied to
     # Every layer's targets checked before any is set: a refused target leaves the model as it was.
     targets = [None if target is None else _checked_layer_target(layer, target, copies) for layer in layers]
     for layer, layer_target in zip(layers, targets):
         layer.target = layer_target
+    return layers
+
+
+def _cam_layers(model: nn.Module) -> list[CamDrop2d]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    layers = [module for module in model.modules() if isinstance(module, CamDrop2d)]
+    if not layers:
+        raise ValueError(f"model has no CamDrop2d module to give targets to ({type(model).__name__})")
     return layers
 
 
@@ -209,13 +214,16 @@ def _copy_checked(target: torch.Tensor, device: torch.device) -> torch.Tensor:
 @contextlib.contextmanager
 def cam_targets(model: nn.Module, target: torch.Tensor):
     """Within the block, every CamDrop2d of ``model`` uses ``target`` (N,) int64;
-    on exit they are cleared, so no later batch runs with stale targets.
+    on exit each gets back the targets it had before (None, cleared, unless set
+    beforehand), so no later batch runs with this batch's targets, and a nested
+    block leaves the outer block's targets in place.
 
     Yields the CamDrop2d modules it set.
     """
+    before = [layer.target for layer in _cam_layers(model)]
     layers = set_cam_targets(model, target)
     try:
         yield layers
     finally:
-        for layer in layers:
-            layer.target = None
+        for layer, previous in zip(layers, before):
+            layer.target = previous

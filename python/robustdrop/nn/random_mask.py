@@ -229,7 +229,8 @@ def shallow_convolutions(model: nn.Module) -> list[str]:
 
 
 def _check_layer_names(model: nn.Module, names: list[str]) -> None:
-    modules = dict(model.named_modules())
+    # Every name a module has: a conv registered twice (self.b = self.a) can be named by either.
+    modules = dict(model.named_modules(remove_duplicate=False))
     seen = set()
     for name in names:
         if not isinstance(name, str):
