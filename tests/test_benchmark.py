@@ -1,6 +1,7 @@
 """Smoke test of ``python -m robustdrop bench --quick`` on CPU: it runs, and its CSV
 and PNG are what the harness promises. Timing is never asserted (DESIGN.md 7)."""
 import csv
+import dataclasses
 import importlib.util
 import math
 import os
@@ -15,6 +16,7 @@ import torch
 import robustdrop
 from conftest import run_cpu_command
 from robustdrop import benchmark
+from robustdrop.__main__ import main as cli
 from robustdrop.benchmark import BenchConfig, CSV_COLUMNS, NAIVE, SPEED_OF_LIGHT
 
 
@@ -365,6 +367,25 @@ def test_targets_are_checked_on_each_robustdrop_row():
     markdown = benchmark.format_markdown(_target_rows(), {"device_name": "GPU", "git_commit": "abc", "date": "today",
                                                           "torch_version": "2", "copy_gbps": 1.0}, cells)
     assert "## The issues' targets measured in this run" in markdown and "| 2 | drop_block2d" in markdown
+
+
+def test_the_reference_row_is_not_judged_against_the_targets():
+    """--with-reference adds the reference backend's row: the correctness oracle, not a contender."""
+    case = benchmark.Case("drop_block2d", "p=0.1 bs=7", (32, 64, 56, 56), naive=lambda x: x,
+                          robustdrop=lambda x, backend: x,
+                          targets=(benchmark.Target(2, "speedup_fwd_bwd", device="cuda", at_least=8.0),))
+    rows = _target_rows()
+    reference = dataclasses.replace(rows[1], impl="robustdrop[reference]", fwd_bwd_ms=25.0, speedup_fwd_bwd=0.8)
+    assert benchmark.target_cells(case, rows + [reference]) == benchmark.target_cells(case, rows)
+    assert [line[2] for line in benchmark.target_cells(case, rows)] == ["robustdrop[cuda]", "robustdrop[triton]"]
+
+
+@pytest.mark.parametrize("command", [["bench", "--repeats", "0"], ["bench-steps", "--quick", "--batch", "0"],
+                                     ["bench-steps", "--quick", "--repeats", "0"],
+                                     ["bench-subnets", "--quick", "--batch", "0"]])
+def test_zero_counts_are_refused_not_replaced_by_the_default(command, capsys):
+    assert cli(command) == 2
+    assert capsys.readouterr().err.startswith("error: --")
 
 
 def test_device_only_times_are_judged_and_shown_only_when_measured():

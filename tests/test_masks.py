@@ -57,7 +57,7 @@ def test_masks_command_writes_one_png_with_every_panel(computed, tmp_path, monke
     monkeypatch.setattr(masks, "compute_masks", recording_compute)
     parser = argparse.ArgumentParser()
     masks.add_arguments(parser)
-    out = tmp_path / "masks.png"
+    out = tmp_path / "figures" / "masks.png"  # a folder that does not exist yet is made, as bench makes --out
     assert masks.main(parser.parse_args(["--out", str(out), "--seed", "0"])) == 0
     assert capsys.readouterr().out.strip() == str(out)
     assert png_size(out) == (1600, 1250)

@@ -169,7 +169,8 @@ def test_unknown_method_is_a_clear_error(capsys):
 
 
 @pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--batch-size", "-1"), ("--pgd-steps", "0"),
-                                         ("--eps", "nan"), ("--eps", "0"), ("--threads", "-1")])
+                                         ("--eps", "nan"), ("--eps", "0"), ("--threads", "-1"),
+                                         ("--seed", str(2**64))])
 def test_bad_numbers_are_clear_errors(capsys, flag, value):
     assert cli(["robustness", flag, value]) == 2
     assert capsys.readouterr().err.startswith(f"error: {flag} must be")
@@ -180,6 +181,7 @@ def test_bad_numbers_are_clear_errors(capsys, flag, value):
     ({"eps": math.inf}, ValueError, "eps must be finite"),
     ({"epochs": 0}, ValueError, "epochs must be >= 1"),
     ({"pgd_steps": 2.5}, TypeError, "pgd_steps must be an int"),
+    ({"seed": -2**63 - 1}, ValueError, r"seed must be an int in \[-2\*\*63, 2\*\*64\)"),
 ])
 def test_bad_settings_are_clear_errors(kwargs, error, match):
     with pytest.raises(error, match=match):

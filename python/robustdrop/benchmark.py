@@ -730,8 +730,9 @@ def model_bench_settings(args: argparse.Namespace) -> tuple[torch.device, int, i
     if device_type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda, but torch sees no CUDA GPU", file=sys.stderr)
         return None
-    batch = args.batch or (4 if args.quick else 128 if device_type == "cuda" else 32)
-    repeats = args.repeats or (2 if args.quick else 20 if device_type == "cuda" else 3)
+    # `is None`, not `or`: an explicit 0 is refused by the caller's check, not replaced by the default.
+    batch = args.batch if args.batch is not None else (4 if args.quick else 128 if device_type == "cuda" else 32)
+    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 20 if device_type == "cuda" else 3)
     return torch.device(device_type), batch, repeats
 
 
@@ -795,7 +796,8 @@ TARGET_HEADER = ("issue", "case", "robustdrop", "target", "measured", "met")
 
 
 def target_cells(case: Case, rows: Sequence[Row]) -> list[list[str]]:
-    """One line per target of ``case`` that applies to this run and robustdrop row of it (TARGET_HEADER)."""
+    """One line per target of ``case`` that applies to this run and robustdrop kernel row of it
+    (TARGET_HEADER); the reference backend's row is not judged."""
     if not rows or rows[0].dtype != "float32":
         return []
     device = rows[0].device
@@ -804,7 +806,8 @@ def target_cells(case: Case, rows: Sequence[Row]) -> list[list[str]]:
     for target in case.targets:
         if target.device not in (None, device):
             continue
-        for ours in (row for row in rows if row.kind == "robustdrop"):
+        # The reference backend (--with-reference) is the correctness oracle, not a contender.
+        for ours in (row for row in rows if row.kind == "robustdrop" and row.impl != "robustdrop[reference]"):
             cells.append([str(target.issue), f"{case.op} {case.params} {ours.shape}", ours.impl,
                           *_target_outcome(target, ours, by_impl.get(target.anchor))])
     return cells
@@ -948,7 +951,7 @@ def main(args: argparse.Namespace) -> int:
         print("error: --device cuda, but torch sees no CUDA GPU", file=sys.stderr)
         return 2
     device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
-    repeats = args.repeats or (3 if args.quick else 100 if device_type == "cuda" else 20)
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 100 if device_type == "cuda" else 20)
     if repeats < 1:
         print("error: --repeats must be >= 1", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 import torch
 
@@ -330,6 +331,7 @@ def main(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
 
     fig = masks_figure(seed=args.seed, device=args.device)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)  # as bench makes its --out
     fig.savefig(args.out, dpi=100)
     plt.close(fig)
     print(args.out)

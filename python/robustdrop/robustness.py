@@ -71,7 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustdrop._checks import check_positive_int, real_number
+from robustdrop._checks import check_positive_int, is_integral, real_number
 
 HELP = "train a small CNN once per dropout method on digits (or CIFAR-10); report clean, FGSM and PGD accuracy"
 
@@ -85,6 +85,7 @@ BLOCK_SIZE = 3
 EVAL_BATCH_SIZE = 512
 CAMDROP_WARMUP_FRACTION = 0.2
 DEFAULT_EPS = {"digits": 0.1, "cifar10": 8 / 255}
+SEED_RANGE = (-2**63, 2**64)  # what torch.manual_seed accepts
 
 # SmallCNN(method=..., **options) per method; "ews" builds the plain CNN.
 MODEL_OPTIONS = {
@@ -127,6 +128,8 @@ class Settings:
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "pgd_steps"):
             check_positive_int(getattr(self, name), name)
+        if not is_integral(self.seed) or not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
+            raise ValueError(f"seed must be an int in [-2**63, 2**64) (torch.manual_seed's range), got {self.seed!r}")
         # eps = 0 would make PGD's step eps / 4 zero, and attacks that move nothing measure nothing.
         if not 0.0 < real_number(self.eps, "eps") < math.inf:
             raise ValueError(f"eps must be finite and > 0, got {self.eps}")
@@ -469,6 +472,8 @@ def main(args: argparse.Namespace) -> int:
             return _error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.threads < 0:
         return _error(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
+    if not SEED_RANGE[0] <= args.seed < SEED_RANGE[1]:
+        return _error(f"--seed must be in [-2**63, 2**64) (torch.manual_seed's range), got {args.seed}")
     # eps = 0 would make PGD's step eps / 4 zero, and attacks that move nothing measure nothing.
     if args.eps is not None and not (math.isfinite(args.eps) and args.eps > 0):
         return _error(f"--eps must be finite and > 0, got {args.eps}")
