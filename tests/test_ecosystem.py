@@ -971,6 +971,37 @@ def test_torchscript_is_refused_with_a_clear_error(name):
             torch.jit.script(module)
 
 
+class _ClassifierHolder(nn.Module):
+    """A CamDrop2d and the classifier it reads, as a model holds them."""
+
+    def __init__(self, drop: CamDrop2d):
+        super().__init__()
+        self.drop, self.classifier = drop, drop.classifier
+
+    def forward(self, x):
+        return self.drop(x)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("name", ["drop_block", "active_drop_block", "cam_drop", "fdd2d", "fdd1d"])
+def test_torch_jit_trace_of_a_random_draw_is_refused_with_a_clear_error(name):
+    """torch.jit.trace would record a seed (or Active DropBlock's policy) drawn on the host as a constant,
+    and the traced module would drop the same positions at every call: an error that says so. In eval
+    mode the layers are the identity and trace; an explicit seed is traced as asked."""
+    layer, target = _layer(name, "reference")
+    if name == "cam_drop":  # a model holds the classifier, whose weight the trace then takes as a parameter
+        layer = _ClassifierHolder(layer)
+    x = torch.randn(4, CHANNELS) if name == "fdd1d" else torch.randn(4, CHANNELS, 8, 8)
+    with cam_targets(layer, target) if target is not None else contextlib.nullcontext():
+        with pytest.raises(RuntimeError, match="torch.jit.trace would record them as constants"):
+            torch.jit.trace(layer, (x,), check_trace=False)
+        traced = torch.jit.trace(layer.eval(), (x,), check_trace=False)
+    assert torch.equal(traced(x), x)
+    if name == "drop_block":
+        seeded = torch.jit.trace(lambda t: robustdrop.drop_block2d(t, 0.3, 3, seed=5), (x,), check_trace=False)
+        assert torch.equal(seeded(x), robustdrop.drop_block2d(x, 0.3, 3, seed=5))
+
+
 def test_every_op_has_a_fake_implementation_and_a_vmap_rule():
     """Every op of the robustdrop library traces on fake tensors (torch.compile, torch.export): a fake
     implementation of its own, or a composite kernel made of ops that have one. Every functional op has

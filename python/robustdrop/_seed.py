@@ -124,11 +124,21 @@ CAPTURE_ERROR = ("robustdrop draws its random numbers (a seed for seed=None, Act
                  "seeded ops outside its CUDA graphs, or pass seed= to replay one seed on purpose")
 
 
-def check_not_capturing(device: torch.device) -> None:
-    """``CAPTURE_ERROR`` when an op on ``device`` runs while a CUDA graph is being captured on the current
-    stream. That stream is the current device's: ``torch.cuda.graph`` makes the capturing device current."""
+TRACE_ERROR = ("robustdrop draws its random numbers (a seed for seed=None, Active DropBlock's policy) on the host, "
+               "so torch.jit.trace would record them as constants and every call of the traced module would drop "
+               "the same positions. Trace the model in eval mode (the dropout layers are then the identity), use "
+               "torch.compile or torch.export, which keep the draws, or pass seed= to trace one seed on purpose")
+
+
+def check_not_capturing(device: torch.device | None) -> None:
+    """Before a random draw on the host: ``TRACE_ERROR`` under ``torch.jit.trace`` (not under
+    torch.onnx.export, which refuses seeded ops with its own error), and ``CAPTURE_ERROR`` when an op on
+    ``device`` runs while a CUDA graph is being captured on the current stream. That stream is the
+    current device's: ``torch.cuda.graph`` makes the capturing device current."""
+    if torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
+        raise RuntimeError(TRACE_ERROR)
     # Asked only for CUDA tensors: the query needs the CUDA context, which a CPU op must not create.
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if device is not None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(CAPTURE_ERROR)
 
 
@@ -140,13 +150,13 @@ def op_seed(seed, device: torch.device | None = None) -> int | torch.Tensor:
     through their ``_drawn_seed`` variants, which read it on the host when they
     run (``robustdrop._backend.forward_table``); under ``vmap`` torch runs such
     an op once per vmapped call, each with its own seed. Drawing while a CUDA
-    graph is captured on the current stream is an error (``CAPTURE_ERROR``).
+    graph is captured on the current stream, or under torch.jit.trace, is an
+    error (``check_not_capturing``).
     """
     if seed is None:
         if _checks.values_are_traced():
             return draw_seed_tensor()
-        if device is not None:
-            check_not_capturing(device)
+        check_not_capturing(device)
         return draw_seed()
     if isinstance(seed, torch.SymInt):
         return seed

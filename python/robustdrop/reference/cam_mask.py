@@ -34,6 +34,8 @@ __all__ = [
 
 def default_spatial_topk(height: int, width: int, block_size: int) -> int:
     """max(1, round(H*W / bs**2)), as the authors' code (their text gives (1 - 1/bs**2) * H*W)."""
+    if isinstance(height, torch.Tensor):  # torch.jit.trace's sizes are 0-d tensors
+        height, width, block_size = int(height), int(width), int(block_size)
     return max(1, round(height * width / block_size**2))
 
 
