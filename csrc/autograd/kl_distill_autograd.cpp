@@ -46,9 +46,30 @@ KlOutputs kl_forward_and_save(AutogradContext* ctx, const at::Tensor& student, c
   ctx->save_for_backward({std::get<1>(outputs)});
   ctx->set_materialize_grads(false);  // kl_distill_forward: no (N, K) zeros for the unused gradient of `grad`
   ctx->saved_data["student_dtype"] = student.scalar_type();
-  // The op has checked the reduction; 0 stands for "none".
-  ctx->saved_data["divisor"] = kl_reduction_divisor(parse_kl_reduction(reduction), student.size(0), student.size(1));
+  // The op has checked the reduction. Symbolic sizes, not ints: under torch.compile and torch.export
+  // an int would fix the batch and class counts of the graph.
+  ctx->saved_data["reduction"] = static_cast<int64_t>(parse_kl_reduction(reduction));
+  ctx->saved_data["rows"] = student.sym_size(0);
+  ctx->saved_data["classes"] = student.sym_size(1);
   return outputs;
+}
+
+// d loss / d KL_row from the upstream gradient of the loss: per row for "none", else one value for
+// every row, grad_loss / kl_reduction_divisor (csrc/kl_distill.h), here on symbolic sizes.
+at::Tensor kl_row_scale(AutogradContext* ctx, const at::Tensor& grad_loss) {
+  const auto reduction = static_cast<KlReduction>(ctx->saved_data["reduction"].toInt());
+  const c10::SymInt rows = ctx->saved_data["rows"].toSymInt();
+  switch (reduction) {
+    case KlReduction::kNone:
+      return grad_loss.unsqueeze(-1);
+    case KlReduction::kSum:
+      return grad_loss;
+    case KlReduction::kBatchMean:
+      return grad_loss.div(c10::Scalar(rows.max(1)));
+    case KlReduction::kMean:
+      return grad_loss.div(c10::Scalar((rows * ctx->saved_data["classes"].toSymInt()).max(1)));
+  }
+  TORCH_CHECK(false, "kl_distill: unknown reduction");
 }
 
 // The student's gradient from the saved row gradient: grad * d loss / d KL_row, in the student's dtype.
@@ -59,11 +80,7 @@ at::Tensor kl_student_gradient(AutogradContext* ctx, const at::Tensor& grad_loss
               "use backend='reference' for second derivatives");
   const auto saved = ctx->get_saved_variables();
   const auto dtype = ctx->saved_data["student_dtype"].toScalarType();
-  const int64_t divisor = ctx->saved_data["divisor"].toInt();
-  // d loss / d KL_row: the upstream gradient of each row for "none", else one value for every row.
-  const at::Tensor row_scale = divisor == 0   ? grad_loss.unsqueeze(-1)
-                               : divisor == 1 ? grad_loss
-                                              : grad_loss.div(static_cast<double>(divisor));
+  const at::Tensor row_scale = kl_row_scale(ctx, grad_loss);
   // The buffer also must not be shared with another tensor (a view of it).
   if (in_place && saved[0].storage().use_count() == 1) return saved[0].mul_(row_scale).to(dtype);
   return saved[0].mul(row_scale).to(dtype);
