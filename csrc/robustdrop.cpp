@@ -23,10 +23,12 @@ TORCH_LIBRARY(robustdrop, m) {
   // replaces gamma. The N samples form normalize_groups consecutive groups, each
   // normalised by its own kept count. Returns y, the bit-packed keep mask
   // (N, 1 or C, H, ceil(W/8)) uint8 and the float32 scale: 0-d for one group,
-  // else (normalize_groups,).
+  // else (normalize_groups,). normalize_groups is a SymInt, as it is N for per-sample
+  // normalisation: under torch.compile and torch.export the batch stays symbolic.
   m.def(
       "block_mask_forward(Tensor x, SymInt seed, float gamma, int block_size, bool couple_channels, "
-      "bool normalize, float eps, Tensor? sample_gamma=None, int normalize_groups=1) -> (Tensor, Tensor, Tensor)");
+      "bool normalize, float eps, Tensor? sample_gamma=None, SymInt normalize_groups=1) "
+      "-> (Tensor, Tensor, Tensor)");
   // dx = keep ? dy * scale[group of n] : 0, with the mask and scale of the forward.
   m.def("block_mask_backward(Tensor grad_y, Tensor mask, Tensor scale) -> Tensor");
   // CamDrop forward (DESIGN.md 4.2): DropBlock whose seeds count only at the
@@ -36,10 +38,12 @@ TORCH_LIBRARY(robustdrop, m) {
   // channel a candidate (DropBlock, for warm-up). sample_gamma, when given, is a
   // float32 (N,) seed probability per sample that replaces gamma, as in
   // block_mask_forward. Returns y, the bit-packed keep mask (N, C, H, ceil(W/8))
-  // uint8 and the float32 0-d scale; the backward is block_mask_backward.
+  // uint8 and the float32 0-d scale; the backward is block_mask_backward. The top-k
+  // counts are SymInts: their defaults follow H*W and C, which may be symbolic.
   m.def(
       "cam_mask_forward(Tensor x, Tensor weight, Tensor target, Tensor? guided, SymInt seed, float gamma, "
-      "int block_size, int spatial_topk, int channel_topk, bool normalize, float eps, Tensor? sample_gamma=None) "
+      "int block_size, SymInt spatial_topk, SymInt channel_topk, bool normalize, float eps, "
+      "Tensor? sample_gamma=None) "
       "-> (Tensor, Tensor, Tensor)");
   // Feature density (DESIGN.md 4.3) of x (N, C, H, W) with dims in {1, 2, 3}, or of
   // x (N, F) with dims 1: per sample, the PCA coordinates of the channels binned on a

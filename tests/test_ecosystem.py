@@ -925,6 +925,76 @@ def test_model_exports(method, backend, strict):
     assert method == "random_mask" or not torch.equal(outputs[5], outputs[6])
 
 
+@pytest.mark.parametrize("backend", EXPORT_BACKENDS)
+@pytest.mark.parametrize("layer_class", [DropBlock2d, ActiveDropBlock2d])
+def test_per_sample_normalisation_keeps_the_batch_dynamic(layer_class, backend):
+    """normalize="sample" normalises each of the N samples on its own: N groups, a number that stays
+    symbolic. torch.export with a dynamic batch works, torch.compile(dynamic=True) makes one graph for
+    every batch size, and both give eager's bits under the same torch.manual_seed."""
+    layer = (DropBlock2d(0.3, 3, normalize="sample", backend=backend) if layer_class is DropBlock2d
+             else ActiveDropBlock2d(3, policies=(0.1, 0.3), normalize="sample", backend=backend))
+    batch = torch.export.Dim("batch", min=2, max=64)
+    program = torch.export.export(layer, (torch.randn(4, 4, 9, 11),), dynamic_shapes={"x": {0: batch}}).module()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(layer, dynamic=True, fullgraph=True, backend="aot_eager")
+    for rows in (3, 5, 6):
+        x = torch.randn(rows, 4, 9, 11)
+        torch.manual_seed(rows)
+        expected = layer(x)
+        for run in (program, compiled):
+            torch.manual_seed(rows)
+            assert_same_bits(run(x), expected)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("backend", EXPORT_BACKENDS)
+def test_cam_drop_default_top_k_follows_dynamic_map_sizes(backend):
+    """CamDrop's default spatial top-k, max(1, round(H*W / bs**2)), follows a symbolic H and W: torch.export
+    with dynamic H and W works, torch.compile(dynamic=True) makes one graph for maps of every size, and both
+    give eager's bits under the same torch.manual_seed."""
+    layer = CamDrop2d(0.3, 3, nn.Linear(CHANNELS, CLASSES), backend=backend)
+    target = torch.tensor([0, 3])
+    # W >= 9: the bit-packed mask's ceil(W/8) columns are then more than one, a layout torch guards on.
+    height, width = torch.export.Dim("height", min=4, max=64), torch.export.Dim("width", min=9, max=64)
+    program = torch.export.export(layer, (torch.randn(2, CHANNELS, 9, 11), target),
+                                  dynamic_shapes={"x": {2: height, 3: width}, "target": None}).module()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(layer, dynamic=True, fullgraph=True, backend="aot_eager")
+    for size in ((10, 12), (7, 13), (16, 16)):
+        x = torch.randn(2, CHANNELS, *size)
+        torch.manual_seed(size[0])
+        expected = layer(x, target)
+        for run in (program, compiled):
+            torch.manual_seed(size[0])
+            assert_same_bits(run(x, target), expected)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("method", EXPORTED_METHODS)
+def test_fx_symbolic_trace_keeps_each_layer_as_one_node(method):
+    """torch.fx.symbolic_trace (torchvision's create_feature_extractor, FX quantization) keeps a robustdrop
+    layer as one call_module node, as torch.nn's own layers: the traced module runs the layer itself, so it
+    follows train and eval mode and draws its masks when it runs, the model's bits under the same seed."""
+    model = _exported_model(method, "auto").train()
+    traced = torch.fx.symbolic_trace(model)
+    traced.method = model.method  # for _TrainingStep
+    layers = {name for name, module in model.named_modules()
+              if isinstance(module, METHOD_LAYERS + (FeatureDensityDropout1d,))}
+    called = {node.target for node in traced.graph.nodes if node.op == "call_module"}
+    assert layers and layers <= called
+    data = torch.Generator().manual_seed(2)
+    x, target = torch.randn(4, 3, 16, 16, generator=data), torch.randint(0, 10, (4,), generator=data)
+    step, traced_step = _TrainingStep(model), _TrainingStep(traced)
+    for mode in ("train", "eval"):
+        getattr(step, mode)(), getattr(traced_step, mode)()
+        torch.manual_seed(3)
+        expected = step(x, target)
+        torch.manual_seed(3)
+        assert_same_bits(traced_step(x, target), expected)
+
+
 @pytest.mark.parametrize("root", ["layer", "model"])
 @pytest.mark.parametrize("strict", [False, True], ids=["non_strict", "strict"])
 def test_unbuilt_random_mask_export_is_a_clear_error(strict, root):

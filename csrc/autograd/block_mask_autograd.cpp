@@ -11,12 +11,12 @@ struct BlockMaskForwardOp {
   static constexpr size_t kInputs = 9;
   static MaskOutputs call(const at::Tensor& x, c10::SymInt seed, double gamma, int64_t block_size,
                           bool couple_channels, bool normalize, double eps,
-                          const std::optional<at::Tensor>& sample_gamma, int64_t normalize_groups) {
+                          const std::optional<at::Tensor>& sample_gamma, c10::SymInt normalize_groups) {
     static const auto op =
         op_handle<MaskOutputs(const at::Tensor&, c10::SymInt, double, int64_t, bool, bool, double,
-                              const std::optional<at::Tensor>&, int64_t)>("robustdrop::block_mask_forward");
+                              const std::optional<at::Tensor>&, c10::SymInt)>("robustdrop::block_mask_forward");
     return op.call(x, std::move(seed), gamma, block_size, couple_channels, normalize, eps, sample_gamma,
-                   normalize_groups);
+                   std::move(normalize_groups));
   }
 };
 
@@ -25,7 +25,7 @@ struct BlockMaskForwardOp {
 TORCH_LIBRARY_IMPL(robustdrop, Autograd, m) {
   m.impl("block_mask_forward",
          &mask_forward_autograd<BlockMaskForwardOp, BlockMaskBackwardOp, c10::SymInt, double, int64_t, bool, bool,
-                                double, const std::optional<at::Tensor>&, int64_t>);
+                                double, const std::optional<at::Tensor>&, c10::SymInt>);
   m.impl("block_mask_backward", &mask_backward_autograd<BlockMaskBackwardOp>);
 }
 

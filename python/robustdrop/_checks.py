@@ -230,7 +230,11 @@ def _reading_waits_for_device(tensor: torch.Tensor) -> bool:
 
 
 def check_topk(value, name: str, size: int, what: str) -> int:
-    """A count k with 1 <= k <= size."""
+    """A count k with 1 <= k <= size. A SymInt, a default that follows symbolic sizes under
+    torch.compile or torch.export, stays one (an int would fix the sizes), unchecked: the kernels check
+    the count they receive, and a check here would be a guard the compiler cannot always prove."""
+    if isinstance(value, torch.SymInt):
+        return value
     value = check_positive_int(value, name)
     if value > size:
         raise ValueError(f"{name} must be <= {what} = {size}, got {value}")

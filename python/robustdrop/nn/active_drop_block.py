@@ -16,6 +16,7 @@ from robustdrop import _checks
 from robustdrop._backend import (check_backend_name, eager_only, host_to_device, in_checkpoint_recompute,
                                  resolve_backend)
 from robustdrop._seed import check_not_capturing
+from robustdrop.nn._fx import fx_leaf_call
 from robustdrop.nn._recompute import ForwardRecords, forward_key
 from robustdrop.nn._script import NotScriptable
 from robustdrop.ops.block_mask import NORMALIZE_MODES, block_drop, drop_block2d, rate_per_sample
@@ -90,6 +91,8 @@ class ActiveDropBlock2d(NotScriptable, nn.Module):
         self._policy_forward_keys: list[int] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (leaf := fx_leaf_call(self, x)) is not None:
+            return leaf
         if not self.training:
             return x
         if _checks.values_are_traced():  # nothing to record: see forward_key
@@ -202,7 +205,7 @@ class ActiveDropBlock2d(NotScriptable, nn.Module):
         rates = host_to_device(torch.tensor(self.policies, dtype=torch.float64), x.device)
         # Each rate copy_size times, by a broadcast: no size to compute on the device.
         rates = rates.view(count, 1).expand(count, copy_size).reshape(-1)
-        groups = {"batch": count, "sample": max(x.shape[0], 1), "none": 1}[self.normalize]
+        groups = {"batch": count, "sample": torch.sym_max(x.shape[0], 1), "none": 1}[self.normalize]
         return self._drop_per_sample(x, rates, groups)
 
     def extra_repr(self) -> str:

@@ -29,6 +29,7 @@ from torch import nn
 from robustdrop import _checks
 from robustdrop._backend import check_backend_name, host_to_device, in_checkpoint_recompute
 from robustdrop._func import add_to_state
+from robustdrop.nn._fx import fx_leaf_call
 from robustdrop.nn._rate import ScheduledRate
 from robustdrop.nn._recompute import ForwardRecords, forward_key
 from robustdrop.nn._script import NotScriptable
@@ -96,6 +97,8 @@ class CamDrop2d(NotScriptable, ScheduledRate, nn.Module):
         return self._classifier[0]
 
     def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        if (leaf := fx_leaf_call(self, x, target)) is not None:
+            return leaf
         if not self.training:
             return x
         if getattr(self, "_is_replica", False):

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from robustdrop import _backend, _checks
+from robustdrop.nn._fx import fx_leaf_call
 from robustdrop.nn._rate import ScheduledRate
 from robustdrop.nn._script import NotScriptable
 from robustdrop.ops.block_mask import NORMALIZE_MODES, drop_block2d
@@ -42,6 +43,8 @@ class DropBlock2d(NotScriptable, ScheduledRate, nn.Module):
         self.backend = _backend.check_backend_name(backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (leaf := fx_leaf_call(self, x)) is not None:
+            return leaf
         y = drop_block2d(x, self._forward_rate(), self.block_size, training=self.training,
                          couple_channels=self.couple_channels, normalize=self.normalize, eps=self.eps,
                          backend=self.backend)

@@ -5,6 +5,7 @@ from torch import nn
 
 from robustdrop import _checks
 from robustdrop._backend import check_backend_name
+from robustdrop.nn._fx import fx_leaf_call
 from robustdrop.nn._script import NotScriptable
 from robustdrop.ops.feature_density import feature_density_dropout
 from robustdrop.reference.feature_density import default_grids
@@ -23,6 +24,8 @@ class _FeatureDensityDropout(NotScriptable, nn.Module):
         self._ndim = ndim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (leaf := fx_leaf_call(self, x)) is not None:
+            return leaf
         if isinstance(x, torch.Tensor) and x.dim() != self._ndim:
             shape = "(N, F)" if self._ndim == 2 else "(N, C, H, W)"
             raise ValueError(f"{type(self).__name__} takes {self._ndim}-D {shape} input x, got shape {tuple(x.shape)}")

@@ -21,6 +21,7 @@ from torch import nn
 from robustdrop import _backend, _checks
 from robustdrop._backend import eager_only, extension_error
 from robustdrop._seed import draw_seed, op_seed
+from robustdrop.nn._fx import fx_leaf_call
 from robustdrop.nn._script import NotScriptable
 from robustdrop.ops.fixed_mask import fixed_mask2d, pack_fixed_mask
 from robustdrop.reference.fixed_mask import MODES, random_keep_mask
@@ -153,6 +154,8 @@ class RandomMask2d(NotScriptable, nn.Module):
         self.packed_mask = pack_fixed_mask(self.mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (leaf := fx_leaf_call(self, x)) is not None:
+            return leaf
         _checks.check_feature_map(x)
         if self.mask is None:
             if min(x.shape[1:]) == 0:
