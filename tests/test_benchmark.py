@@ -474,3 +474,22 @@ def test_gpu_check_skips_the_stages_its_time_budget_cannot_fit(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "| info | SKIPPED (no time left)" in summary and "| bench-fp32 | SKIPPED (no time left)" in summary
     assert "within 5s" in (tmp_path / "results.md").read_text()
+
+
+def test_info_reports_the_backends_and_what_auto_runs(monkeypatch, capsys):
+    """`python -m robustdrop info`: every backend with its availability, what backend="auto" runs on CPU
+    tensors here, and a ROBUSTDROP_BACKEND override when one is set, a bad one with its error."""
+    monkeypatch.delenv("ROBUSTDROP_BACKEND", raising=False)
+    assert cli(["info"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert all(any(line.startswith(f"  {name} ") for line in lines) for name in robustdrop.backends())
+    expected = robustdrop._backend.resolve_backend("auto", torch.empty(0))
+    assert f'backend="auto" on CPU tensors: {expected}' in lines
+    assert not any("ROBUSTDROP_BACKEND" in line for line in lines)
+    monkeypatch.setenv("ROBUSTDROP_BACKEND", "reference")
+    assert cli(["info"]) == 0
+    out = capsys.readouterr().out
+    assert 'backend="auto" on CPU tensors: reference' in out and "ROBUSTDROP_BACKEND=reference is set" in out
+    monkeypatch.setenv("ROBUSTDROP_BACKEND", "bogus")
+    assert cli(["info"]) == 0
+    assert "ROBUSTDROP_BACKEND must be one of" in capsys.readouterr().out

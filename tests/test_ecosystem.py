@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import robustdrop
-from conftest import assert_same_bits, available_backends, no_host_sync
+from conftest import EMULATED_CUDA, assert_same_bits, available_backends, no_host_sync
 from robustdrop import models
 from robustdrop._backend import triton_interpreted
 from robustdrop.ews import GatedNetwork, kl_distill
@@ -1050,6 +1050,21 @@ class _ClassifierHolder(nn.Module):
 
     def forward(self, x):
         return self.drop(x)
+
+
+@pytest.mark.skipif(EMULATED_CUDA, reason="the emulated CUDA ops have no meta kernels")
+@pytest.mark.parametrize("backend", [name for name in available_backends("cpu") if name != "reference"])
+def test_meta_tensors_run_on_a_backend_named_explicitly(backend):
+    """Meta tensors (shapes only) take any kernel backend named explicitly, as they take "auto": every op
+    has a fake implementation. (The reference computes FDD's PCA on values, which meta tensors lack.)"""
+    x = torch.empty(2, CHANNELS, 8, 8, device="meta", requires_grad=True)
+    weight, target = torch.empty(CLASSES, CHANNELS, device="meta"), torch.empty(2, dtype=torch.int64, device="meta")
+    outputs = [robustdrop.drop_block2d(x, 0.2, 3, backend=backend),
+               robustdrop.cam_drop2d(x, weight, target, 0.2, 3, backend=backend),
+               robustdrop.feature_density_dropout(x, backend=backend)]
+    assert all(y.device.type == "meta" and y.shape == x.shape for y in outputs)
+    (grad,) = torch.autograd.grad(sum(y.sum() for y in outputs), x)
+    assert grad.device.type == "meta" and grad.shape == x.shape
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")

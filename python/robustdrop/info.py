@@ -1,9 +1,13 @@
 """``python -m robustdrop info``: the environment report (versions, backends, GPU)."""
 import argparse
 import importlib.util
+import os
 import platform
+import warnings
 
 import torch
+
+from robustdrop import _backend
 
 HELP = "print torch/triton/robustdrop versions, the backends available here (or why not) and the GPU"
 
@@ -38,7 +42,23 @@ def report() -> str:
     for name, status in robustdrop.backends().items():
         lines.append(f"  {name:<10} {'available' if status.available else 'unavailable'}"
                      + (f": {status.reason}" if status.reason else ""))
+    lines.append(f"backend=\"auto\" on CPU tensors: {_auto_choice('cpu')}")
+    if torch.cuda.is_available():
+        lines.append(f"backend=\"auto\" on CUDA tensors: {_auto_choice('cuda')}")
+    override = os.environ.get(_backend.ENV_VARIABLE)
+    if override:
+        lines.append(f"  ({_backend.ENV_VARIABLE}={override} is set and replaces auto's choice)")
     return "\n".join(lines)
+
+
+def _auto_choice(device_type: str) -> str:
+    """What backend="auto" runs on tensors of ``device_type`` here, or why it cannot."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback warning is this line's answer
+        try:
+            return _backend.resolve_backend("auto", torch.empty(0, device=device_type))
+        except (ValueError, RuntimeError) as error:
+            return f"none ({error})"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
