@@ -38,9 +38,9 @@ TIMM_EPS = 1e-7
 PARTIAL_EDGE_NOTE = ("approximated: timm draws block centres over the whole H x W map and clips blocks at the edges, "
                      "so it drops more than drop_prob (0.21 for drop_prob 0.1 at 14x14 with block_size 7); robustdrop "
                      "keeps whole blocks inside the map (timm's fast=False rule) and drops 0.093 there")
-EVEN_BLOCK_NOTE = ("even block_size: the original's forward fails when min(block_size, H, W) is even (its mask comes "
-                   "out one larger than the map); robustdrop's block from a seed at (i, j) covers rows i..i+bs-1 and "
-                   "columns j..j+bs-1")
+EVEN_BLOCK_NOTE = ("even block_size: the original's forward fails on it (torchvision refuses an even block size with a "
+                   "ValueError; timm before 1.0.23 builds a mask one larger than the map when min(block_size, H, W) "
+                   "is even); robustdrop's block from a seed at (i, j) covers rows i..i+bs-1 and columns j..j+bs-1")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ is the one to minimise::
 inverted one of CamDrop's Table 5) for every DropBlock2d and CamDrop2d of a
 model, stepped like a learning-rate scheduler::
 
+    model = robustdrop.models.resnet18(method="dropblock")
     schedule = robustdrop.training.LinearRateSchedule(model, total_steps=len(loader) * epochs)
     for images, labels in loader:
         ...
