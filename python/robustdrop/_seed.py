@@ -130,7 +130,7 @@ TRACE_ERROR = ("robustdrop draws its random numbers (a seed for seed=None, Activ
                "torch.compile or torch.export, which keep the draws, or pass seed= to trace one seed on purpose")
 
 
-def check_not_capturing(device: torch.device | None) -> None:
+def check_host_draw_allowed(device: torch.device | None) -> None:
     """Before a random draw on the host: ``TRACE_ERROR`` under ``torch.jit.trace`` (not under
     torch.onnx.export, which refuses seeded ops with its own error), and ``CAPTURE_ERROR`` when an op on
     ``device`` runs while a CUDA graph is being captured on the current stream. That stream is the
@@ -151,12 +151,12 @@ def op_seed(seed, device: torch.device | None = None) -> int | torch.Tensor:
     run (``robustdrop._backend.forward_table``); under ``vmap`` torch runs such
     an op once per vmapped call, each with its own seed. Drawing while a CUDA
     graph is captured on the current stream, or under torch.jit.trace, is an
-    error (``check_not_capturing``).
+    error (``check_host_draw_allowed``).
     """
     if seed is None:
         if _checks.values_are_traced():
             return draw_seed_tensor()
-        check_not_capturing(device)
+        check_host_draw_allowed(device)
         return draw_seed()
     if isinstance(seed, torch.SymInt):
         return seed

@@ -87,6 +87,12 @@ CAMDROP_WARMUP_FRACTION = 0.2
 DEFAULT_EPS = {"digits": 0.1, "cifar10": 8 / 255}
 SEED_RANGE = (-2**63, 2**64)  # what torch.manual_seed accepts
 
+
+def valid_eps(eps: float) -> bool:
+    """Finite and > 0: eps = 0 would make PGD's step eps / 4 zero, and attacks that move nothing
+    measure nothing."""
+    return 0.0 < eps < math.inf
+
 # SmallCNN(method=..., **options) per method; "ews" builds the plain CNN.
 MODEL_OPTIONS = {
     "none": ("none", {}),
@@ -130,8 +136,7 @@ class Settings:
             check_positive_int(getattr(self, name), name)
         if not is_integral(self.seed) or not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
             raise ValueError(f"seed must be an int in [-2**63, 2**64) (torch.manual_seed's range), got {self.seed!r}")
-        # eps = 0 would make PGD's step eps / 4 zero, and attacks that move nothing measure nothing.
-        if not 0.0 < real_number(self.eps, "eps") < math.inf:
+        if not valid_eps(real_number(self.eps, "eps")):
             raise ValueError(f"eps must be finite and > 0, got {self.eps}")
 
     @property
@@ -474,8 +479,7 @@ def main(args: argparse.Namespace) -> int:
         return _error(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
     if not SEED_RANGE[0] <= args.seed < SEED_RANGE[1]:
         return _error(f"--seed must be in [-2**63, 2**64) (torch.manual_seed's range), got {args.seed}")
-    # eps = 0 would make PGD's step eps / 4 zero, and attacks that move nothing measure nothing.
-    if args.eps is not None and not (math.isfinite(args.eps) and args.eps > 0):
+    if args.eps is not None and not valid_eps(args.eps):
         return _error(f"--eps must be finite and > 0, got {args.eps}")
     try:
         if args.data is None:

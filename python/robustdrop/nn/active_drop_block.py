@@ -15,7 +15,7 @@ from torch import nn
 from robustdrop import _checks
 from robustdrop._backend import (check_backend_name, eager_only, host_to_device, in_checkpoint_recompute,
                                  resolve_backend)
-from robustdrop._seed import check_not_capturing
+from robustdrop._seed import check_host_draw_allowed
 from robustdrop.nn._fx import fx_leaf_call
 from robustdrop.nn._recompute import ForwardRecords, forward_key
 from robustdrop.nn._script import NotScriptable
@@ -151,7 +151,7 @@ class ActiveDropBlock2d(NotScriptable, nn.Module):
             return self.policies[int(self.step_policy_index)]
         if self.policy is not None:
             return self.policy
-        check_not_capturing(device)
+        check_host_draw_allowed(device)
         return self.policies[int(torch.randint(len(self.policies), ()))]
 
     def _forward_traced(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
