@@ -12,7 +12,6 @@
 #include <ATen/ATen.h>
 #include <c10/util/string_view.h>
 
-#include <algorithm>
 #include <cstdint>
 
 namespace robustdrop {
@@ -29,12 +28,14 @@ inline KlReduction parse_kl_reduction(c10::string_view reduction) {
 }
 
 // What the reduction divides the sum of the rows by, for logits (N, K); 0 for "none" (no sum).
-inline int64_t kl_reduction_divisor(KlReduction reduction, int64_t N, int64_t K) {
+// On symbolic sizes, so the autograd's backward keeps them symbolic under torch.compile and
+// torch.export; the kernels pass concrete sizes.
+inline c10::SymInt kl_reduction_divisor(KlReduction reduction, const c10::SymInt& N, const c10::SymInt& K) {
   switch (reduction) {
     case KlReduction::kBatchMean:
-      return std::max<int64_t>(N, 1);
+      return N.max(1);
     case KlReduction::kMean:
-      return std::max<int64_t>(N * K, 1);
+      return (N * K).max(1);
     case KlReduction::kSum:
       return 1;
     case KlReduction::kNone:
@@ -43,12 +44,28 @@ inline int64_t kl_reduction_divisor(KlReduction reduction, int64_t N, int64_t K)
   return 0;
 }
 
+// d loss / d KL_row from the upstream gradient of the loss, for logits (N, K): per row (N, 1)
+// for "none", else grad_loss (0-d) / kl_reduction_divisor, one value for every row.
+inline at::Tensor kl_row_scale(const at::Tensor& grad_loss, KlReduction reduction, const c10::SymInt& N,
+                               const c10::SymInt& K) {
+  switch (reduction) {
+    case KlReduction::kNone:
+      return grad_loss.unsqueeze(-1);
+    case KlReduction::kSum:
+      return grad_loss;
+    case KlReduction::kBatchMean:
+    case KlReduction::kMean:
+      break;
+  }
+  return grad_loss.div(c10::Scalar(kl_reduction_divisor(reduction, N, K)));
+}
+
 // The loss from the rows (N,) of logits with K classes: (N,) for "none", else 0-d.
 inline at::Tensor reduce_kl_rows(const at::Tensor& rows, KlReduction reduction, int64_t K) {
-  const int64_t divisor = kl_reduction_divisor(reduction, rows.size(0), K);
-  if (divisor == 0) return rows;
+  if (reduction == KlReduction::kNone) return rows;
   at::Tensor total = rows.sum();
-  return divisor == 1 ? total : total.div_(static_cast<double>(divisor));
+  if (reduction == KlReduction::kSum) return total;
+  return total.div_(c10::Scalar(kl_reduction_divisor(reduction, rows.size(0), K)));
 }
 
 }  // namespace robustdrop

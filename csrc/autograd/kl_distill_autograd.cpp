@@ -54,24 +54,6 @@ KlOutputs kl_forward_and_save(AutogradContext* ctx, const at::Tensor& student, c
   return outputs;
 }
 
-// d loss / d KL_row from the upstream gradient of the loss: per row for "none", else one value for
-// every row, grad_loss / kl_reduction_divisor (csrc/kl_distill.h), here on symbolic sizes.
-at::Tensor kl_row_scale(AutogradContext* ctx, const at::Tensor& grad_loss) {
-  const auto reduction = static_cast<KlReduction>(ctx->saved_data["reduction"].toInt());
-  const c10::SymInt rows = ctx->saved_data["rows"].toSymInt();
-  switch (reduction) {
-    case KlReduction::kNone:
-      return grad_loss.unsqueeze(-1);
-    case KlReduction::kSum:
-      return grad_loss;
-    case KlReduction::kBatchMean:
-      return grad_loss.div(c10::Scalar(rows.max(1)));
-    case KlReduction::kMean:
-      return grad_loss.div(c10::Scalar((rows * ctx->saved_data["classes"].toSymInt()).max(1)));
-  }
-  TORCH_CHECK(false, "kl_distill: unknown reduction");
-}
-
 // The student's gradient from the saved row gradient: grad * d loss / d KL_row, in the student's dtype.
 // With in_place, the saved gradient's buffer is scaled and returned.
 at::Tensor kl_student_gradient(AutogradContext* ctx, const at::Tensor& grad_loss, bool in_place) {
@@ -80,7 +62,9 @@ at::Tensor kl_student_gradient(AutogradContext* ctx, const at::Tensor& grad_loss
               "use backend='reference' for second derivatives");
   const auto saved = ctx->get_saved_variables();
   const auto dtype = ctx->saved_data["student_dtype"].toScalarType();
-  const at::Tensor row_scale = kl_row_scale(ctx, grad_loss);
+  const auto reduction = static_cast<KlReduction>(ctx->saved_data["reduction"].toInt());
+  const at::Tensor row_scale = kl_row_scale(grad_loss, reduction, ctx->saved_data["rows"].toSymInt(),
+                                            ctx->saved_data["classes"].toSymInt());
   // The buffer also must not be shared with another tensor (a view of it).
   if (in_place && saved[0].storage().use_count() == 1) return saved[0].mul_(row_scale).to(dtype);
   return saved[0].mul(row_scale).to(dtype);
