@@ -9,8 +9,8 @@
 #    and UndefinedBehaviorSanitizer when the compiler has them, so that a
 #    kernel's access outside a tensor, a shared array or a thread's stack, a
 #    misaligned access or an out-of-range shift fails the run; beside it,
-#    without a GPU, every Triton kernel the suite launched is compiled for
-#    sm_90 and checked (tests/gpu_compile/compile_triton.py).
+#    without a GPU, every Triton kernel the suite or the benchmark launches
+#    is compiled for sm_90 and checked (tests/gpu_compile/compile_triton.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -56,10 +56,12 @@ ROBUSTDROP_RECORD_TRITON_LAUNCHES="$PWD/$launches" "$PY" -m pytest -q tests "$@"
 
 show_and_wait "${background[0]}" "$background_log" "nvcc compile check and the emulated kernels' build"
 
-# The Triton kernels' sm_90 build beside the emulated pass, which also runs in one thread.
+# The Triton kernels' sm_90 build beside the emulated pass, which also runs in one thread: the
+# launches the suite made, and those the benchmark makes at its full sizes (recorded, not run).
 compile_log=build/compile_triton.log
 if [ -f "$launches" ]; then
-  "$PY" tests/gpu_compile/compile_triton.py "$launches" > "$compile_log" 2>&1 &
+  { "$PY" tests/gpu_compile/record_bench.py "$launches" && "$PY" tests/gpu_compile/compile_triton.py "$launches"; } \
+    > "$compile_log" 2>&1 &
   background+=($!)
 fi
 

@@ -152,3 +152,40 @@ def test_triton_kernels_compile_for_sm90_here_and_inexact_ones_fail_the_check(tm
     assert re.search(r"divided_kernel: \{'div\.(approx|full)\.f32': 1\}", failed.stdout), failed.stdout
     assert "exact_kernel does not compile for sm_90" in failed.stdout
     assert "exact_kernel: {" not in failed.stdout
+
+
+RECORD_BENCH_PROBE = '''
+import json, sys
+import torch
+import robustdrop
+import record_bench
+
+record_bench.benchmark_calls = lambda: [("drop_block2d", torch.zeros(2, 3, 9, 9),
+                                         lambda x: robustdrop.drop_block2d(x, 0.2, 3, seed=1, backend="triton"))]
+record_bench.WIDE_FEATURE_MAPS = ((1, 200, 16, 16),)
+sys.exit(record_bench.main(sys.argv[1]))
+'''
+
+
+def test_record_bench_adds_launches_it_does_not_run_to_the_suites(tmp_path):
+    """The benchmark's launches join those already in the file; the kernels do not run (FDD on a
+    (1, 200, 16, 16) map would take minutes in the interpreter), and its Lanczos kernel is recorded
+    with the vector length of m = min(C, H*W) = 200."""
+    pytest.importorskip("triton")
+    launches = tmp_path / "launches.json"
+    earlier = {"module": "gpu_compile_probe", "kernel": "exact_kernel", "arguments": {"n": {"int": 64}}}
+    launches.write_text(json.dumps([earlier]))
+    (tmp_path / "probe.py").write_text(RECORD_BENCH_PROBE)
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(HERE, "gpu_compile"),
+                                                                 os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(tmp_path / "probe.py"), str(launches)], capture_output=True, text=True,
+                          env=environment, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "4 calls recorded" in done.stdout  # one drop_block2d, FDD with dims 1, 2 and 3
+    recorded = json.loads(launches.read_text())
+    assert earlier in recorded
+    kernels = {(launch["module"], launch["kernel"]) for launch in recorded}
+    assert ("robustdrop.triton.block_mask", "_apply_kernel") in kernels
+    lanczos = [launch["arguments"] for launch in recorded if launch["kernel"] == "_lanczos_kernel"]
+    assert sorted(arguments["DIMS"]["int"] for arguments in lanczos) == [1, 2, 3]
+    assert {arguments["BLOCK_M"]["int"] for arguments in lanczos} == {256}

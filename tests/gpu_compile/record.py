@@ -32,6 +32,23 @@ def describe(value) -> dict:
     raise TypeError(f"a Triton launch argument of type {type(value).__name__} cannot be recorded")
 
 
+def add(fn, args: tuple, kwargs: dict) -> None:
+    """Records one launch of the kernel function ``fn`` with these arguments."""
+    names = list(inspect.signature(fn).parameters)
+    arguments = {**dict(zip(names, args)), **kwargs}
+    add_spec({"module": fn.__module__, "kernel": fn.__name__,
+              "arguments": {name: describe(value) for name, value in arguments.items()}})
+
+
+def add_spec(launch: dict) -> None:
+    """Records a launch already described (an entry of a saved file)."""
+    _launches.add(json.dumps(launch, sort_keys=True))
+
+
+def launches() -> list[dict]:
+    return [json.loads(launch) for launch in sorted(_launches)]
+
+
 def install() -> None:
     """Wraps the interpreter's launch so that each launch is recorded before it runs."""
     from triton.runtime import interpreter
@@ -39,11 +56,7 @@ def install() -> None:
     run = interpreter.InterpretedFunction.run
 
     def recorded_run(self, *args, grid, warmup, **kwargs):
-        names = list(inspect.signature(self.fn).parameters)
-        arguments = {**dict(zip(names, args)), **kwargs}
-        spec = {name: describe(value) for name, value in arguments.items()}
-        _launches.add(json.dumps({"module": self.fn.__module__, "kernel": self.fn.__name__, "arguments": spec},
-                                 sort_keys=True))
+        add(self.fn, args, kwargs)
         return run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     interpreter.InterpretedFunction.run = recorded_run
@@ -51,4 +64,4 @@ def install() -> None:
 
 def save(path: str) -> None:
     with open(path, "w") as file:
-        json.dump([json.loads(launch) for launch in sorted(_launches)], file, indent=0)
+        json.dump(launches(), file, indent=0)
