@@ -26,12 +26,14 @@ def cuda_wanted():
 
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/autograd/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    # at::parallel_for runs serially unless the extension itself is built with OpenMP.
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    # at::parallel_for runs serially unless the extension itself is built with OpenMP. No -std: the
+    # sources are C++17 and C++20, and cpp_extension adds the standard the installed torch's headers
+    # are written for (C++17 to torch 2.11, C++20 since), which they warn about in every file otherwise.
+    cxx_flags = ["-O3", "-fopenmp"]
     link_flags = ["-fopenmp"]
     if cuda_wanted():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         return cpp_extension.CUDAExtension(
             "robustdrop._C", sources, extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
             extra_link_args=link_flags, define_macros=[("ROBUSTDROP_WITH_CUDA", "1")],

@@ -36,6 +36,12 @@ inline float select_kept(uint8_t keep, float value) {
 // that uses it keeps a scalar path for compilers without vector extensions.
 #if defined(__GNUC__)
 #define ROBUSTDROP_HAS_FLOAT8 1
+#if !defined(__clang__)
+// A Float8 never crosses a call (its helpers are always inlined, and each clone passes none), so
+// GCC's note that 32-byte vectors are passed differently without AVX (-Wpsabi, in the baseline
+// clone) names a calling convention that no code here uses.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 typedef float Float8 __attribute__((vector_size(32)));
 typedef uint32_t Lanes8 __attribute__((vector_size(32)));
 typedef int32_t Index8 __attribute__((vector_size(32)));
@@ -46,7 +52,7 @@ ROBUSTDROP_CLONE_INLINE Float8 load8(const float* p) {
   return v;
 }
 
-ROBUSTDROP_CLONE_INLINE void store8(float* p, Float8 v) { std::memcpy(p, &v, sizeof(v)); }
+ROBUSTDROP_CLONE_INLINE void store8(float* p, const Float8& v) { std::memcpy(p, &v, sizeof(v)); }
 
 // Lanes i0..i7 of the 16 lanes of (a, b).
 #if defined(__clang__)
