@@ -783,3 +783,14 @@ def test_compiled_op_autograd_runs_no_python(device):
     target = torch.tensor([1, 4], device=device)
     forward = torch.ops.robustdrop.cam_mask_forward
     assert python_calls_in_autograd(lambda t: forward(t, weight, target, None, 5, 0.3, 3, 10, 2, True, 1e-6)[0], x) == []
+
+
+def test_default_topk_counts_are_plain_ints_for_plain_sizes():
+    """max(1, round(H*W / bs**2)) and max(1, C // 8). For int sizes they are ints, not torch.sym_max
+    results: Dynamo before torch 2.13 cannot trace torch.sym_max on two ints (fullgraph fails)."""
+    cases = [(reference.default_spatial_topk(14, 14, 3), 22), (reference.default_spatial_topk(2, 2, 3), 1),
+             (reference.default_spatial_topk(7, 7, 7), 1), (reference.default_channel_topk(256), 32),
+             (reference.default_channel_topk(7), 1)]
+    for value, expected in cases:
+        assert type(value) is int and value == expected
+    assert _checks.size_at_least(0, 1) == 1 and type(_checks.size_at_least(5, 1)) is int

@@ -229,6 +229,15 @@ def _reading_waits_for_device(tensor: torch.Tensor) -> bool:
     return tensor.device.type != "cpu"
 
 
+def size_at_least(size, minimum: int):
+    """max(minimum, size) for a size derived from a tensor's shape. A SymInt (torch.compile with dynamic
+    shapes, torch.export) stays one through torch.sym_max; an int takes the builtin max, as Dynamo
+    before torch 2.13 cannot trace torch.sym_max on two ints (a graph break, an error with fullgraph)."""
+    if isinstance(size, torch.SymInt):
+        return torch.sym_max(minimum, size)
+    return max(minimum, size)
+
+
 def check_topk(value, name: str, size: int, what: str) -> int:
     """A count k with 1 <= k <= size. A SymInt, a default that follows symbolic sizes under
     torch.compile or torch.export, stays one (an int would fix the sizes), unchecked: the kernels check

@@ -205,7 +205,7 @@ class ActiveDropBlock2d(NotScriptable, nn.Module):
         rates = host_to_device(torch.tensor(self.policies, dtype=torch.float64), x.device)
         # Each rate copy_size times, by a broadcast: no size to compute on the device.
         rates = rates.view(count, 1).expand(count, copy_size).reshape(-1)
-        groups = {"batch": count, "sample": torch.sym_max(x.shape[0], 1), "none": 1}[self.normalize]
+        groups = {"batch": count, "sample": _checks.size_at_least(x.shape[0], 1), "none": 1}[self.normalize]
         return self._drop_per_sample(x, rates, groups)
 
     def extra_repr(self) -> str:

@@ -23,6 +23,7 @@ position is the top-left corner (i, j) of the block it may start.
 """
 import torch
 
+from robustdrop._checks import size_at_least
 from robustdrop.reference import block_mask
 
 __all__ = [
@@ -36,13 +37,12 @@ def default_spatial_topk(height: int, width: int, block_size: int) -> int:
     """max(1, round(H*W / bs**2)), as the authors' code (their text gives (1 - 1/bs**2) * H*W)."""
     if isinstance(height, torch.Tensor):  # torch.jit.trace's sizes are 0-d tensors
         height, width, block_size = int(height), int(width), int(block_size)
-    # sym_max: symbolic sizes (torch.compile, torch.export) stay symbolic.
-    return torch.sym_max(1, round(height * width / block_size**2))
+    return size_at_least(round(height * width / block_size**2), 1)
 
 
 def default_channel_topk(channels: int) -> int:
     """max(1, C // 8)."""
-    return torch.sym_max(1, channels // 8)
+    return size_at_least(channels // 8, 1)
 
 
 def class_channel_weights(weight: torch.Tensor, target: torch.Tensor, channels: int) -> torch.Tensor:
