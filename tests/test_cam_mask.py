@@ -787,7 +787,7 @@ def test_compiled_op_autograd_runs_no_python(device):
 
 def test_default_topk_counts_are_plain_ints_for_plain_sizes():
     """max(1, round(H*W / bs**2)) and max(1, C // 8). For int sizes they are ints, not torch.sym_max
-    results: Dynamo before torch 2.13 cannot trace torch.sym_max on two ints (fullgraph fails)."""
+    results: torch 2.11's Dynamo cannot trace torch.sym_max on two ints (fullgraph fails)."""
     cases = [(reference.default_spatial_topk(14, 14, 3), 22), (reference.default_spatial_topk(2, 2, 3), 1),
              (reference.default_spatial_topk(7, 7, 7), 1), (reference.default_channel_topk(256), 32),
              (reference.default_channel_topk(7), 1)]

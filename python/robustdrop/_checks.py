@@ -231,8 +231,8 @@ def _reading_waits_for_device(tensor: torch.Tensor) -> bool:
 
 def size_at_least(size, minimum: int):
     """max(minimum, size) for a size derived from a tensor's shape. A SymInt (torch.compile with dynamic
-    shapes, torch.export) stays one through torch.sym_max; an int takes the builtin max, as Dynamo
-    before torch 2.13 cannot trace torch.sym_max on two ints (a graph break, an error with fullgraph)."""
+    shapes, torch.export) stays one through torch.sym_max; an int takes the builtin max, as torch 2.11's
+    Dynamo cannot trace torch.sym_max on two ints (a graph break, an error with fullgraph)."""
     if isinstance(size, torch.SymInt):
         return torch.sym_max(minimum, size)
     return max(minimum, size)
