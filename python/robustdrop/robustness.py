@@ -93,6 +93,7 @@ def valid_eps(eps: float) -> bool:
     measure nothing."""
     return 0.0 < eps < math.inf
 
+
 # SmallCNN(method=..., **options) per method; "ews" builds the plain CNN.
 MODEL_OPTIONS = {
     "none": ("none", {}),

@@ -49,15 +49,18 @@ def launches() -> list[dict]:
     return [json.loads(launch) for launch in sorted(_launches)]
 
 
-def install() -> None:
-    """Wraps the interpreter's launch so that each launch is recorded before it runs."""
+def install(run_kernels: bool = True) -> None:
+    """Wraps the interpreter's launch so that each launch is recorded before it runs; with
+    run_kernels=False it is only recorded (the outputs are left as they were)."""
     from triton.runtime import interpreter
 
     run = interpreter.InterpretedFunction.run
 
     def recorded_run(self, *args, grid, warmup, **kwargs):
         add(self.fn, args, kwargs)
-        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+        if run_kernels:
+            return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+        return None
 
     interpreter.InterpretedFunction.run = recorded_run
 

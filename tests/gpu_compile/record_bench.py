@@ -57,18 +57,8 @@ def feature_density_calls():
                    lambda x, dims=dims: robustdrop.feature_density_dropout(x, dims=dims, seed=0, backend="triton"))
 
 
-def record_without_running() -> None:
-    """The interpreter's launch records its specialisation (record.describe) and returns."""
-    from triton.runtime import interpreter
-
-    def recorded(self, *args, grid, warmup, **kwargs):
-        record.add(self.fn, args, kwargs)
-
-    interpreter.InterpretedFunction.run = recorded
-
-
 def main(path: str) -> int:
-    record_without_running()
+    record.install(run_kernels=False)
     calls = 0
     for description, x, fn in [*benchmark_calls(), *feature_density_calls()]:
         x.requires_grad_(x.is_floating_point())
