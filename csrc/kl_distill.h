@@ -60,10 +60,12 @@ inline at::Tensor kl_row_scale(const at::Tensor& grad_loss, KlReduction reductio
   return grad_loss.div(c10::Scalar(kl_reduction_divisor(reduction, N, K)));
 }
 
-// The loss from the rows (N,) of logits with K classes: (N,) for "none", else 0-d.
-inline at::Tensor reduce_kl_rows(const at::Tensor& rows, KlReduction reduction, int64_t K) {
+// The loss from the rows (N,) of logits with K classes: (N,) for "none", else 0-d. sum_rows(rows)
+// gives their 0-d total, each backend's way (the CPU's in an order the thread count cannot change).
+template <typename SumRows>
+inline at::Tensor reduce_kl_rows(const at::Tensor& rows, KlReduction reduction, int64_t K, SumRows sum_rows) {
   if (reduction == KlReduction::kNone) return rows;
-  at::Tensor total = rows.sum();
+  at::Tensor total = sum_rows(rows);
   if (reduction == KlReduction::kSum) return total;
   return total.div_(c10::Scalar(kl_reduction_divisor(reduction, rows.size(0), K)));
 }

@@ -85,7 +85,8 @@ fi
 if [ ${#sanitized[@]} -gt 0 ]; then
   # No GPU in this pass: it checks the CPU kernels, and the CUDA runtime does not run under ASan's defaults.
   "${sanitized[@]}" ROBUSTDROP_SANITIZED_CPU=1 CUDA_VISIBLE_DEVICES= PYTHONPATH="$PWD/$sanitized_cpu/python" \
-    "$PY" -m pytest -q --capture=sys -k "not triton" tests/test_sanitized_cpu.py "${op_tests[@]}"
+    "$PY" -m pytest -q --capture=sys -k "not triton" tests/test_sanitized_cpu.py tests/test_cpu_threads.py \
+    "${op_tests[@]}"
 fi
 if [ -f "$launches" ]; then
   show_and_wait "${background[1]}" "$compile_log" "Triton kernels compiled for sm_90"

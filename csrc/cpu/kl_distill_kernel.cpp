@@ -228,6 +228,33 @@ void kl_distill_rows(const at::Tensor& student, const at::Tensor& teacher, doubl
   });
 }
 
+// The 0-d total of the row losses (N,) in an order that N alone fixes. at::sum splits a long
+// reduction among the threads, so one batch's loss would change in its last bits with the machine's
+// core count or torch.set_num_threads. Here each block of kRowsPerSumBlock rows is summed in double
+// by one thread, then the blocks' sums in turn, and the total rounded once to the rows' type.
+constexpr int64_t kRowsPerSumBlock = 4096;
+
+at::Tensor sum_rows_in_fixed_order(const at::Tensor& rows) {
+  const int64_t N = rows.size(0);
+  const int64_t blocks = (N + kRowsPerSumBlock - 1) / kRowsPerSumBlock;
+  std::vector<double> block_sums(blocks, 0.0);
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "kl_distill_sum_rows_cpu", [&] {
+    const scalar_t* data = rows.const_data_ptr<scalar_t>();
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t block = begin; block < end; ++block) {
+        double sum = 0.0;
+        for (int64_t n = block * kRowsPerSumBlock; n < std::min(N, (block + 1) * kRowsPerSumBlock); ++n) {
+          sum += static_cast<double>(data[n]);
+        }
+        block_sums[block] = sum;
+      }
+    });
+  });
+  double total = 0.0;
+  for (const double sum : block_sums) total += sum;
+  return at::scalar_tensor(total, rows.options());
+}
+
 std::tuple<at::Tensor, at::Tensor> kl_distill_forward_cpu(const at::Tensor& student_logits,
                                                           const at::Tensor& teacher_logits, double temperature,
                                                           c10::string_view reduction_name) {
@@ -239,12 +266,12 @@ std::tuple<at::Tensor, at::Tensor> kl_distill_forward_cpu(const at::Tensor& stud
   const at::ScalarType math_type = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::TensorOptions options = student.options().dtype(math_type);
   at::Tensor grad = at::empty({N, K}, options);
-  if (N == 0 || K == 0) return {reduce_kl_rows(at::zeros({N}, options), reduction, K), grad};  // no classes: 0
+  if (N == 0 || K == 0) return {reduce_kl_rows(at::zeros({N}, options), reduction, K, sum_rows_in_fixed_order), grad};  // no classes: 0
   at::Tensor rows = at::empty({N}, options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kl_distill_forward_cpu", [&] {
     kl_distill_rows<scalar_t>(student, teacher, temperature, rows, grad);
   });
-  return {reduce_kl_rows(rows, reduction, K), grad};
+  return {reduce_kl_rows(rows, reduction, K, sum_rows_in_fixed_order), grad};
 }
 
 }  // namespace

@@ -154,6 +154,9 @@ at::Tensor unit_stride_rows(const at::Tensor& x) {
   return (x.size(1) <= 1 || x.stride(1) == 1) ? x : x.contiguous();
 }
 
+// The 0-d total of the row losses: torch's own reduction, in an order its launch fixes for the device.
+at::Tensor sum_rows(const at::Tensor& rows) { return rows.sum(); }
+
 std::tuple<at::Tensor, at::Tensor> kl_distill_forward_cuda(const at::Tensor& student_logits,
                                                            const at::Tensor& teacher_logits, double temperature,
                                                            c10::string_view reduction_name) {
@@ -166,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor> kl_distill_forward_cuda(const at::Tensor& stu
   const at::ScalarType math_type = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::TensorOptions options = student.options().dtype(math_type);
   at::Tensor grad = at::empty({N, K}, options);
-  if (N == 0 || K == 0) return {reduce_kl_rows(at::zeros({N}, options), reduction, K), grad};  // no classes: 0
+  if (N == 0 || K == 0) return {reduce_kl_rows(at::zeros({N}, options), reduction, K, sum_rows), grad};  // no classes: 0
   TORCH_CHECK_VALUE(N <= std::numeric_limits<int32_t>::max(), "student_logits must have at most 2**31 - 1 rows, got ",
                     N);
   at::Tensor rows = at::empty({N}, options);
@@ -179,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor> kl_distill_forward_cuda(const at::Tensor& stu
         K, static_cast<opmath_t>(1.0 / temperature), rows.data_ptr<opmath_t>(), grad.data_ptr<opmath_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {reduce_kl_rows(rows, reduction, K), grad};
+  return {reduce_kl_rows(rows, reduction, K, sum_rows), grad};
 }
 
 }  // namespace
