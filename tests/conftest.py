@@ -30,6 +30,12 @@ EMULATED_CUDA = os.environ.get("ROBUSTDROP_EMULATE_CUDA") == "1"
 EMULATED_SCHEDULE = (2, 2, 1, 3)
 
 
+# ROBUSTDROP_SANITIZED_CPU=1: the cpu backend is robustdrop._C built with Address- and
+# UndefinedBehaviorSanitizer (tests/sanitized_cpu), whose pass in scripts/test.sh runs the op tests
+# on that backend alone, as the emulated pass does: the others run none of the C++ kernels.
+SANITIZED_CPU = os.environ.get("ROBUSTDROP_SANITIZED_CPU") == "1"
+
+
 class _EmulatedOpsFirst:
     def __init__(self, emulated, real):
         self._emulated, self._real = emulated, real
@@ -79,7 +85,8 @@ def pytest_runtest_logreport(report):
 
 
 def available_backends(device: str) -> list[str]:
-    """The backends that run on tensors of ``device`` here (under emulation, the emulated kernels only).
+    """The backends that run on tensors of ``device`` here (in the emulated and the sanitized passes,
+    the compiled cpu backend only).
 
     Triton takes CPU tensors only through its interpreter, which is off where there is a GPU."""
     status = robustdrop.backends()
@@ -87,7 +94,7 @@ def available_backends(device: str) -> list[str]:
         wanted = ("cuda", "triton", "reference")
     else:
         wanted = ("cpu", "triton", "reference") if triton_interpreted() else ("cpu", "reference")
-    if EMULATED_CUDA:
+    if EMULATED_CUDA or SANITIZED_CPU:
         wanted = ("cpu",)
     return [name for name in wanted if status[name].available]
 

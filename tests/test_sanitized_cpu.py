@@ -6,7 +6,6 @@ ROBUSTDROP_SANITIZED_CPU=1 for that pass only. These tests make that pass fail
 when its extension is not the instrumented one or when the sanitizer would not
 stop the run; elsewhere they skip.
 """
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +13,8 @@ from pathlib import Path
 import pytest
 
 import robustdrop
+from conftest import SANITIZED_CPU
 
-SANITIZED_CPU = os.environ.get("ROBUSTDROP_SANITIZED_CPU") == "1"
 pytestmark = pytest.mark.skipif(not SANITIZED_CPU, reason="ROBUSTDROP_SANITIZED_CPU=1 only: scripts/test.sh's sanitized CPU pass")
 
 
