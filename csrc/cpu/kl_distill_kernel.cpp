@@ -266,7 +266,9 @@ std::tuple<at::Tensor, at::Tensor> kl_distill_forward_cpu(const at::Tensor& stud
   const at::ScalarType math_type = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::TensorOptions options = student.options().dtype(math_type);
   at::Tensor grad = at::empty({N, K}, options);
-  if (N == 0 || K == 0) return {reduce_kl_rows(at::zeros({N}, options), reduction, K, sum_rows_in_fixed_order), grad};  // no classes: 0
+  if (N == 0 || K == 0) {  // no classes: 0
+    return {reduce_kl_rows(at::zeros({N}, options), reduction, K, sum_rows_in_fixed_order), grad};
+  }
   at::Tensor rows = at::empty({N}, options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kl_distill_forward_cpu", [&] {
     kl_distill_rows<scalar_t>(student, teacher, temperature, rows, grad);

@@ -10,8 +10,8 @@ whenever the stray value is never used.
     python tests/sanitized_cpu/build.py OUT
 
 compiles the sources setup.py builds for the CPU (none of csrc/cuda) into
-``OUT/build`` and lays out ``OUT/python``:
-a copy of python/robustdrop whose ``_C`` is the sanitized build. Tests then
+``OUT/build`` and lays out ``OUT/python``, a copy of python/robustdrop whose
+``_C`` is the sanitized build. Tests then
 run with ``PYTHONPATH=OUT/python`` and the sanitizer runtime preloaded, as
 scripts/test.sh does. The build itself loads the library (torch's extension
 loader always does), so it too needs the runtime preloaded.
