@@ -78,7 +78,9 @@ from .philox import launch, register_op, sample_and_tile, uniform
 # Axis lanes: dims <= 3, padded to a power of two (kernels and host alike).
 _LANES = tl.constexpr(4)
 _MAX_CELLS = 1 << 16
-# The contract's tolerances (csrc/lanczos.h has the same).
+# The contract's tolerances (csrc/lanczos.h has the same). A module constant multiplies from the
+# right (x * _TOLERANCE): in Triton 3.8's interpreter, constant * tensor gives a value that a
+# comparison or tl.maximum then refuses ("cannot convert ... to tensor").
 _DEGENERATE_TOLERANCE = tl.constexpr(1e-10)
 _ABSENT_AXIS_TOLERANCE = tl.constexpr(1e-5)
 _RESIDUAL_TOLERANCE = tl.constexpr(1e-6)
@@ -321,7 +323,7 @@ def _bisect(alpha, beta, j, pairs, lower, upper, pivot_min, SHIFTS: tl.constexpr
         lo = tl.maximum(lo, tl.max(tl.where(below, shift, -float("inf")), axis=1))
         hi = tl.minimum(hi, tl.min(tl.where(below, float("inf"), shift), axis=1))
         rounds += 1
-        wide = hi - lo > 2.0 * _DBL_EPSILON * tl.maximum(tl.abs(lo), tl.abs(hi)) + pivot_min
+        wide = hi - lo > tl.maximum(tl.abs(lo), tl.abs(hi)) * (2.0 * _DBL_EPSILON) + pivot_min
         go = (rounds < ROUNDS) & (tl.sum((wide & (lanes < pairs)).to(tl.int32)) > 0)
     return 0.5 * (lo + hi)
 
@@ -426,8 +428,8 @@ def _tridiagonal_top(alpha, beta, theta_out, vectors, elim, j, pairs, residual, 
     lower = tl.min(tl.where(on, a - radius, float("inf")))
     upper = tl.max(tl.where(on, a + radius, -float("inf")))
     norm = tl.max(tl.where(on, tl.abs(a) + radius, 0.0))
-    pivot_min = _DBL_MIN * tl.maximum(tl.max(b_next * b_next), 1.0)
-    tiny = _DBL_EPSILON * tl.maximum(norm, _DBL_MIN)
+    pivot_min = tl.maximum(tl.max(b_next * b_next), 1.0) * _DBL_MIN
+    tiny = tl.maximum(norm, _DBL_MIN) * _DBL_EPSILON
     theta = _bisect(alpha, beta, j, pairs, lower, upper, pivot_min, SHIFTS, ROUNDS)
     tl.store(theta_out + lanes, theta)
     # Lane 0 starts from ones, later lanes from hashed vectors (csrc/lanczos.h):
@@ -443,7 +445,7 @@ def _tridiagonal_top(alpha, beta, theta_out, vectors, elim, j, pairs, residual, 
     tl.debug_barrier()
     last = tl.load(vectors + lanes * BLOCK_M + j - 1)
     theta0 = tl.sum(tl.where(lanes == 0, theta, 0.0))
-    small = (residual * tl.abs(last) <= _RESIDUAL_TOLERANCE * tl.abs(theta0)) | (lanes >= pairs)
+    small = (residual * tl.abs(last) <= tl.abs(theta0) * _RESIDUAL_TOLERANCE) | (lanes >= pairs)
     return (j >= DIMS) & (tl.sum(small.to(tl.int32)) == _LANES)
 
 
@@ -460,7 +462,7 @@ def _ritz_vectors(basis, vectors, theta_in, axes, theta_out, j, pairs, m, DIMS: 
     lanes = tl.arange(0, _LANES)
     theta = tl.load(theta_in + lanes, mask=lanes < pairs, other=0.0)
     theta0 = tl.sum(tl.where(lanes == 0, theta, 0.0))
-    present = (lanes < pairs) & (theta > _ABSENT_AXIS_TOLERANCE * theta0)
+    present = (lanes < pairs) & (theta > theta0 * _ABSENT_AXIS_TOLERANCE)
     ritz = tl.zeros((_LANES, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, j, ROWS):
         k = k0 + tl.arange(0, ROWS)
@@ -508,7 +510,7 @@ def _lanczos_kernel(
         d = d0 + tl.arange(0, BLOCK_E)
         energy += tl.load(energy_ptr + n * D + d, mask=d < D, other=0.0)
     # NaN fails both comparisons; an infinite trace fails the first.
-    regular = (tl.abs(trace) < float("inf")) & (trace.to(tl.float64) > _DEGENERATE_TOLERANCE * tl.sum(energy))
+    regular = (tl.abs(trace) < float("inf")) & (trace.to(tl.float64) > tl.sum(energy) * _DEGENERATE_TOLERANCE)
 
     q = _start_vector(idx, inside)
     tl.store(basis + idx, q, mask=inside)
@@ -528,7 +530,7 @@ def _lanczos_kernel(
         b = tl.sqrt_rn(tl.sum(w * w))
         tl.store(alpha + j - 1, a.to(tl.float64))
         tl.store(beta + j - 1, b.to(tl.float64))
-        exhausted = b <= _EXHAUSTED_TOLERANCE * trace
+        exhausted = b <= trace * _EXHAUSTED_TOLERANCE
         converged = j < 0
         if (j == m) | exhausted | ((j >= DIMS) & (j % _CHECK_EVERY == 0)):
             tl.debug_barrier()
