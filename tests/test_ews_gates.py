@@ -273,7 +273,7 @@ def test_batched_forward_equals_separate_forwards_in_eval_mode(name, width):
     before = buffers(model)
     with torch.no_grad():
         batched = assert_batched_is_separate(gn, x, subnets)
-        assert torch.equal(batched[-2:], model(x.repeat(4, 1, 1, 1))[-2:])  # the full subnet is the model
+        assert torch.equal(batched[-2:], model(x.repeat(len(subnets), 1, 1, 1))[-2:])  # the full subnet is the model
         assert not torch.equal(batched[:2], batched[2:4])  # the subnets differ
     assert_buffers_equal(model, before)
 

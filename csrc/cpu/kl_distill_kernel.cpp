@@ -242,10 +242,9 @@ at::Tensor sum_rows_in_fixed_order(const at::Tensor& rows) {
     const scalar_t* data = rows.const_data_ptr<scalar_t>();
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t block = begin; block < end; ++block) {
+        const int64_t first = block * kRowsPerSumBlock, last = std::min(N, first + kRowsPerSumBlock);
         double sum = 0.0;
-        for (int64_t n = block * kRowsPerSumBlock; n < std::min(N, (block + 1) * kRowsPerSumBlock); ++n) {
-          sum += static_cast<double>(data[n]);
-        }
+        for (int64_t n = first; n < last; ++n) sum += static_cast<double>(data[n]);
         block_sums[block] = sum;
       }
     });
