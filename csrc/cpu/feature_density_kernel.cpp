@@ -143,42 +143,37 @@ ROBUSTDROP_CLONE_INLINE void add_weighted_rows(const float* __restrict rows, int
 //   covariance side (C >= D): (D, C), Xc transposed, M = Xc^T Xc
 inline bool gram_side(const DensityShape& s) { return s.C < s.D; }
 
-// The smallest and largest of values[0..length), length >= 1, with eight
-// running lanes, each starting at values[0] and taking a value only when it
-// compares below (above) the lane: std::min / std::max's rule, so a NaN is
-// passed over unless it is values[0]. Written on Float8 where there is one:
-// GCC keeps the scalar lanes of the loop below apart (16 of them, one spilled
-// to the stack), a fifth of the whole density pass at 512 x 16.
+// The smallest and largest of values[0..length), length >= 1, with running
+// lanes that each start at values[0] and take a value only when it compares
+// below (above) the lane: std::min / std::max's rule, so a NaN is passed over
+// unless it is values[0]. Min and max are exact, so the result does not
+// depend on how the values are split over lanes. On Float8, four vectors of
+// lanes: one vector made each step wait on the compare before it, and GCC
+// kept it on the stack inside sample_cells (store-to-load forwarding on every
+// step), which made this scan a sixth of the whole density pass at 512 x 16.
 ROBUSTDROP_CLONE_INLINE void value_range(const float* values, int64_t length, float& lo, float& hi) {
-  float lane_lo[8], lane_hi[8];
+  lo = hi = values[0];
   int64_t c = 0;
 #if ROBUSTDROP_HAS_FLOAT8
-  Float8 lo8 = Float8{} + values[0], hi8 = lo8;
-  for (; c + 8 <= length; c += 8) {
-    const Float8 v = load8(values + c);
-    lo8 = v < lo8 ? v : lo8;
-    hi8 = hi8 < v ? v : hi8;
+  Float8 lo8[4], hi8[4];
+  for (int k = 0; k < 4; ++k) lo8[k] = hi8[k] = Float8{} + values[0];
+  for (; c + 32 <= length; c += 32) {
+    for (int k = 0; k < 4; ++k) {
+      const Float8 v = load8(values + c + 8 * k);
+      lo8[k] = v < lo8[k] ? v : lo8[k];
+      hi8[k] = hi8[k] < v ? v : hi8[k];
+    }
   }
-  store8(lane_lo, lo8);
-  store8(lane_hi, hi8);
-#else
-  for (int lane = 0; lane < 8; ++lane) lane_lo[lane] = lane_hi[lane] = values[0];
-  for (; c + 8 <= length; c += 8) {
+  for (int k = 0; k < 4; ++k) {
     for (int lane = 0; lane < 8; ++lane) {
-      lane_lo[lane] = std::min(lane_lo[lane], values[c + lane]);
-      lane_hi[lane] = std::max(lane_hi[lane], values[c + lane]);
+      lo = std::min(lo, lo8[k][lane]);
+      hi = std::max(hi, hi8[k][lane]);
     }
   }
 #endif
   for (; c < length; ++c) {
-    lane_lo[0] = std::min(lane_lo[0], values[c]);
-    lane_hi[0] = std::max(lane_hi[0], values[c]);
-  }
-  lo = lane_lo[0];
-  hi = lane_hi[0];
-  for (int lane = 1; lane < 8; ++lane) {
-    lo = std::min(lo, lane_lo[lane]);
-    hi = std::max(hi, lane_hi[lane]);
+    lo = std::min(lo, values[c]);
+    hi = std::max(hi, values[c]);
   }
 }
 
@@ -484,22 +479,24 @@ ROBUSTDROP_VECTOR_CLONES void sample_cells(const float* sample, const DensitySha
   }
 }
 
-// cell (N, C) and counts (N, G) of every sample; rows is x as float32 (N, C, D).
-// after_sample(n) runs on sample n's thread right after its cells are known,
-// while the sample is still in that core's cache.
+// The density of every sample; rows is x as float32 (N, C, D). Sample n's
+// cell (C) and counts (G) go to scratch rows of the thread that owns it, and
+// after_sample(n, cell_row, counts_row) runs right after, while the sample is
+// still in that core's cache: the forward keeps only the mask it draws from
+// them, so no (N, C) cell tensor is written to memory and read back.
 template <typename AfterSample>
-void density_cells(const at::Tensor& rows, const DensityShape& s, at::Tensor& cell, at::Tensor& counts,
-                   AfterSample&& after_sample) {
-  counts.zero_();
+void density_cells(const at::Tensor& rows, const DensityShape& s, AfterSample&& after_sample) {
   if (s.N == 0 || s.C == 0) return;
   // Samples per task: enough that a small batch (FC features) stays on one thread.
   const int64_t grain = std::max<int64_t>(1, kSamplesWork / std::max<int64_t>(1, s.C * s.D * s.dims));
+  const float* data = rows.data_ptr<float>();
   at::parallel_for(0, s.N, grain, [&](int64_t begin, int64_t end) {
     SampleScratch scratch(s);
+    std::vector<int64_t> cell_row(s.C), counts_row(s.cells);
     for (int64_t n = begin; n < end; ++n) {
-      sample_cells(rows.data_ptr<float>() + n * s.C * s.D, s, scratch, cell.data_ptr<int64_t>() + n * s.C,
-                   counts.data_ptr<int64_t>() + n * s.cells);
-      after_sample(n);
+      std::fill(counts_row.begin(), counts_row.end(), 0);
+      sample_cells(data + n * s.C * s.D, s, scratch, cell_row.data(), counts_row.data());
+      after_sample(n, cell_row.data(), counts_row.data());
     }
   });
 }
@@ -667,8 +664,13 @@ std::tuple<at::Tensor, at::Tensor> feature_density_cpu(const at::Tensor& x, int6
   check_feature_density_args(x, dims, grids);
   const DensityShape s = density_shape(x, dims, grids);
   at::Tensor cell = at::empty({s.N, s.C}, x.options().dtype(at::kLong));
-  at::Tensor counts = at::empty({s.N, s.cells}, x.options().dtype(at::kLong));
-  density_cells(channel_rows(x, s), s, cell, counts, [](int64_t) {});
+  at::Tensor counts = at::zeros({s.N, s.cells}, x.options().dtype(at::kLong));  // zero rows when C = 0
+  int64_t* cell_rows = cell.data_ptr<int64_t>();
+  int64_t* counts_rows = counts.data_ptr<int64_t>();
+  density_cells(channel_rows(x, s), s, [&](int64_t n, const int64_t* cell_row, const int64_t* counts_row) {
+    std::copy(cell_row, cell_row + s.C, cell_rows + n * s.C);
+    std::copy(counts_row, counts_row + s.cells, counts_rows + n * s.cells);
+  });
   return {cell, counts};
 }
 
@@ -677,8 +679,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_density_forward_cpu(const
                                                                             double alpha, bool rescale) {
   check_feature_density_forward_args(x, dims, grids, kappa, alpha);
   const DensityShape s = density_shape(x, dims, grids);
-  at::Tensor cell = at::empty({s.N, s.C}, x.options().dtype(at::kLong));
-  at::Tensor counts = at::empty({s.N, s.cells}, x.options().dtype(at::kLong));
   at::Tensor mask = at::empty({s.N, mask_row_bytes(s.C)}, x.options().dtype(at::kByte));  // sample_mask writes it all
   at::Tensor scale = rescale ? at::empty({s.N, s.C}, x.options().dtype(at::kFloat))
                              : at::ones({}, x.options().dtype(at::kFloat));
@@ -689,11 +689,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_density_forward_cpu(const
   const bool fused = x.scalar_type() == at::kFloat && x.is_contiguous();
   at::Tensor y = fused ? at::empty_like(x) : at::Tensor();
   const int64_t row_bytes = mask.size(1);
-  density_cells(channel_rows(x, s), s, cell, counts, [&](int64_t n) {
+  density_cells(channel_rows(x, s), s, [&](int64_t n, const int64_t* cell_row, const int64_t* counts_row) {
     uint8_t* mask_row = mask.data_ptr<uint8_t>() + n * row_bytes;
     float* scale_row = rescale ? scale.data_ptr<float>() + n * s.C : nullptr;
-    sample_mask(n, cell.data_ptr<int64_t>() + n * s.C, counts.data_ptr<int64_t>() + n * s.cells, s, drop, mask_row,
-                scale_row);
+    sample_mask(n, cell_row, counts_row, s, drop, mask_row, scale_row);
     if (!fused) return;
     thread_local std::vector<float> factors;
     thread_local std::vector<uint8_t> keep;
