@@ -439,6 +439,7 @@ def _bad_calls(n=2, c=3, classes=4):
         (dict(weight=torch.randn(classes, 2 * c - 1)), ValueError, "weight must have a width"),
         (dict(weight=torch.randn(classes, 1)), ValueError, "weight must have a width"),
         (dict(weight=torch.randn(c)), ValueError, "weight must be 2-D"),
+        (dict(weight=torch.randn(0, c)), ValueError, r"weight must have at least one class \(row\), got shape \(0, 3\)"),
         (dict(weight=torch.ones(classes, c, dtype=torch.long)), TypeError, "weight must be a floating-point"),
         (dict(x=torch.randn(n, c, 8)), ValueError, "x must be 4-D"),
         (dict(x=torch.randint(0, 5, (n, c, 8, 8))), TypeError, "x must be a floating-point"),

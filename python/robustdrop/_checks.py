@@ -152,6 +152,8 @@ def check_classifier_weight(weight, channels: int, device, name: str = "weight")
         raise TypeError(f"{name} must be a floating-point tensor, got {weight.dtype}")
     if weight.dim() != 2:
         raise ValueError(f"{name} must be 2-D (K, C'), the classifier's weight, got shape {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{name} must have at least one class (row), got shape {tuple(weight.shape)}")
     if weight.shape[1] < channels or weight.shape[1] % channels != 0:
         raise ValueError(f"{name} must have a width C' that is a multiple of x's channels C = {channels}, "
                          f"got C' = {weight.shape[1]}")
