@@ -148,7 +148,8 @@ inline bool gram_side(const DensityShape& s) { return s.C < s.D; }
 // lanes that each start at values[0] and take a value only when it compares
 // below (above) the lane: std::min / std::max's rule, so a NaN is passed over
 // unless it is values[0]. Min and max are exact, so the result does not
-// depend on how the values are split over lanes. On Float8, four vectors of
+// depend on how the values are split over lanes, but for the sign of a zero
+// (which neither magnitude_scale nor the bins can see). On Float8, four vectors of
 // lanes: one vector made each step wait on the compare before it, and GCC
 // kept it on the stack inside sample_cells (store-to-load forwarding on every
 // step), which made this scan a sixth of the whole density pass at 512 x 16.
